@@ -1,0 +1,33 @@
+"""workbench: find which heads retrieve, which heads sink, which experts fire — and turn them off.
+
+Flat public API (see the README)::
+
+    import workbench as wb
+    m = wb.load()                                  # embedded SmolLM2-135M-Instruct
+    with wb.capture(m, wb.AttentionStats(sink_keys=4)) as cap:
+        m.forward_text("...")
+    with wb.intervene(m, wb.HeadAblation([(12, 3)], mode="zero")):
+        m.generate("...")
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window
+from .capture import Capture, capture, head_output_means, intervene
+from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
+from .loading import load
+from .model import Model
+from .provenance import Provenance
+from .spec import ModelSpec
+
+try:
+    __version__ = _metadata.version("workbench")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+src"
+
+__all__ = [
+    "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
+    "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
+    "capture", "head_output_means", "intervene", "load",
+]  # fmt: skip

@@ -1,0 +1,192 @@
+"""The chunked torch path: exact attention + per-head reductions, O(N·chunk) memory, never N×N.
+
+Queries are processed in row blocks; for each block only the keys some row can see are scored
+(causal rows skip the future, sliding-window rows the distant past). Every statistic is read off the
+probabilities actually used, i.e. after edits, so a probe under an intervention reports what the
+model did.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .plan import HeadEdit, LayerPlan
+
+#: score elements per block (B·Hq·rows·keys); ~64 MB of float32 scores
+BLOCK_ELEMENTS = 16 * 1024 * 1024
+
+
+def _rows_in(q_pos: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    if positions is None:
+        return torch.ones_like(q_pos, dtype=torch.bool)
+    return torch.isin(q_pos, positions.to(q_pos.device))
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    rows_visible: Callable[[int, int], torch.Tensor],
+    q_pos: torch.Tensor,
+    kv_offset: int = 0,
+    sinks: torch.Tensor | None = None,
+    plan: LayerPlan | None = None,
+    block_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Attention output ``[B, Hq, M, Dv]`` and the statistics ``plan`` asks for.
+
+    ``rows_visible(i0, i1)`` gives bool visibility ``[B|1, 1, i1-i0, N]`` of query rows ``i0:i1``;
+    ``q_pos`` is each query's absolute position, keys are at ``kv_offset + arange(N)``.
+    """
+    plan = plan or LayerPlan()
+    B, Hq, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    rep = Hq // Hkv
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    dev = q.device
+    key_pos = torch.arange(N, device=dev) + kv_offset
+    if block_rows is None:
+        block_rows = max(1, min(M, BLOCK_ELEMENTS // max(1, B * Hq * N)))
+    out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
+    stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
+    out_sum = torch.zeros(Hq, Dv, dtype=torch.float64, device=dev) if plan.record_outputs else None
+    prob_edits = plan.edits_of("uniform", "calibrate", "mask_keys", "streaming")
+    for i0 in range(0, M, block_rows):
+        i1 = min(M, i0 + block_rows)
+        vis = rows_visible(i0, i1).to(dev)  # [B|1, 1, c, N]
+        cols = vis.reshape(-1, N).any(0)
+        if not cols.any():
+            lo, hi = 0, 1
+        else:
+            idx = cols.nonzero()
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+        vis = vis[..., lo:hi]
+        kb, vb = k[:, :, lo:hi].to(cdt), v[:, :, lo:hi].to(cdt)
+        qb = q[:, :, i0:i1].to(cdt)
+        c, n = i1 - i0, hi - lo
+        s = (qb.view(B, Hkv, rep, c, D) @ kb[:, :, None].transpose(-1, -2)).view(B, Hq, c, n) * scale
+        vis_h = vis.expand(B, Hq, c, n)
+        qp, kp = q_pos[i0:i1], key_pos[lo:hi]
+        if prob_edits:
+            vis_h = _edit_visibility(vis_h.clone(), prob_edits, qp, kp)
+        s = s.masked_fill(~vis_h, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        if sinks is not None:
+            lse = torch.logaddexp(lse, sinks.to(cdt).view(1, Hq, 1).expand_as(lse))
+        finite = torch.isfinite(lse)
+        p = torch.exp(s - torch.where(finite, lse, 0.0)[..., None]).masked_fill(~finite[..., None], 0.0)
+        p_sink = torch.exp(sinks.to(cdt).view(1, Hq, 1) - lse).masked_fill(~finite, 0.0) if sinks is not None else None
+        if prob_edits:
+            p = _edit_probabilities(p, vis_h, plan.edits_of("uniform", "calibrate"), qp, kp)
+        ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv)
+        if plan.record:
+            _record(stats, plan, p, p_sink, lse, vis, vis_h, i0, i1, qp, kp)
+        out[:, :, i0:i1] = ob.to(out.dtype)
+    out = apply_output_edits(out, plan, q_pos)
+    if out_sum is not None:
+        stats["output_sum"] = out.double().sum(dim=(0, 2))
+        stats["output_count"] = torch.tensor(B * M, device=dev)
+    return out, stats
+
+
+def apply_output_edits(out: torch.Tensor, plan: LayerPlan, q_pos: torch.Tensor) -> torch.Tensor:
+    """Zero / mean ablation act on a head's output rows, whatever path computed them."""
+    edits = plan.edits_of("zero", "mean")
+    if not edits:
+        return out
+    out = out.clone()
+    for e in edits:
+        rows = _rows_in(q_pos, e.positions)
+        value = 0.0 if e.kind == "zero" else e.mean.to(out.dtype).to(out.device)
+        out[:, e.head, rows] = value
+    return out
+
+
+def _edit_visibility(vis: torch.Tensor, edits: list[HeadEdit], qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+    for e in edits:
+        rows = _rows_in(qp, e.positions)[:, None]
+        if e.kind == "mask_keys":
+            drop = torch.isin(kp, e.keys.to(kp.device))[None, :] & rows
+        elif e.kind == "streaming":
+            keep = (kp[None, :] < e.sink) | (kp[None, :] > qp[:, None] - e.recent)
+            drop = ~keep & rows
+        else:
+            continue
+        vis[:, e.head] &= ~drop
+    return vis
+
+
+def _edit_probabilities(p, vis, edits: list[HeadEdit], qp, kp) -> torch.Tensor:
+    for e in edits:
+        rows = _rows_in(qp, e.positions)
+        ph = p[:, e.head]
+        if e.kind == "uniform":
+            v = vis[:, e.head].to(p.dtype)
+            new = v / v.sum(-1, keepdim=True).clamp_min(1.0)
+        else:  # ACT calibration: sinks scaled by beta, the freed mass goes to the other keys pro rata
+            is_sink = torch.isin(kp, e.keys.to(kp.device))
+            sink_mass = (ph * is_sink).sum(-1, keepdim=True)
+            other = 1.0 - sink_mass
+            factor = torch.where(other > 0, (1.0 - e.beta * sink_mass) / other.clamp_min(1e-30), 1.0)
+            new = torch.where(is_sink, ph * e.beta, ph * factor)
+        p[:, e.head] = torch.where(rows[None, :, None], new, ph)
+    return p
+
+
+def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
+    f = dict(device=dev, dtype=torch.float32)
+    st = {
+        "lse": torch.empty(B, Hq, M, **f),
+        "entropy": torch.empty(B, Hq, M, **f),
+        "topk_idx": torch.empty(B, Hq, M, plan.topk, device=dev, dtype=torch.long),
+        "topk_prob": torch.empty(B, Hq, M, plan.topk, **f),
+    }
+    if plan.key_columns is not None:
+        nk = plan.key_columns.numel()
+        st["col_prob"] = torch.zeros(B, Hq, M, nk, **f)
+        st["col_visible"] = torch.zeros(B, M, nk, device=dev, dtype=torch.bool)
+    if plan.spans is not None:
+        st["span_mass"] = torch.zeros(B, Hq, M, plan.spans.shape[0], **f)
+    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+        st[f"tile{t}"] = []
+    return st
+
+
+def _record(st, plan: LayerPlan, p, p_sink, lse, vis, vis_h, i0, i1, qp, kp) -> None:
+    st["lse"][:, :, i0:i1] = lse.float()
+    logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+    ent = -(p * logp).sum(-1)
+    if p_sink is not None:
+        ent = ent - p_sink * torch.log(p_sink.clamp_min(torch.finfo(p.dtype).tiny))
+    st["entropy"][:, :, i0:i1] = ent.float()
+    k = min(plan.topk, p.shape[-1])
+    masked = p.masked_fill(~vis_h, -1.0)
+    tp, ti = torch.topk(masked, k, dim=-1)
+    ti = torch.where(tp >= 0, kp[ti], -1)
+    st["topk_idx"][:, :, i0:i1] = -1
+    st["topk_prob"][:, :, i0:i1] = 0.0
+    st["topk_idx"][:, :, i0:i1, :k] = ti
+    st["topk_prob"][:, :, i0:i1, :k] = tp.clamp_min(0).float()
+    if plan.key_columns is not None:
+        kc = plan.key_columns.to(kp.device)
+        local = kc - int(kp[0]) if kp.numel() else kc
+        inside = (local >= 0) & (local < kp.numel())
+        if inside.any():
+            li = local[inside]
+            st["col_prob"][:, :, i0:i1, inside] = p[..., li].float()
+            st["col_visible"][:, i0:i1][..., inside] = vis[:, 0][..., li].expand(st["col_visible"].shape[0], -1, -1)
+    if plan.spans is not None:
+        sp = plan.spans.to(kp.device)
+        member = (kp[None, None, :] >= sp[:, 0, None, None]) & (kp[None, None, :] < sp[:, 1, None, None])
+        member = member & ((qp[None, :, None] - kp[None, None, :]) < sp[:, 2, None, None])  # [NS, c, n]
+        st["span_mass"][:, :, i0:i1] = torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)).float()
+    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+        rows = (qp >= q0) & (qp < q1)
+        if rows.any():
+            tile = torch.zeros(p.shape[0], p.shape[1], int(rows.sum()), k1 - k0, dtype=torch.float32, device=p.device)
+            kin = (kp >= k0) & (kp < k1)
+            tile[..., (kp[kin] - k0)] = p[:, :, rows][..., kin].float()
+            st[f"tile{t}"].append((qp[rows], tile))

@@ -1,0 +1,17 @@
+"""Errors users see. Each says what went wrong and what to do instead."""
+
+
+class WorkbenchError(Exception):
+    """Base class of every error raised on purpose by workbench."""
+
+
+class ModelLoadError(WorkbenchError):
+    """The model source could not be found or loaded."""
+
+
+class UnsupportedModelError(WorkbenchError):
+    """The architecture lacks something workbench needs (named in the message)."""
+
+
+class ProbeError(WorkbenchError, ValueError):
+    """A probe or intervention asks for something the model or input does not have."""

