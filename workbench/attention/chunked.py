@@ -130,8 +130,9 @@ def _edit_probabilities(p, vis, edits: list[HeadEdit], qp, kp) -> torch.Tensor:
             is_sink = torch.isin(kp, e.keys.to(kp.device))
             sink_mass = (ph * is_sink).sum(-1, keepdim=True)
             other = 1.0 - sink_mass
-            factor = torch.where(other > 0, (1.0 - e.beta * sink_mass) / other.clamp_min(1e-30), 1.0)
+            factor = (1.0 - e.beta * sink_mass) / other.clamp_min(1e-30)
             new = torch.where(is_sink, ph * e.beta, ph * factor)
+            new = torch.where(other > 1e-12, new, ph)  # a row that sees only sinks has nowhere to move mass
         p[:, e.head] = torch.where(rows[None, :, None], new, ph)
     return p
 
