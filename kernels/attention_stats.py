@@ -51,6 +51,7 @@ __all__ = ["attention_stats_triton", "triton_available"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KERNEL_CACHE: dict[bool, object] = {}
+_MAX_SPANS = 64  # span accumulators live in registers ([BLOCK_M, next_pow2(NS)])
 
 
 def _interpreting() -> bool:
@@ -81,10 +82,10 @@ if tl is not None:
         svb, svh, svn, svd,
         sob, soh, som, sod,
         skvb, skvn,
-        H, REP, M, N, q_offset, window, scale, NK,
+        H, REP, M, N, q_offset, window, scale, NK, NS,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, HAS_SINK: tl.constexpr,
-        NK_PAD: tl.constexpr, NS: tl.constexpr, NS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+        NK_BLOCK: tl.constexpr, HAS_SPANS: tl.constexpr, NS_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -150,9 +151,9 @@ if tl is not None:
                          mask=col_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
 
-            if NS > 0:
+            if HAS_SPANS:
                 span_acc = span_acc * alpha[:, None]
-                for si in tl.static_range(NS):
+                for si in range(NS):
                     st = tl.load(Spans + si * 3)
                     en = tl.load(Spans + si * 3 + 1)
                     wn = tl.load(Spans + si * 3 + 2)
@@ -189,28 +190,30 @@ if tl is not None:
         tl.store(TopIdx + row_off, best.to(tl.int64), mask=row_ok)
         tl.store(TopProb + row_off, f, mask=row_ok)
 
-        if NS > 0:
+        if HAS_SPANS:
             tl.store(SpanMass + row_off[:, None] * NS + span_cols[None, :], span_acc * f[:, None],
                      mask=row_ok[:, None] & (span_cols[None, :] < NS))
 
-        if NK_PAD > 0:
-            offs_c = tl.arange(0, NK_PAD)
-            cmask = offs_c < NK
-            cols = tl.load(Cols + offs_c, mask=cmask, other=-1)
-            cvalid = cmask & (cols >= 0) & (cols < N)
-            kc = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=cvalid[None, :], other=0.0)
-            sc = tl.dot(q, kc, input_precision=DOT_PREC) * scale
-            cvis = cvalid[None, :] & has[:, None]
-            if CAUSAL:
-                cvis = cvis & (cols[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                cvis = cvis & (cols[None, :] > q_pos[:, None] - window)
-            if HAS_KV:
-                ckv = tl.load(KeyValid + b * skvb + cols * skvn, mask=cvalid, other=0)
-                cvis = cvis & (ckv != 0)[None, :]
-            cp = tl.where(cvis, tl.exp(tl.minimum(sc - m_i[:, None], 0.0)) * f[:, None], 0.0)
-            tl.store(ColProb + row_off[:, None] * NK + offs_c[None, :], cp,
-                     mask=row_ok[:, None] & cmask[None, :])
+        if NK_BLOCK > 0:  # epilogue: recompute the requested columns' scores with the final m, l
+            for c0 in range(0, NK, NK_BLOCK):
+                offs_c = c0 + tl.arange(0, NK_BLOCK)
+                cmask = offs_c < NK
+                cols = tl.load(Cols + offs_c, mask=cmask, other=-1)
+                cvalid = cmask & (cols >= 0) & (cols < N)
+                kc = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=cvalid[None, :], other=0.0)
+                sc = tl.dot(q, kc, input_precision=DOT_PREC) * scale
+                cvis = cvalid[None, :] & has[:, None]
+                if CAUSAL:
+                    cvis = cvis & (cols[None, :] <= q_pos[:, None])
+                if HAS_WINDOW:
+                    cvis = cvis & (cols[None, :] > q_pos[:, None] - window)
+                if HAS_KV:
+                    ckv = tl.load(KeyValid + b * skvb + cols * skvn, mask=cvalid, other=0)
+                    cvis = cvis & (ckv != 0)[None, :]
+                sc = tl.where(cvis, sc - m_i[:, None], 0.0)
+                cp = tl.where(cvis, tl.exp(tl.minimum(sc, 0.0)) * f[:, None], 0.0)
+                tl.store(ColProb + row_off[:, None] * NK + offs_c[None, :], cp,
+                         mask=row_ok[:, None] & cmask[None, :])
 
 
 def _get_kernel():
@@ -275,6 +278,7 @@ def _attention_stats(
     interp = _interpreting()
     if interp:
         _check(q.device.type == "cpu", "TRITON_INTERPRET=1 needs CPU tensors")
+        _check(q.dtype != torch.bfloat16, "bfloat16 is silently wrong under the Triton interpreter (TRITON_INTERPRET=1)")
     else:
         _check(q.is_cuda, "needs CUDA tensors (or TRITON_INTERPRET=1 with CPU tensors)")
     _check(isinstance(q_offset, int) and not isinstance(q_offset, bool), "q_offset must be an int")
@@ -301,6 +305,7 @@ def _attention_stats(
         _check(spans.dim() == 2 and spans.shape[1] == 3 and not spans.dtype.is_floating_point,
                "spans must be an integer tensor [NS, 3] of (start, end, window)")
         NS = spans.shape[0]
+        _check(NS <= _MAX_SPANS, f"at most {_MAX_SPANS} spans per call, got {NS}")
         sp = spans.to(device=dev, dtype=torch.int64).contiguous()
 
     out = torch.empty((B, Hq, M, D), dtype=q.dtype, device=dev)
@@ -318,14 +323,18 @@ def _attention_stats(
     if M == 0 or B * Hq == 0:
         return res
 
+    # Fixed heuristics (no autotune: it breaks the interpreter and would retune at every decode
+    # length). Chosen from ptxas register/spill reports for sm_90; fp32 uses exact "ieee" dots on
+    # CUDA cores, which needs smaller key blocks.
+    fp32 = q.dtype == torch.float32
     if block_m is None:
         block_m = min(64, max(16, _next_pow2(M)))
     if block_n is None:
-        block_n = 32 if D >= 256 else 64
+        block_n = 32 if (fp32 or D >= 256 or D == 64) else 64
     if num_warps is None:
-        num_warps = 4 if D <= 64 else 8
+        num_warps = 4 if (D <= 64 or block_m <= 16) else 8
     if num_stages is None:
-        num_stages = 2
+        num_stages = 1 if (fp32 or D >= 256) else 2
     dummy = lse  # placeholder pointer for absent optional inputs (never dereferenced)
     kv_arg = kv if key_valid is not None else dummy
     grid = (triton.cdiv(M, block_m), B * Hq)
@@ -336,11 +345,11 @@ def _attention_stats(
         sp if NS else dummy, span_mass if NS else dummy,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(kv.stride() if key_valid is not None else (0, 0)),
-        Hq, Hq // Hkv, M, N, int(q_offset), int(window) if window is not None else 0, float(scale), NK,
+        Hq, Hq // Hkv, M, N, int(q_offset), int(window) if window is not None else 0, float(scale), NK, NS,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D,
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_KV=key_valid is not None,
         HAS_SINK=sinks is not None,
-        NK_PAD=max(16, _next_pow2(NK)) if NK else 0, NS=NS, NS_PAD=max(1, _next_pow2(NS)),
+        NK_BLOCK=min(64, max(16, _next_pow2(NK))) if NK else 0, HAS_SPANS=NS > 0, NS_PAD=_next_pow2(NS),
         DOT_PREC="ieee" if q.dtype == torch.float32 else None,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -80,7 +80,7 @@ def test_decode_steps_are_captured(tiny):
     m = tiny("llama")
     ids = m.encode("abc")
     with wb.capture(m, wb.AttentionStats(sink_keys=2)) as cap, torch.no_grad():
-        out = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=256)
     a = cap.attention
     prompt_len = ids.shape[1]
     assert a.q_pos.tolist() == list(range(prompt_len + 4))  # the 5th token needs no forward

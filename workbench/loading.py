@@ -1,6 +1,7 @@
 """``workbench.load``: one entry point for every model source."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,9 @@ def load(
     elif isinstance(source, (str, os.PathLike)):
         s = str(source)
         if s.startswith("tiny:"):
-            from .testing import tiny_hf_model, ByteTokenizer
+            from .testing import byte_tokenizer, tiny_hf_model
 
-            hf, tok = tiny_hf_model(s[5:], dtype=torch_dtype), ByteTokenizer()
+            hf, tok = tiny_hf_model(s[5:], dtype=torch_dtype), byte_tokenizer()
             kw = dict(source=s)
         elif s.endswith(".gguf"):
             if not Path(s).is_file():
@@ -144,12 +145,9 @@ def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool):
 
 
 def _unwrap_module(module: torch.nn.Module):
-    """An HF model as-is, or the HF model inside a TransformerLens bridge."""
+    """An HF model as-is, or a plain HF model sharing the weights of a TransformerLens bridge."""
     if type(module).__name__ == "TransformerBridge":
-        hf = getattr(module, "original_model", None)
-        if hf is None:
-            raise UnsupportedModelError("TransformerBridge without an original_model; wrap a transformers model")
-        return hf, getattr(module, "tokenizer", None)
+        return _unbridge(module), getattr(module, "tokenizer", None)
     if type(module).__name__ == "HookedTransformer":
         raise UnsupportedModelError(
             "HookedTransformer re-implements the model with its own weights layout; load the same checkpoint with "
@@ -161,3 +159,34 @@ def _unwrap_module(module: torch.nn.Module):
             "pass an AutoModelForCausalLM instance, a TransformerBridge, a path or a hub id"
         )
     return module, None
+
+
+def _unbridge(bridge) -> torch.nn.Module:
+    """TransformerBridge swaps HF modules for components that recompute attention eagerly (N×N). Rebuild
+    the plain HF module tree on the meta device and give it the bridge's own weight tensors (no copy),
+    so our backend runs the same weights without the bridge's eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    wrapped = getattr(bridge, "original_model", None)
+    if wrapped is None:
+        raise UnsupportedModelError("TransformerBridge without original_model; pass the transformers model instead")
+    with torch.device("meta"):
+        # a copy of the config: switching our model's attention backend must not switch the bridge's
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(wrapped.config), dtype=next(wrapped.parameters()).dtype)
+    wanted = plain.state_dict()
+    weights = {}
+    for name, tensor in wrapped.state_dict(keep_vars=True).items():
+        key = name.replace("._original_component", "").replace("_original_component.", "")
+        if key in wanted:
+            weights[key] = tensor
+    missing = sorted(set(wanted) - set(weights))
+    if missing:
+        raise UnsupportedModelError(f"could not map TransformerBridge weights back to {type(plain).__name__}: {missing[:5]}")
+    plain.load_state_dict(weights, assign=True, strict=True)
+    plain_buffers = dict(plain.named_buffers())
+    for name, buf in wrapped.named_buffers():  # non-persistent buffers (rotary tables) are not in state_dict
+        key = name.replace("._original_component", "").replace("_original_component.", "")
+        if key in plain_buffers and plain_buffers[key].is_meta:
+            parent, _, leaf = key.rpartition(".")
+            plain.get_submodule(parent)._buffers[leaf] = buf
+    return plain.eval()

@@ -18,12 +18,12 @@ _COMMON: dict[str, Any] = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
-    vocab_size=256,
+    vocab_size=260,
     max_position_embeddings=512,
     tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+    bos_token_id=257,
+    eos_token_id=258,
+    pad_token_id=256,
 )
 _MOE: dict[str, Any] = dict(num_experts_per_tok=2)
 
@@ -98,34 +98,41 @@ def tiny_hf_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
 def tiny_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random model of architecture ``name`` wrapped as a :class:`workbench.Model`.
 
-    Its tokenizer is a byte-level stand-in (one token per UTF-8 byte) so text APIs work offline.
+    Its tokenizer is :func:`byte_tokenizer` (one token per UTF-8 byte) so text APIs work offline.
     """
     from .loading import load
 
-    return load(tiny_hf_model(name, seed=seed, dtype=dtype), tokenizer=ByteTokenizer(), source_label=f"tiny:{name}")
+    return load(tiny_hf_model(name, seed=seed, dtype=dtype), tokenizer=byte_tokenizer(), source_label=f"tiny:{name}")
 
 
-class ByteTokenizer:
-    """A minimal byte-level tokenizer: ids are UTF-8 bytes, id 1 is BOS. Enough for tests."""
+def byte_tokenizer():
+    """A real ``transformers`` fast tokenizer with one token per UTF-8 byte (ids 0..255) and
+    ``<pad>``=256, ``<s>``=257 (prepended), ``</s>``=258 — offline, deterministic, any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    bos_token_id = 1
-    eos_token_id = 2
-    pad_token_id = 0
-    bos_token = "<s>"
-    eos_token = "</s>"
-    add_bos_token = True
-    chat_template = None
-    name_or_path = "workbench-byte-tokenizer"
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: _BYTE_OF[c])
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<pad>": 256, "<s>": 257, "</s>": 258}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 257)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", name_or_path="workbench-bytes"
+    )
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [b for b in text.encode("utf-8")]
-        return ([self.bos_token_id] if add_special_tokens else []) + ids
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = [int(i) for i in ids]
-        if skip_special_tokens:
-            ids = [i for i in ids if i > 2]
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+def _byte_map() -> dict[str, int]:
+    # GPT-2's printable stand-ins for bytes (what ByteLevel emits), inverted
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
-    def convert_ids_to_tokens(self, ids):
-        return [self.decode([i], skip_special_tokens=False) for i in ids]
+
+_BYTE_OF = _byte_map()

