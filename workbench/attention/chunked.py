@@ -129,8 +129,8 @@ def _edit_probabilities(p, vis, edits: list[HeadEdit], qp, kp) -> torch.Tensor:
         else:  # ACT calibration: sinks scaled by beta, the freed mass goes to the other keys pro rata
             is_sink = torch.isin(kp, e.keys.to(kp.device))
             sink_mass = (ph * is_sink).sum(-1, keepdim=True)
-            other = 1.0 - sink_mass
-            factor = (1.0 - e.beta * sink_mass) / other.clamp_min(1e-30)
+            other = (ph * ~is_sink).sum(-1, keepdim=True)  # summed, not 1 − sink: exact when sinks dominate
+            factor = (other + (1.0 - e.beta) * sink_mass) / other.clamp_min(1e-30)
             new = torch.where(is_sink, ph * e.beta, ph * factor)
             new = torch.where(other > 1e-12, new, ph)  # a row that sees only sinks has nowhere to move mass
         p[:, e.head] = torch.where(rows[None, :, None], new, ph)
