@@ -7,6 +7,7 @@ model did.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,6 +16,9 @@ from .plan import HeadEdit, LayerPlan
 
 #: score elements per block (B·Hq·rows·keys); ~64 MB of float32 scores
 BLOCK_ELEMENTS = 16 * 1024 * 1024
+#: rows per block at most: small blocks let causal rows skip more of the future
+MAX_BLOCK_ROWS = 256
+_NEG = -1e30
 
 
 def _rows_in(q_pos: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -49,41 +53,49 @@ def chunked_attention(
     dev = q.device
     key_pos = torch.arange(N, device=dev) + kv_offset
     if block_rows is None:
-        block_rows = max(1, min(M, BLOCK_ELEMENTS // max(1, B * Hq * N)))
+        block_rows = max(1, min(M, MAX_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, B * Hq * N)))
     out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
     stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
     out_sum = torch.zeros(Hq, Dv, dtype=torch.float64, device=dev) if plan.record_outputs else None
     prob_edits = plan.edits_of("uniform", "calibrate", "mask_keys", "streaming")
+    sink_logit = sinks.to(cdt).view(1, Hq, 1) if sinks is not None else None
     for i0 in range(0, M, block_rows):
         i1 = min(M, i0 + block_rows)
         vis = rows_visible(i0, i1).to(dev)  # [B|1, 1, c, N]
         cols = vis.reshape(-1, N).any(0)
-        if not cols.any():
-            lo, hi = 0, 1
-        else:
-            idx = cols.nonzero()
-            lo, hi = int(idx[0]), int(idx[-1]) + 1
-        vis = vis[..., lo:hi]
+        idx = cols.nonzero()
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 1)
+        vis = vis[..., lo:hi]  # causal rows never score future keys; windowed rows skip the distant past
         kb, vb = k[:, :, lo:hi].to(cdt), v[:, :, lo:hi].to(cdt)
         qb = q[:, :, i0:i1].to(cdt)
         c, n = i1 - i0, hi - lo
-        s = (qb.view(B, Hkv, rep, c, D) @ kb[:, :, None].transpose(-1, -2)).view(B, Hq, c, n) * scale
+        s = (qb.view(B, Hkv, rep, c, D) @ kb[:, :, None].transpose(-1, -2)).view(B, Hq, c, n)
+        s.mul_(scale)
         vis_h = vis.expand(B, Hq, c, n)
         qp, kp = q_pos[i0:i1], key_pos[lo:hi]
         if prob_edits:
             vis_h = _edit_visibility(vis_h.clone(), prob_edits, qp, kp)
-        s = s.masked_fill(~vis_h, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        if sinks is not None:
-            lse = torch.logaddexp(lse, sinks.to(cdt).view(1, Hq, 1).expand_as(lse))
-        finite = torch.isfinite(lse)
-        p = torch.exp(s - torch.where(finite, lse, 0.0)[..., None]).masked_fill(~finite[..., None], 0.0)
-        p_sink = torch.exp(sinks.to(cdt).view(1, Hq, 1) - lse).masked_fill(~finite, 0.0) if sinks is not None else None
+        # finite fill, not -inf: keeps p·s well defined (0·NEG) for the single-pass entropy
+        s.masked_fill_(~vis_h, _NEG)
+        seen = vis_h.any(-1)  # [B, Hq, c]
+        key_max, arg = s.max(-1)
+        m = key_max if sink_logit is None else torch.maximum(key_max, sink_logit)
+        s.sub_(m[..., None])  # centred scores: exp never overflows, entropy has no cancellation
+        p = torch.exp(s)
+        p.masked_fill_(~seen[..., None], 0.0)
+        l = p.sum(-1)
+        e_sink = torch.exp(sink_logit - m) if sink_logit is not None else None
+        if e_sink is not None:
+            l = l + e_sink
+        lse = torch.where(l > 0, m + torch.log(l), float("-inf"))
+        p.div_(l.clamp_min(torch.finfo(cdt).tiny)[..., None])
+        p_sink = e_sink / l.clamp_min(torch.finfo(cdt).tiny) if e_sink is not None else None
         if prob_edits:
             p = _edit_probabilities(p, vis_h, plan.edits_of("uniform", "calibrate"), qp, kp)
         ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv)
         if plan.record:
-            _record(stats, plan, p, p_sink, lse, vis, vis_h, i0, i1, qp, kp)
+            rows = _RowStats(p, s, l, p_sink, sink_logit, m, key_max, arg, seen, lse, edited=bool(prob_edits))
+            _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp)
         out[:, :, i0:i1] = ob.to(out.dtype)
     out = apply_output_edits(out, plan, q_pos)
     if out_sum is not None:
@@ -156,21 +168,53 @@ def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
     return st
 
 
-def _record(st, plan: LayerPlan, p, p_sink, lse, vis, vis_h, i0, i1, qp, kp) -> None:
-    st["lse"][:, :, i0:i1] = lse.float()
-    logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-    ent = -(p * logp).sum(-1)
-    if p_sink is not None:
-        ent = ent - p_sink * torch.log(p_sink.clamp_min(torch.finfo(p.dtype).tiny))
+@dataclass
+class _RowStats:
+    """One row block: probabilities, centred scores and the softmax pieces they came from."""
+
+    p: torch.Tensor
+    s: torch.Tensor  # scores minus the row centre m (invisible keys ≈ −1e30)
+    l: torch.Tensor  # normaliser Σ exp(s) (+ sink)
+    p_sink: torch.Tensor | None
+    sink_logit: torch.Tensor | None
+    m: torch.Tensor
+    key_max: torch.Tensor
+    arg: torch.Tensor
+    seen: torch.Tensor
+    lse: torch.Tensor
+    edited: bool  # probabilities were edited: read statistics off p, not off the scores
+
+
+def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp) -> None:
+    p = r.p
+    st["lse"][:, :, i0:i1] = r.lse.float()
+    tiny = torch.finfo(p.dtype).tiny
+    if r.edited:
+        ent = -(p * torch.log(p.clamp_min(tiny))).sum(-1)
+        if r.p_sink is not None:
+            ent = ent - r.p_sink * torch.log(r.p_sink.clamp_min(tiny))
+    else:  # H = log l − Σ p·s − p_sink·(sink − m), single pass over p
+        ps = (p.unsqueeze(-2) @ r.s.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        ent = torch.log(r.l.clamp_min(tiny)) - ps
+        if r.p_sink is not None:
+            ent = ent - r.p_sink * (r.sink_logit - r.m)
+        ent = torch.where(r.l > 0, ent, 0.0)
     st["entropy"][:, :, i0:i1] = ent.float()
     k = min(plan.topk, p.shape[-1])
-    masked = p.masked_fill(~vis_h, -1.0)
-    tp, ti = torch.topk(masked, k, dim=-1)
-    ti = torch.where(tp >= 0, kp[ti], -1)
+    if r.edited:
+        tp, ti = torch.topk(p.masked_fill(~vis_h, -1.0), k, dim=-1)
+        ok = tp >= 0
+    elif k == 1:
+        tp = (torch.exp(r.key_max - r.m) / r.l.clamp_min(tiny))[..., None]
+        ti, ok = r.arg[..., None], r.seen[..., None]
+    else:
+        tv, ti = torch.topk(r.s, k, dim=-1)
+        ok = (tv > _NEG / 2) & r.seen[..., None]
+        tp = torch.exp(tv) / r.l.clamp_min(tiny)[..., None]
     st["topk_idx"][:, :, i0:i1] = -1
     st["topk_prob"][:, :, i0:i1] = 0.0
-    st["topk_idx"][:, :, i0:i1, :k] = ti
-    st["topk_prob"][:, :, i0:i1, :k] = tp.clamp_min(0).float()
+    st["topk_idx"][:, :, i0:i1, :k] = torch.where(ok, kp[ti], -1)
+    st["topk_prob"][:, :, i0:i1, :k] = torch.where(ok, tp, 0.0).float()
     if plan.key_columns is not None:
         kc = plan.key_columns.to(kp.device)
         local = kc - int(kp[0]) if kp.numel() else kc
