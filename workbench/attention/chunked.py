@@ -81,20 +81,23 @@ def chunked_attention(
         key_max, arg = s.max(-1)
         m = key_max if sink_logit is None else torch.maximum(key_max, sink_logit)
         s.sub_(m[..., None])  # centred scores: exp never overflows, entropy has no cancellation
-        p = torch.exp(s)
-        p.masked_fill_(~seen[..., None], 0.0)
+        p = torch.exp(s)  # unnormalised; rows are divided by l only where needed (c·Dv, not c·n, work)
+        if not bool(seen.all()):
+            p.masked_fill_(~seen[..., None], 0.0)
         l = p.sum(-1)
         e_sink = torch.exp(sink_logit - m) if sink_logit is not None else None
         if e_sink is not None:
             l = l + e_sink
         lse = torch.where(l > 0, m + torch.log(l), float("-inf"))
-        p.div_(l.clamp_min(torch.finfo(cdt).tiny)[..., None])
-        p_sink = e_sink / l.clamp_min(torch.finfo(cdt).tiny) if e_sink is not None else None
+        inv_l = 1.0 / l.clamp_min(torch.finfo(cdt).tiny)
+        p_sink = e_sink * inv_l if e_sink is not None else None
         if prob_edits:
+            p.mul_(inv_l[..., None])
             p = _edit_probabilities(p, vis_h, plan.edits_of("uniform", "calibrate"), qp, kp)
-        ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv)
+            inv_l = torch.ones_like(inv_l)
+        ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv) * inv_l[..., None]
         if plan.record:
-            rows = _RowStats(p, s, l, p_sink, sink_logit, m, key_max, arg, seen, lse, edited=bool(prob_edits))
+            rows = _RowStats(p, inv_l, s, l, p_sink, sink_logit, m, key_max, arg, seen, lse, edited=bool(prob_edits))
             _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp)
         out[:, :, i0:i1] = ob.to(out.dtype)
     out = apply_output_edits(out, plan, q_pos)
@@ -172,7 +175,8 @@ def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
 class _RowStats:
     """One row block: probabilities, centred scores and the softmax pieces they came from."""
 
-    p: torch.Tensor
+    p: torch.Tensor  # probabilities times l (unless edited): multiply row results by inv_l
+    inv_l: torch.Tensor
     s: torch.Tensor  # scores minus the row centre m (invisible keys ≈ −1e30)
     l: torch.Tensor  # normaliser Σ exp(s) (+ sink)
     p_sink: torch.Tensor | None
@@ -186,15 +190,15 @@ class _RowStats:
 
 
 def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp) -> None:
-    p = r.p
+    p, inv = r.p, r.inv_l
     st["lse"][:, :, i0:i1] = r.lse.float()
     tiny = torch.finfo(p.dtype).tiny
-    if r.edited:
+    if r.edited:  # p is normalised here (inv_l = 1)
         ent = -(p * torch.log(p.clamp_min(tiny))).sum(-1)
         if r.p_sink is not None:
             ent = ent - r.p_sink * torch.log(r.p_sink.clamp_min(tiny))
     else:  # H = log l − Σ p·s − p_sink·(sink − m), single pass over p
-        ps = (p.unsqueeze(-2) @ r.s.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        ps = (p.unsqueeze(-2) @ r.s.unsqueeze(-1)).squeeze(-1).squeeze(-1) * inv
         ent = torch.log(r.l.clamp_min(tiny)) - ps
         if r.p_sink is not None:
             ent = ent - r.p_sink * (r.sink_logit - r.m)
@@ -221,17 +225,17 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp) -> No
         inside = (local >= 0) & (local < kp.numel())
         if inside.any():
             li = local[inside]
-            st["col_prob"][:, :, i0:i1, inside] = p[..., li].float()
+            st["col_prob"][:, :, i0:i1, inside] = (p[..., li] * inv[..., None]).float()
             st["col_visible"][:, i0:i1][..., inside] = vis[:, 0][..., li].expand(st["col_visible"].shape[0], -1, -1)
     if plan.spans is not None:
         sp = plan.spans.to(kp.device)
         member = (kp[None, None, :] >= sp[:, 0, None, None]) & (kp[None, None, :] < sp[:, 1, None, None])
         member = member & ((qp[None, :, None] - kp[None, None, :]) < sp[:, 2, None, None])  # [NS, c, n]
-        st["span_mass"][:, :, i0:i1] = torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)).float()
+        st["span_mass"][:, :, i0:i1] = (torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)) * inv[..., None]).float()
     for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
         rows = (qp >= q0) & (qp < q1)
         if rows.any():
             tile = torch.zeros(p.shape[0], p.shape[1], int(rows.sum()), k1 - k0, dtype=torch.float32, device=p.device)
             kin = (kp >= k0) & (kp < k1)
-            tile[..., (kp[kin] - k0)] = p[:, :, rows][..., kin].float()
+            tile[..., (kp[kin] - k0)] = (p[:, :, rows][..., kin] * inv[:, :, rows][..., None]).float()
             st[f"tile{t}"].append((qp[rows], tile))
