@@ -117,7 +117,7 @@ def test_bad_probe(counted, make, match):
         (lambda: wb.HeadAblation([]), "no heads"),
         (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[0], beta=0.0), "beta must lie in \\(0, 1\\]"),
         (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[0], beta=1.5), "beta must lie in \\(0, 1\\]"),
-        (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[]), "at least one sink key"),
+        (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[]), "sink_keys\\): give at least one key position"),
         (lambda: wb.StreamingHeads([(0, 1)], recent=0), "recent ≥ 1"),
     ],
 )

@@ -37,6 +37,14 @@ def _query_heads(spec, heads: Iterable[Head], unit: str, what: str) -> list[Head
     return out
 
 
+def _key_positions(keys, what: str) -> torch.Tensor:
+    """Non-empty, non-negative key positions, or a clear error naming the edit."""
+    t = _positions(keys)
+    if t is None or not t.numel():
+        raise ProbeError(f"{what}: give at least one key position")
+    return t
+
+
 def _positions(positions) -> torch.Tensor | None:
     if positions is None:
         return None
@@ -125,9 +133,7 @@ class SinkCalibration(_Edit):
     def bind(self, model) -> "SinkCalibration":
         if not 0 < self.beta <= 1:
             raise ProbeError(f"SinkCalibration: beta must lie in (0, 1], got {self.beta}")
-        self._keys = _positions(self.sink_keys)
-        if self._keys is None or not self._keys.numel():
-            raise ProbeError("SinkCalibration: give at least one sink key position")
+        self._keys = _key_positions(self.sink_keys, "SinkCalibration (sink_keys)")
         self._bound = _query_heads(model.spec, self.heads, self.unit, "SinkCalibration")
         self._pos = _positions(self.positions)
         return self
@@ -148,9 +154,7 @@ class SpanMask(_Edit):
     label = "span-mask"
 
     def bind(self, model) -> "SpanMask":
-        self._keys = _positions(self.keys)
-        if self._keys is None or not self._keys.numel():
-            raise ProbeError("SpanMask: give at least one key position to mask")
+        self._keys = _key_positions(self.keys, "SpanMask")
         self._bound = _query_heads(model.spec, self.heads, self.unit, "SpanMask")
         self._pos = _positions(self.positions)
         return self
