@@ -29,6 +29,11 @@ class Capture:
         return self._one("AttentionRecord")
 
     @property
+    def routing(self):
+        """The :class:`RoutingRecord` of the ``Routing`` probe."""
+        return self._one("RoutingRecord")
+
+    @property
     def provenance(self):
         return self.model.provenance
 
@@ -41,16 +46,28 @@ def _state(model):
 
 
 @contextmanager
-def _attached(model, planners: list) -> Iterator[None]:
-    state = _state(model)
+def _attached(model, items: list) -> Iterator[None]:
+    """Attach bound probes/edits. Attention ones are planners the backend consults per layer
+    (``plan``/``receive``); others (router hooks) manage their own hooks via ``attach``/``detach``."""
+    planners = [p for p in items if hasattr(p, "plan")]
+    hookers = [p for p in items if hasattr(p, "attach")]
+    state = _state(model) if planners else None
     hook = model.hf.register_forward_pre_hook(_length_check(planners), with_kwargs=True)
-    state.planners.extend(planners)
+    if state is not None:
+        state.planners.extend(planners)
+    attached = []
     try:
+        for p in hookers:
+            p.attach(model)
+            attached.append(p)
         yield
     finally:
+        for p in reversed(attached):
+            p.detach()
         hook.remove()
-        for p in planners:
-            state.planners.remove(p)
+        if state is not None:
+            for p in planners:
+                state.planners.remove(p)
 
 
 def _length_check(planners):
@@ -88,7 +105,8 @@ def capture(model, *probes) -> Iterator[Capture]:
 
 @contextmanager
 def intervene(model, *edits) -> Iterator[list]:
-    """Apply ``edits`` (HeadAblation, SinkCalibration, SpanMask, StreamingHeads) inside the block."""
+    """Apply ``edits`` inside the block: attention edits (HeadAblation, SinkCalibration, SpanMask,
+    StreamingHeads) and routing edits compose freely."""
     if not edits:
         raise ProbeError("intervene needs at least one edit, e.g. workbench.HeadAblation([(12, 3)])")
     bound = [e.bind(model) for e in edits]
