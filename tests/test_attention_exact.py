@@ -32,7 +32,7 @@ def sdpa_logits(m, ids, mask=None):
 def check_against_eager(m, ids, mask=None, atol=1e-5):
     T = ids.shape[1]
     probs, _ = eager_attentions(m, ids, mask)  # [L, B, H, T, T]
-    with wb.capture(m, wb.AttentionStats(sink_keys=T, topk=1)) as cap:
+    with wb.capture(m, wb.AttentionStats(sink_keys=T, topk=1, key_mass=True)) as cap:
         with torch.no_grad():
             logits = m.hf(input_ids=ids, attention_mask=mask).logits
     rows = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()  # padded query rows are undefined
@@ -49,6 +49,12 @@ def check_against_eager(m, ids, mask=None, atol=1e-5):
     second = probs.topk(2, dim=-1).values[..., 1]
     clear = rsel & ((top_p - second) > 1e-4)
     assert torch.equal(a.top1[clear], top_i[clear])
+    # Gu's α_k for every key: eager column mean over the queries that see the key, per sequence
+    real = probs * rows[None, :, None, :, None]  # padded query rows see nothing by definition
+    seen = (real > 0).sum(3).double()  # [L, B, H, K]
+    alpha_ref = (real.sum(3) / seen).nanmean(1)
+    torch.testing.assert_close(a.alpha_all().double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
+    torch.testing.assert_close(a.alpha().double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
     ref_logits = sdpa_logits(m, ids, mask)
     lr = rows[:, :, None].expand_as(logits)
     torch.testing.assert_close(logits[lr], ref_logits[lr], atol=1e-4, rtol=0)

@@ -129,3 +129,15 @@ def test_interventions_match_explicit_matrix_edits():
     exp[:, 1, 5:7] = 0
     exp[:, 2] = mean
     torch.testing.assert_close(out, exp, atol=0, rtol=0)
+
+
+def test_key_mass_is_the_column_sum():
+    B, Hq, Hkv, M, N = 2, 4, 2, 19, 19
+    q, k, v, valid, _ = _inputs(B, Hq, Hkv, M, N, True, False, seed=5)
+    q_pos = torch.arange(N)
+    vis = standard_visibility(q_pos, N, key_valid=valid)
+    ref = reference_attention(q, k, v, scale=0.25, visible=vis)
+    plan = LayerPlan(record=True, key_mass=True)
+    _, st = chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, plan=plan, block_rows=5)
+    torch.testing.assert_close(st["key_mass"], ref["probs"].sum(2), atol=1e-10, rtol=0)
+    assert torch.equal(st["key_count"], vis.expand(B, M, N).sum(1))

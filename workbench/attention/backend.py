@@ -27,11 +27,11 @@ class BackendState:
     """Per-model registry of what the active captures/interventions want from each layer."""
 
     n_layers: int
-    planners: list = field(default_factory=list)  # objects with .plan(layer) -> LayerPlan | None, .receive(layer, stats, meta)
+    planners: list = field(default_factory=list)  # .plan(layer, n_queries) -> LayerPlan | None; .receive(layer, stats, q_pos)
     use_triton: bool | None = None  # None: on CUDA when the kernel covers the request; True: also on CPU (interpreter)
 
-    def plan_for(self, layer: int) -> tuple[LayerPlan | None, list]:
-        plans = [(p, p.plan(layer)) for p in self.planners]
+    def plan_for(self, layer: int, n_queries: int) -> tuple[LayerPlan | None, list]:
+        plans = [(p, p.plan(layer, n_queries)) for p in self.planners]
         plans = [(p, lp) for p, lp in plans if lp is not None and lp.active]
         if not plans:
             return None, []
@@ -46,6 +46,7 @@ class BackendState:
                 recorders.append(owner)
                 merged.record, merged.record_outputs = lp.record, lp.record_outputs
                 merged.key_columns, merged.spans, merged.topk, merged.tiles = lp.key_columns, lp.spans, lp.topk, lp.tiles
+                merged.key_mass = lp.key_mass
         return merged, recorders
 
 
@@ -90,7 +91,7 @@ def workbench_attention(
     """``AttentionInterface`` function: ``(out [B, M, Hq, Dv], None)``."""
     state: BackendState | None = getattr(module, "_workbench_state", None)
     layer = getattr(module, "_workbench_layer", None)
-    plan, recorders = state.plan_for(layer) if state is not None else (None, [])
+    plan, recorders = state.plan_for(layer, query.shape[2]) if state is not None else (None, [])
     if plan is None and s_aux is None:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
@@ -131,6 +132,7 @@ def _triton_covers(state, plan: LayerPlan, q, v, mask, sliding_window) -> bool:
         and not plan.changes_probabilities
         and plan.topk <= 1
         and not plan.tiles
+        and not plan.key_mass
         and not plan.record_outputs
         and q.shape[-1] == v.shape[-1]
     )

@@ -56,6 +56,8 @@ def chunked_attention(
         block_rows = max(1, min(M, MAX_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, B * Hq * N)))
     out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
     stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
+    if plan.record and plan.key_mass:
+        _allocate_key_mass(stats, B, Hq, N, dev)
     out_sum = torch.zeros(Hq, Dv, dtype=torch.float64, device=dev) if plan.record_outputs else None
     prob_edits = plan.edits_of("uniform", "calibrate", "mask_keys", "streaming")
     sink_logit = sinks.to(cdt).view(1, Hq, 1) if sinks is not None else None
@@ -98,7 +100,7 @@ def chunked_attention(
         ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv) * inv_l[..., None]
         if plan.record:
             rows = _RowStats(p, inv_l, s, l, p_sink, sink_logit, m, key_max, arg, seen, lse, edited=bool(prob_edits))
-            _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp)
+            _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp, lo)
         out[:, :, i0:i1] = ob.to(out.dtype)
     out = apply_output_edits(out, plan, q_pos)
     if out_sum is not None:
@@ -171,6 +173,11 @@ def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
     return st
 
 
+def _allocate_key_mass(st, B, Hq, N, dev) -> None:
+    st["key_mass"] = torch.zeros(B, Hq, N, device=dev, dtype=torch.float64)
+    st["key_count"] = torch.zeros(B, N, device=dev, dtype=torch.long)
+
+
 @dataclass
 class _RowStats:
     """One row block: probabilities, centred scores and the softmax pieces they came from."""
@@ -189,7 +196,7 @@ class _RowStats:
     edited: bool  # probabilities were edited: read statistics off p, not off the scores
 
 
-def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp) -> None:
+def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: int) -> None:
     p, inv = r.p, r.inv_l
     st["lse"][:, :, i0:i1] = r.lse.float()
     tiny = torch.finfo(p.dtype).tiny
@@ -232,6 +239,9 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp) -> No
         member = (kp[None, None, :] >= sp[:, 0, None, None]) & (kp[None, None, :] < sp[:, 1, None, None])
         member = member & ((qp[None, :, None] - kp[None, None, :]) < sp[:, 2, None, None])  # [NS, c, n]
         st["span_mass"][:, :, i0:i1] = (torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)) * inv[..., None]).float()
+    if plan.key_mass:
+        st["key_mass"][..., lo : lo + kp.numel()] += (inv.unsqueeze(-2) @ p).squeeze(-2).double()
+        st["key_count"][:, lo : lo + kp.numel()] += vis[:, 0].sum(1).expand(st["key_count"].shape[0], -1)
     for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
         rows = (qp >= q0) & (qp < q1)
         if rows.any():

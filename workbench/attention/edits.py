@@ -65,7 +65,7 @@ class _Edit:
     def _head_edits(self, layer: int) -> list[HeadEdit]:
         raise NotImplementedError
 
-    def plan(self, layer: int) -> LayerPlan | None:
+    def plan(self, layer: int, n_queries: int) -> LayerPlan | None:
         edits = self._head_edits(layer)
         return LayerPlan(edits=edits) if edits else None
 

@@ -31,6 +31,7 @@ class LayerPlan:
     spans: torch.Tensor | None = None  # [NS, 3] (start, end, window)
     topk: int = 1
     tiles: tuple[tuple[int, int, int, int], ...] = ()
+    key_mass: bool = False  # attention each key receives, summed over rows (α_k for every key)
     record_outputs: bool = False  # sum of per-head outputs (for mean ablation references)
     edits: list[HeadEdit] = field(default_factory=list)
 

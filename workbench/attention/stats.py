@@ -26,7 +26,10 @@ class AttentionStats:
     - ``topk``: per-row top-k key indices and probabilities (always with entropy and log-sum-exp);
     - ``spans``: name → ``(start, end)`` absolute key range or :class:`Window` — mass per row;
     - ``tiles``: exact ``(q_start, q_end, k_start, k_end)`` windows of the attention matrix;
-    - ``layers``: which layers to record (default all).
+    - ``layers``: which layers to record (default all);
+    - ``key_mass``: attention every key receives, summed over rows (:meth:`AttentionRecord.alpha_all`);
+    - ``rows``: ``"all"`` or ``"decode"`` (only forward calls with one query row: generation steps;
+      the prompt then runs on the fast SDPA path).
     """
 
     sink_keys: int = 4
@@ -35,6 +38,8 @@ class AttentionStats:
     spans: Mapping[str, tuple[int, int] | Window] = field(default_factory=dict)
     tiles: Sequence[tuple[int, int, int, int]] = ()
     layers: Sequence[int] | None = None
+    key_mass: bool = False
+    rows: str = "all"
 
     def bind(self, model) -> "AttentionRecord":
         spec = model.spec
@@ -61,8 +66,12 @@ class AttentionStats:
             q0, q1, k0, k1 = t
             if not (0 <= q0 < q1 and 0 <= k0 < k1) or (q1 - q0) * (k1 - k0) > 1 << 20:
                 raise ProbeError(f"AttentionStats: tile {t} must be non-empty ranges of at most 2^20 cells")
+        if self.rows not in ("all", "decode"):
+            raise ProbeError(f"AttentionStats: rows must be 'all' or 'decode', got {self.rows!r}")
         return AttentionRecord(
             model=model,
+            key_mass=self.key_mass,
+            decode_only=self.rows == "decode",
             layers=layers,
             key_columns=torch.tensor(keys, dtype=torch.long),
             span_names=tuple(self.spans),
@@ -84,15 +93,17 @@ class AttentionRecord:
     spans: torch.Tensor | None
     topk: int
     tiles: tuple[tuple[int, int, int, int], ...]
+    key_mass: bool = False
+    decode_only: bool = False
     steps: list = field(default_factory=list)  # per forward call: (q_pos, {layer: stats})
     _pending: dict = field(default_factory=dict)
 
     # --- planner protocol (backend side) ---------------------------------------------------------
-    def plan(self, layer: int) -> LayerPlan | None:
-        if layer not in self.layers:
+    def plan(self, layer: int, n_queries: int) -> LayerPlan | None:
+        if layer not in self.layers or (self.decode_only and n_queries != 1):
             return None
         return LayerPlan(record=True, key_columns=self.key_columns if self.key_columns.numel() else None,
-                         spans=self.spans, topk=self.topk, tiles=self.tiles)  # fmt: skip
+                         spans=self.spans, topk=self.topk, tiles=self.tiles, key_mass=self.key_mass)  # fmt: skip
 
     def receive(self, layer: int, stats: dict, q_pos: torch.Tensor) -> None:
         if layer in self._pending:  # a new forward call began
@@ -155,9 +166,10 @@ class AttentionRecord:
         mean attention key k receives from the queries that can see it, then averaged over the batch.
         NaN where no captured query could see the key."""
         col = self.stat("col_prob").double()  # [L, B, H, R, K]
-        vis = torch.cat([st[self.layers[0]]["col_visible"] for _, st in self._steps()], dim=1)  # [B, R, K]
-        count = vis.sum(1).double()  # [B, K]
-        per_seq = col.sum(3) / count[None, :, None, :]  # [L, B, H, K]
+        # visibility is per layer: sliding-window layers see fewer keys than global ones
+        vis = torch.stack([torch.cat([st[l]["col_visible"] for _, st in self._steps()], dim=1) for l in self.layers])
+        count = vis.sum(2).double()  # [L, B, K]
+        per_seq = col.sum(3) / count[:, :, None, :]  # [L, B, H, K]
         return per_seq.nanmean(1).float()
 
     def sink_rate(self, eps: float = 0.3, key: int = 0) -> float:
@@ -169,6 +181,18 @@ class AttentionRecord:
             raise ProbeError(f"key {key} was not tracked; tracked key positions: {cols}")
         a = self.alpha()[..., cols.index(key)]
         return float((a > eps).double().mean() * 100)
+
+    def alpha_all(self) -> torch.Tensor:
+        """α_k for every key position ``[layer, head, key]`` (needs ``key_mass=True``): the mean attention
+        key k receives from the queries that can see it, per sequence, averaged over the batch."""
+        steps = self._steps()
+        if "key_mass" not in steps[0][1][self.layers[0]]:
+            raise ProbeError("alpha_all needs AttentionStats(key_mass=True)")
+        n = max(st[self.layers[0]]["key_mass"].shape[-1] for _, st in steps)
+        pad = lambda t: torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+        count = torch.stack([sum(pad(st[l]["key_count"]) for _, st in steps) for l in self.layers]).double()  # [L, B, N]
+        mass = torch.stack([sum(pad(st[l]["key_mass"]) for _, st in steps) for l in self.layers])  # [L, B, H, N]
+        return (mass / count[:, :, None, :]).nanmean(1).float()
 
     def tile(self, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact attention window ``index``: (query positions ``[r]``, probabilities ``[layer, batch, head, r, keys]``)."""
