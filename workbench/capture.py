@@ -124,7 +124,7 @@ class _OutputMeans:
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
 
-    def plan(self, layer):
+    def plan(self, layer, n_queries):
         from .attention.plan import LayerPlan
 
         return LayerPlan(record_outputs=True) if layer in self.layers else None
