@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import niah, retrieval, sinks
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window
 from .capture import Capture, capture, head_output_means, intervene
 from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
@@ -20,6 +21,7 @@ from .loading import load
 from .model import Model
 from .provenance import Provenance
 from .spec import ModelSpec
+from .store import ResultStore
 
 try:
     __version__ = _metadata.version("workbench")
@@ -29,5 +31,5 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
-    "capture", "head_output_means", "intervene", "load",
+    "ResultStore", "capture", "head_output_means", "intervene", "load", "niah", "retrieval", "sinks",
 ]  # fmt: skip

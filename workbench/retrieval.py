@@ -71,6 +71,11 @@ class RetrievalResult:
         s = self.scores
         return {"above_0.1": float((s > RETRIEVAL_THRESHOLD).double().mean()), "zero": float((s == 0).double().mean())}
 
+    def save(self, store, prefix: str = "retrieval") -> None:
+        """Write ``{prefix}_scores`` (layer, head, score) and ``{prefix}_tests`` to a ResultStore."""
+        store.save(f"{prefix}_scores", self.to_frame(), self.provenance)
+        store.save(f"{prefix}_tests", self.tests, self.provenance)
+
     def to_frame(self) -> pd.DataFrame:
         L, H = self.scores.shape
         return pd.DataFrame(

@@ -1,0 +1,78 @@
+"""Results store: one Parquet file per result in a directory, provenance in the file's metadata,
+DuckDB for queries across them. Writes are atomic (temp file + rename)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import WorkbenchError
+
+_META_KEY = b"workbench.provenance"
+
+
+class ResultStore:
+    """A directory of Parquet results. ``save(name, frame, provenance)``; ``load(name)``; ``sql(query)``
+    where each result is a DuckDB view named after its file stem."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise WorkbenchError(f"result name {name!r} must be a plain file name")
+        return self.root / f"{name}.parquet"
+
+    def save(self, name: str, frame: pd.DataFrame, provenance=None) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(_plain(frame), preserve_index=False)
+        prov = asdict(provenance) if is_dataclass(provenance) else (provenance or {})
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(prov, default=str).encode()})
+        target = self.path(name)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def load(self, name: str) -> tuple[pd.DataFrame, dict]:
+        import pyarrow.parquet as pq
+
+        path = self.path(name)
+        if not path.exists():
+            raise WorkbenchError(f"no result {name!r} in {self.root}")
+        table = pq.read_table(path)
+        meta = (table.schema.metadata or {}).get(_META_KEY, b"{}")
+        return table.to_pandas(), json.loads(meta)
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("*.parquet"))
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``)."""
+        import duckdb
+
+        con = duckdb.connect()
+        for n in self.names():
+            con.execute(f"CREATE VIEW \"{n}\" AS SELECT * FROM read_parquet('{self.path(n).as_posix()}')")
+        return con.execute(query).df()
+
+
+def _plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet-friendly copy: tuples/lists of tuples become JSON strings."""
+    out = frame.copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(lambda v: isinstance(v, (tuple, list, dict))).any():
+            out[c] = out[c].map(lambda v: json.dumps(v) if isinstance(v, (tuple, list, dict)) else v)
+    return out
