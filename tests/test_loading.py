@@ -205,10 +205,12 @@ def test_cli_demo_bad_model_exits_nonzero():
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_demo_runs_on_a_tiny_model():
+def test_cli_demo_runs_on_a_tiny_model(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "workbench", "demo", "--model", "tiny:llama", "--max-new-tokens", "4"],
+        [sys.executable, "-m", "workbench", "demo", "--model", "tiny:llama", "--max-new-tokens", "4",
+         "--lengths", "300", "--depths", "1", "--out", str(tmp_path)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "2 layers × 4 query heads" in proc.stdout and "Sink_1^0.3" in proc.stdout
+    assert "2 layers × 4 query heads" in proc.stdout and "Sink_1^0.3" in proc.stdout and "top heads" in proc.stdout
+    assert (tmp_path / "report.html").exists() and (tmp_path / "retrieval_scores.parquet").exists()

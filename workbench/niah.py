@@ -112,7 +112,7 @@ def build_case(model, needle: Needle, length: int, depth: float, *, max_new_toke
     hay = hay[:room]
     ends = _sentence_ends(tok, hay)
     target = room * depth / 100
-    cut = max(e for e in ends if e <= target) if depth < 100 else room
+    cut = max(e for e in ends if e <= target)
     ids = before + hay[:cut] + needle_ids + hay[cut:] + after
     start = len(before) + cut
     return NIAHCase(needle, length, float(depth), torch.tensor([ids]), (start, start + len(needle_ids)))

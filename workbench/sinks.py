@@ -10,6 +10,7 @@ ACT calibration as an experiment (shared/DESIGN.md §3).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -129,10 +130,10 @@ def scan(model, texts: list[str] | None = None, *, T: int = 64, eps: float = 0.3
     alphas, massive = [], []
     for i, ids in enumerate(tqdm(ids_list, desc="sink scan", unit="text", disable=not progress)):
         x = torch.tensor([ids], device=model.device)
-        with capture(model, AttentionStats(sink_keys=0, key_mass=True)) as cap:
-            out = model.hf(input_ids=x, output_hidden_states=True)
+        with capture(model, AttentionStats(sink_keys=0, key_mass=True)) as cap, _layer_outputs(model) as residual:
+            model.hf(input_ids=x)
         alphas.append(cap.attention.alpha_all())
-        massive += _massive(out.hidden_states, ids, model, text=i)
+        massive += _massive(residual, ids, model, text=i)
     tokens = [model.tokens(ids) for ids in ids_list]
     prov = model.provenance.with_run(definition=f"Gu2025 alpha_k, Sink_k^eps eps={eps} T={T}; ACT hidden sinks >0.1; Sun2024 massive",
                                      texts=len(texts))  # fmt: skip
@@ -141,11 +142,24 @@ def scan(model, texts: list[str] | None = None, *, T: int = 64, eps: float = 0.3
                       provenance=prov)  # fmt: skip
 
 
-def _massive(hidden_states, ids, model, text: int) -> list[tuple]:
-    """Sun et al.: entries with |x| > 100 and ≥ 1000 × the median |x| of that layer's hidden state.
-    ``hidden_states[0]`` is the embedding output; layer l's output is ``hidden_states[l + 1]``."""
+@contextmanager
+def _layer_outputs(model):
+    """Each decoder layer's output (the residual stream). Not ``output_hidden_states``: its last entry
+    is after the final norm, which hides the massive activations of the last layer."""
+    outs: list[torch.Tensor] = []
+    layers = [model.hf.get_submodule(p.rsplit(".", 1)[0]) for p in model.spec.attention_paths]
+    hooks = [layer.register_forward_hook(lambda mod, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())) for layer in layers]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _massive(layer_outputs, ids, model, text: int) -> list[tuple]:
+    """Sun et al.: entries with |x| > 100 and ≥ 1000 × the median |x| of that layer's output."""
     rows = []
-    for l, h in enumerate(hidden_states[1:]):
+    for l, h in enumerate(layer_outputs):
         a = h[0].abs().float()
         med = a.median()
         hit = ((a > MASSIVE_ABS) & (a >= MASSIVE_RATIO * med)).nonzero().tolist()
