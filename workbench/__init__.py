@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import niah, retrieval, sinks
+from . import duo, niah, retrieval, sinks
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window
 from .capture import Capture, capture, head_output_means, intervene
 from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
@@ -31,5 +31,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
-    "ResultStore", "capture", "head_output_means", "intervene", "load", "niah", "retrieval", "sinks",
+    "ResultStore", "capture", "head_output_means", "intervene", "duo", "load", "niah", "retrieval", "sinks",
 ]  # fmt: skip
+
+# --- routing (MoE) ---
+from . import routing  # noqa: E402
+from .routing import ExpertForce, ExpertMask, Routing, TopK  # noqa: E402
+
+__all__ += ["ExpertForce", "ExpertMask", "Routing", "TopK", "routing"]

@@ -179,6 +179,49 @@ def scan_sinks(
     typer.echo(f"report: {report.write_html(out / 'report.html', f'attention sinks — {m.source}', sections + [('Provenance', s.provenance)])}")
 
 
+@scan_app.command("duo")
+@_guard
+def scan_duo(
+    model: str = typer.Option(None, help="model source (default: embedded SmolLM2)"),
+    steps: int = typer.Option(16, min=1, help="gate training steps (one passkey sample each)"),
+    length: int = typer.Option(384, min=64, help="training/evaluation context length"),
+    sink: int = typer.Option(16, min=0, help="streaming heads keep the first SINK keys (paper: 64 at long context)"),
+    recent: int = typer.Option(64, min=1, help="... and the last RECENT keys (paper: 256)"),
+    out: Path = typer.Option(Path("results/duo"), help="results directory"),
+) -> None:
+    """DuoAttention: train one gate per KV head, sweep the streaming fraction, compare with Wu's heads."""
+    from . import duo, report, retrieval
+    from .store import ResultStore
+
+    m = _load(model)
+    d = duo.train_gates(m, length=length, steps=steps, sink=sink, recent=recent)
+    typer.echo(f"loss {d.losses[0]:.3f} → {d.losses[-1]:.3f}; retrieval KV heads (α ≥ 0.5): {d.retrieval_kv_heads()}")
+    sweep = duo.streaming_sweep(m, d, length=length)
+    typer.echo("passkey accuracy vs streaming fraction:\n" + sweep.to_string(index=False))
+    wu = retrieval.scan(m, lengths=[min(1000, length * 2)], depths=3)
+    agree = duo.agreement(d, wu.scores, m.spec.group_size)
+    typer.echo(f"agreement with Wu's retrieval heads: {agree['agree'].mean() * 100:.0f}% of KV heads; disagreements:\n"
+               + agree[~agree["agree"]].to_string(index=False))  # fmt: skip
+    store = ResultStore(out)
+    store.save("duo_gates", d.to_frame(), d.provenance)
+    store.save("duo_sweep", sweep, d.provenance)
+    store.save("duo_agreement", agree, d.provenance)
+    page = report.write_html(out / "report.html", f"DuoAttention gates — {m.source}", [
+        ("Gate α per KV head", report.head_grid(d.alpha, "α", colorbar="α", zmax=1)),
+        ("Passkey accuracy vs fraction of streaming KV heads", sweep),
+        ("Agreement with Wu et al. retrieval heads (per KV head)", agree),
+        ("Training loss", pd_frame(d.losses)),
+        ("Provenance", d.provenance),
+    ])  # fmt: skip
+    typer.echo(f"report: {page}")
+
+
+def pd_frame(losses):
+    import pandas as pd
+
+    return pd.DataFrame({"step": range(len(losses)), "loss": losses})
+
+
 def main() -> None:
     app(prog_name="workbench")
 

@@ -39,6 +39,7 @@ class BackendState:
         recorders = []
         for owner, lp in plans:
             merged.edits.extend(lp.edits)
+            merged.gated = merged.gated or lp.gated
             if lp.record or lp.record_outputs:
                 if recorders:
                     # two recorders on one layer would need two stat layouts; keep one probe per layer
@@ -109,6 +110,13 @@ def workbench_attention(
     q_pos = torch.arange(M, device=query.device) + q_offset
     plan = plan or LayerPlan()
     out = stats = None
+    if plan.gated is not None:
+        if plan.record or plan.edits or s_aux is not None:
+            raise RuntimeError("gated (DuoAttention) layers cannot be recorded or edited at the same time, nor use learned sinks")
+        dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
+        key_pos = torch.arange(N, device=query.device) + kv_offset
+        out = plan.gated(query, key, value, scale, dense, q_pos, key_pos)
+        return out.transpose(1, 2).contiguous(), None
     if _triton_covers(state, plan, query, value, attention_mask, sliding_window):
         out, stats = _triton_path(query, key, value, scale, attention_mask, sliding_window, s_aux, plan, q_pos)
     if out is None:

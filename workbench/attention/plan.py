@@ -34,10 +34,13 @@ class LayerPlan:
     key_mass: bool = False  # attention each key receives, summed over rows (α_k for every key)
     record_outputs: bool = False  # sum of per-head outputs (for mean ablation references)
     edits: list[HeadEdit] = field(default_factory=list)
+    # an edit that computes the whole layer differentiably (DuoAttention gate training):
+    # called as gated(q, k, v, scale, dense_mask, q_pos, key_pos) -> out [B, Hq, M, Dv]
+    gated: object | None = None
 
     @property
     def active(self) -> bool:
-        return self.record or self.record_outputs or bool(self.edits)
+        return self.record or self.record_outputs or bool(self.edits) or self.gated is not None
 
     def edits_of(self, *kinds: str) -> list[HeadEdit]:
         return [e for e in self.edits if e.kind in kinds]
