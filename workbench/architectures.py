@@ -27,10 +27,12 @@ class Architecture:
     router_rule: str | None = None
     norm_topk_prob: bool | None = None  # None: read config.norm_topk_prob
     shared_experts: str | None = None  # relative to the MoE block
+    experts: str | None = None  # the batched experts module, relative to the MoE block
+    experts_index_arg: str = "top_k_index"  # its keyword for the chosen expert indices (2nd positional)
 
 
 _DENSE = Architecture()
-_SOFTMAX_MOE = Architecture(moe_block="mlp", router="gate", router_rule="softmax_topk")
+_SOFTMAX_MOE = Architecture(moe_block="mlp", router="gate", router_rule="softmax_topk", experts="experts")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _DENSE,
@@ -43,16 +45,24 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo2": _DENSE,
     "granite": _DENSE,
     "smollm3": _DENSE,
-    "mixtral": Architecture(moe_block="mlp", router="gate", router_rule="softmax_topk", norm_topk_prob=True),
-    "qwen2_moe": Architecture(moe_block="mlp", router="gate", router_rule="softmax_topk", shared_experts="shared_expert"),
+    "mixtral": Architecture(
+        moe_block="mlp", router="gate", router_rule="softmax_topk", norm_topk_prob=True, experts="experts"
+    ),
+    "qwen2_moe": Architecture(
+        moe_block="mlp", router="gate", router_rule="softmax_topk", shared_experts="shared_expert", experts="experts"
+    ),
     "qwen3_moe": _SOFTMAX_MOE,
     "olmoe": _SOFTMAX_MOE,
     "deepseek_v3": Architecture(
-        moe_block="mlp", router="gate", router_rule="sigmoid_grouped", shared_experts="shared_experts"
+        moe_block="mlp", router="gate", router_rule="sigmoid_grouped", shared_experts="shared_experts", experts="experts"
     ),
-    "gpt_oss": Architecture(moe_block="mlp", router="router", router_rule="topk_softmax"),
-    "granitemoe": Architecture(moe_block="block_sparse_moe", router="router", router_rule="topk_softmax"),
-    "phimoe": Architecture(moe_block="mlp", router="router", router_rule="sparsemixer"),
+    "gpt_oss": Architecture(
+        moe_block="mlp", router="router", router_rule="topk_softmax", experts="experts", experts_index_arg="router_indices"
+    ),
+    "granitemoe": Architecture(
+        moe_block="block_sparse_moe", router="router", router_rule="topk_softmax", experts="experts"
+    ),
+    "phimoe": Architecture(moe_block="mlp", router="router", router_rule="sparsemixer", experts="experts"),
 }
 
 

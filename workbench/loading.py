@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import embedded
+from . import embedded, zoo
 from .errors import ModelLoadError, UnsupportedModelError
 from .model import Model
 from .spec import discover_spec
@@ -31,7 +31,8 @@ def load(
 ) -> Model:
     """Load a model for probing.
 
-    ``source`` may be ``None`` (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, a local
+    ``source`` may be ``None`` (the embedded SmolLM2-135M-Instruct), ``"tiny-moe"`` (the zoo's trained
+    MoE, see :mod:`workbench.zoo`), a Hugging Face model id, a local
     model directory, a ``.gguf`` file, an already-constructed ``transformers`` model, or a
     TransformerLens ``TransformerBridge``. ``dtype`` defaults to float32; ``device`` to CPU.
     """
@@ -59,6 +60,9 @@ def load(
 
             hf, tok = tiny_hf_model(s[5:], dtype=torch_dtype), byte_tokenizer()
             kw = dict(source=s)
+        elif s in zoo.MODELS:  # a model trained by this project, shipped in workbench/zoo/
+            hf, tok = _from_pretrained(str(zoo.model_dir(s)), torch_dtype, local_only=True)
+            kw = dict(source=f"zoo:{s}", model_id=f"workbench-zoo/{s}")
         elif s.endswith(".gguf"):
             if not Path(s).is_file():
                 raise ModelLoadError(f"GGUF file not found: {s}")

@@ -26,6 +26,8 @@ class RouterSpec:
     routed_scaling_factor: float | None = None
     has_correction_bias: bool = False
     shared_experts_path: str | None = None
+    experts_path: str | None = None  # the module that runs the chosen experts (verifies what actually ran)
+    experts_index_arg: str = "top_k_index"
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ def _routers(model, cfg, arch: Architecture, n_layers: int) -> tuple[RouterSpec,
         n_experts = getattr(router, "num_experts", None) or router.weight.shape[0]
         norm = arch.norm_topk_prob if arch.norm_topk_prob is not None else bool(getattr(cfg, "norm_topk_prob", False))
         shared = f"{block_path}.{arch.shared_experts}" if arch.shared_experts and _get(model, f"{block_path}.{arch.shared_experts}") is not None else None
+        experts = f"{block_path}.{arch.experts}" if arch.experts and _get(model, f"{block_path}.{arch.experts}") is not None else None
         out.append(
             RouterSpec(
                 layer=i,
@@ -212,6 +215,8 @@ def _routers(model, cfg, arch: Architecture, n_layers: int) -> tuple[RouterSpec,
                 routed_scaling_factor=getattr(router, "routed_scaling_factor", None),
                 has_correction_bias=hasattr(router, "e_score_correction_bias"),
                 shared_experts_path=shared,
+                experts_path=experts,
+                experts_index_arg=arch.experts_index_arg,
             )
         )
     return tuple(out)
