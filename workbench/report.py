@@ -80,7 +80,7 @@ def sink_sections(result) -> list[tuple[str, object]]:
     """Report sections for a :class:`workbench.sinks.SinkResult`."""
     mv = result.massive_vs_sinks()
     return [
-        (f"First-token sink α₀ per head (Gu et al., T = {result.T})", head_grid(result.mean_alpha[..., 0], "α₀", zmax=1)),
+        (f"First-token sink α₀ per head (Gu et al., T = {result.T})", head_grid(result.mean_alpha[..., 0], "α₀", colorbar="α₀", zmax=1)),
         (f"Share of sink heads per layer (α₀ > {result.eps})", layer_bars(result.per_layer(), "sink_share", "Sink_1^ε share per layer")),
         ("Hidden sink tokens (ACT: α_k > 0.1, k ≥ 1)", result.hidden_sink_tokens().head(15)),
         ("Massive activations (Sun et al.)", f"{mv['massive_entries']} entries; share on sink tokens: {mv['on_sink_token']:.2f}"),
