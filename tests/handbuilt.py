@@ -14,16 +14,12 @@ BOS_DIM, CONST_DIM = 126, 127
 SINK_HEAD, COPY_HEAD = 0, 1
 
 
-def content_model(vocab: int = 12, *, bos_token: int = 0, bos_scale: float = 1.0, copy: bool = True) -> LlamaForCausalLM:
-    """Token t embeds as one-hot(t) (if ``copy``) + a constant feature; ``bos_token`` also carries the BOS
-    feature scaled by ``bos_scale`` (a planted massive activation when large)."""
-    if copy and vocab > len(USABLE):
-        raise ValueError("the copy head needs one head dim per token")
+def blank_model(vocab: int, **config) -> LlamaForCausalLM:
+    """A one-layer, four-head Llama with every weight zero (norms one) and RoPE confined to dims (0, 16)."""
     cfg = LlamaConfig(
         hidden_size=HID, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
         head_dim=HD, vocab_size=vocab, max_position_embeddings=512, rms_norm_eps=1e-9,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e300}, tie_word_embeddings=False,
-        bos_token_id=bos_token, eos_token_id=None, pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e300}, tie_word_embeddings=False, **config,
     )  # fmt: skip
     cfg.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(cfg).eval()
@@ -32,6 +28,16 @@ def content_model(vocab: int = 12, *, bos_token: int = 0, bos_scale: float = 1.0
             p.zero_()
         for n in (model.model.norm, model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
             n.weight.fill_(1.0)
+    return model
+
+
+def content_model(vocab: int = 12, *, bos_token: int = 0, bos_scale: float = 1.0, copy: bool = True) -> LlamaForCausalLM:
+    """Token t embeds as one-hot(t) (if ``copy``) + a constant feature; ``bos_token`` also carries the BOS
+    feature scaled by ``bos_scale`` (a planted massive activation when large)."""
+    if copy and vocab > len(USABLE):
+        raise ValueError("the copy head needs one head dim per token")
+    model = blank_model(vocab, bos_token_id=bos_token, eos_token_id=None, pad_token_id=None)
+    with torch.no_grad():
         emb = model.model.embed_tokens.weight
         emb[:, CONST_DIM] = 1.0
         emb[bos_token, BOS_DIM] = bos_scale

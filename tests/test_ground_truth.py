@@ -1,30 +1,17 @@
 """Hand-built models whose answers are known: a sink head and a copy head must be found, and nothing else."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import workbench as wb
+from handbuilt import BOS_DIM, CONST_DIM, COPY_HEAD, HD, HID, SINK_HEAD, USABLE, blank_model
 
-VOCAB, T, HID, HD = 12, 16, 128, 32
-# RoPE with a huge base rotates only head dims (0, 16); every hand-set feature avoids them
-USABLE = [d for d in range(HD) if d not in (0, HD // 2)]
-BOS_DIM, CONST_DIM, POS0 = 126, 127, 16
-SINK_HEAD, COPY_HEAD = 0, 1
+VOCAB, T, POS0 = 12, 16, 16  # inputs_embeds carry token one-hots (dims 0..11) and position one-hots (16..31)
 
 
 def hand_built_model():
-    cfg = LlamaConfig(
-        hidden_size=HID, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        head_dim=HD, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-9,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e300}, tie_word_embeddings=False,
-    )  # fmt: skip
-    cfg.architectures = ["LlamaForCausalLM"]
-    model = LlamaForCausalLM(cfg).eval()
+    """Sink head 0 and a copy head 1 that attends to the previous occurrence of the current token (not itself)."""
+    model = blank_model(VOCAB)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        for n in (model.model.norm, model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
-            n.weight.fill_(1.0)
         attn = model.model.layers[0].self_attn
         wq, wk = attn.q_proj.weight, attn.k_proj.weight  # [heads*HD, HID]
         # sink head: every query carries the constant feature, only position 0 carries the BOS feature
