@@ -115,8 +115,20 @@ def test_transformerlens_bridge(arch):
 
 
 def test_unknown_hub_id_offline_says_so(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(wb.ModelLoadError, match="offline"):
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(wb.ModelLoadError, match="offline \\(HF_HUB_OFFLINE is set\\).*local directory"):
+        wb.load("no-such-org/no-such-model-xyz")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(wb.ModelLoadError, match="offline \\(huggingface.co does not resolve"):
         wb.load("no-such-org/no-such-model-xyz")
 
 

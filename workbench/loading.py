@@ -124,9 +124,31 @@ def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return hf, tok
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached, found in milliseconds (the Hub client retries for ~40 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} does not resolve ({e})"
+    return None
+
+
 def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not local_only and (why := _hub_unreachable()):
+        raise ModelLoadError(
+            f"cannot fetch {name!r}: this machine is offline ({why}). Download the model elsewhere and pass its "
+            "local directory (workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2."
+        )
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as e:
