@@ -69,37 +69,51 @@ def chunked_attention(
         lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (0, 1)
         vis = vis[..., lo:hi]  # causal rows never score future keys; windowed rows skip the distant past
         kb, vb = k[:, :, lo:hi].to(cdt), v[:, :, lo:hi].to(cdt)
-        qb = q[:, :, i0:i1].to(cdt)
+        qb = q[:, :, i0:i1].to(cdt) * scale  # scaling c·D query entries, not c·n scores
         c, n = i1 - i0, hi - lo
         s = (qb.view(B, Hkv, rep, c, D) @ kb[:, :, None].transpose(-1, -2)).view(B, Hq, c, n)
-        s.mul_(scale)
         vis_h = vis.expand(B, Hq, c, n)
         qp, kp = q_pos[i0:i1], key_pos[lo:hi]
         if prob_edits:
             vis_h = _edit_visibility(vis_h.clone(), prob_edits, qp, kp)
-        # finite fill, not -inf: keeps p·s well defined (0·NEG) for the single-pass entropy
-        s.masked_fill_(~vis_h, _NEG)
+        # finite fill, not -inf: keeps p·s well defined (0·NEG) for the single-pass entropy; only the
+        # columns from the first hidden key on (the causal triangle, unless there is padding)
+        hidden = (~(vis_h if prob_edits else vis)).reshape(-1, n).any(0).nonzero()
+        if hidden.numel():
+            j0 = int(hidden[0])
+            s[..., j0:].masked_fill_(~vis_h[..., j0:], _NEG)
         seen = vis_h.any(-1)  # [B, Hq, c]
-        key_max, arg = s.max(-1)
-        m = key_max if sink_logit is None else torch.maximum(key_max, sink_logit)
-        s.sub_(m[..., None])  # centred scores: exp never overflows, entropy has no cancellation
-        p = torch.exp(s)  # unnormalised; rows are divided by l only where needed (c·Dv, not c·n, work)
-        if not bool(seen.all()):
-            p.masked_fill_(~seen[..., None], 0.0)
-        l = p.sum(-1)
-        e_sink = torch.exp(sink_logit - m) if sink_logit is not None else None
-        if e_sink is not None:
-            l = l + e_sink
-        lse = torch.where(l > 0, m + torch.log(l), float("-inf"))
-        inv_l = 1.0 / l.clamp_min(torch.finfo(cdt).tiny)
-        p_sink = e_sink * inv_l if e_sink is not None else None
-        if prob_edits:
-            p.mul_(inv_l[..., None])
-            p = _edit_probabilities(p, vis_h, plan.edits_of("uniform", "calibrate"), qp, kp)
-            inv_l = torch.ones_like(inv_l)
+        key_max, arg = (t.view(B, Hq, c) for t in s.view(-1, n).max(-1))  # 2-D max with indices is faster
+        all_seen = bool(seen.all())
+        if sink_logit is None and not prob_edits:
+            # fused softmax; lse from the top probability: p_max = exp(max − lse)
+            centre = torch.zeros((), dtype=cdt, device=dev)
+            p = torch.softmax(s, dim=-1)
+            if not all_seen:
+                p.masked_fill_(~seen[..., None], 0.0)
+            p_top = p.gather(-1, arg[..., None]).squeeze(-1)
+            lse = torch.where(seen, key_max - torch.log(p_top.clamp_min(torch.finfo(cdt).tiny)), float("-inf"))
+            inv_l, p_sink = torch.ones_like(lse), None
+        else:
+            centre = key_max if sink_logit is None else torch.maximum(key_max, sink_logit)
+            s.sub_(centre[..., None])  # centred scores: exp never overflows
+            p = torch.exp(s)  # unnormalised; rows are divided by l only where needed (c·Dv, not c·n, work)
+            if not all_seen:
+                p.masked_fill_(~seen[..., None], 0.0)
+            l = p.sum(-1)
+            e_sink = torch.exp(sink_logit - centre) if sink_logit is not None else None
+            if e_sink is not None:
+                l = l + e_sink
+            lse = torch.where(l > 0, centre + torch.log(l), float("-inf"))
+            inv_l = 1.0 / l.clamp_min(torch.finfo(cdt).tiny)
+            p_sink = e_sink * inv_l if e_sink is not None else None
+            if prob_edits:
+                p.mul_(inv_l[..., None])
+                p = _edit_probabilities(p, vis_h, plan.edits_of("uniform", "calibrate"), qp, kp)
+                inv_l = torch.ones_like(inv_l)
         ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv) * inv_l[..., None]
         if plan.record:
-            rows = _RowStats(p, inv_l, s, l, p_sink, sink_logit, m, key_max, arg, seen, lse, edited=bool(prob_edits))
+            rows = _RowStats(p, inv_l, s, centre, p_sink, sink_logit, key_max, arg, seen, lse, edited=bool(prob_edits))
             _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp, lo)
         out[:, :, i0:i1] = ob.to(out.dtype)
     out = apply_output_edits(out, plan, q_pos)
@@ -182,14 +196,13 @@ def _allocate_key_mass(st, B, Hq, N, dev) -> None:
 class _RowStats:
     """One row block: probabilities, centred scores and the softmax pieces they came from."""
 
-    p: torch.Tensor  # probabilities times l (unless edited): multiply row results by inv_l
+    p: torch.Tensor  # probabilities, times l where inv_l ≠ 1: multiply row results by inv_l
     inv_l: torch.Tensor
-    s: torch.Tensor  # scores minus the row centre m (invisible keys ≈ −1e30)
-    l: torch.Tensor  # normaliser Σ exp(s) (+ sink)
+    s: torch.Tensor  # scores minus ``centre`` (invisible keys ≈ −1e30)
+    centre: torch.Tensor  # what was subtracted from the scores (0 on the fused-softmax path)
     p_sink: torch.Tensor | None
     sink_logit: torch.Tensor | None
-    m: torch.Tensor
-    key_max: torch.Tensor
+    key_max: torch.Tensor  # raw row maximum over keys
     arg: torch.Tensor
     seen: torch.Tensor
     lse: torch.Tensor
@@ -204,24 +217,24 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: i
         ent = -(p * torch.log(p.clamp_min(tiny))).sum(-1)
         if r.p_sink is not None:
             ent = ent - r.p_sink * torch.log(r.p_sink.clamp_min(tiny))
-    else:  # H = log l − Σ p·s − p_sink·(sink − m), single pass over p
-        ps = (p.unsqueeze(-2) @ r.s.unsqueeze(-1)).squeeze(-1).squeeze(-1) * inv
-        ent = torch.log(r.l.clamp_min(tiny)) - ps
+    else:  # H = lse − c − Σ p·(s − c) − p_sink·(sink − c), one pass over p (c: the centre)
+        ps = torch.einsum("bhcn,bhcn->bhc", p, r.s) * inv
+        ent = r.lse - r.centre - ps
         if r.p_sink is not None:
-            ent = ent - r.p_sink * (r.sink_logit - r.m)
-        ent = torch.where(r.l > 0, ent, 0.0)
+            ent = ent - r.p_sink * (r.sink_logit - r.centre)
+        ent = torch.where(torch.isfinite(r.lse), ent, 0.0)
     st["entropy"][:, :, i0:i1] = ent.float()
     k = min(plan.topk, p.shape[-1])
     if r.edited:
         tp, ti = torch.topk(p.masked_fill(~vis_h, -1.0), k, dim=-1)
         ok = tp >= 0
     elif k == 1:
-        tp = (torch.exp(r.key_max - r.m) / r.l.clamp_min(tiny))[..., None]
+        tp = torch.exp(r.key_max - r.lse)[..., None]
         ti, ok = r.arg[..., None], r.seen[..., None]
     else:
         tv, ti = torch.topk(r.s, k, dim=-1)
         ok = (tv > _NEG / 2) & r.seen[..., None]
-        tp = torch.exp(tv) / r.l.clamp_min(tiny)[..., None]
+        tp = torch.exp(tv + (r.centre[..., None] if r.centre.dim() else r.centre) - r.lse[..., None])
     st["topk_idx"][:, :, i0:i1] = -1
     st["topk_prob"][:, :, i0:i1] = 0.0
     st["topk_idx"][:, :, i0:i1, :k] = torch.where(ok, kp[ti], -1)
