@@ -2,7 +2,7 @@
 
 On CUDA, for each sequence length N (prefill, M = N, causal) it times
 - ``sdpa``:   ``torch.nn.functional.scaled_dot_product_attention`` (output only, the speed bar),
-- ``kernel``: ``kernels.attention_stats.attention_stats_triton`` with every statistic on
+- ``kernel``: ``workbench.kernels.attention_stats.attention_stats_triton`` with every statistic on
   (lse, entropy, top-1, sinks, key columns, spans),
 - ``naive``:  materialised fp32 scores -> softmax -> @V (what you would write to get the same stats
   from the probability matrix), skipped when it would not fit,
@@ -29,8 +29,8 @@ if not torch.cuda.is_available():  # before anything imports triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.attention_stats import attention_stats_triton  # noqa: E402
-from kernels.reference import BIG, reference_attention, standard_visibility  # noqa: E402
+from workbench.kernels.attention_stats import attention_stats_triton  # noqa: E402
+from workbench.kernels.reference import BIG, reference_attention, standard_visibility  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -1,6 +1,6 @@
 """Attention kernels. ``reference`` (float64 ground truth) and ``attention_stats`` (Triton).
 
-The Triton entry points are imported lazily so that ``import kernels.reference`` never imports triton.
+The Triton entry points are imported lazily so that ``import workbench.kernels.reference`` never imports triton.
 """
 from __future__ import annotations
 

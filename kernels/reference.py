@@ -1,7 +1,7 @@
 """Float64 reference for the reducing attention: full N×N matrix, small inputs only.
 
 This file *defines* every statistic the attention backends return; the chunked torch path
-(`workbench.attention`) and the Triton kernel (`kernels.attention_stats`) are tested against it.
+(`workbench.attention`) and the Triton kernel (`workbench.kernels.attention_stats`, source in kernels/) are tested against it.
 
 Conventions
 - ``q`` is ``[B, Hq, M, D]``; ``k``/``v`` are ``[B, Hkv, N, D]``; query head ``h`` reads KV head

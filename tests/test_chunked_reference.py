@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.reference import BIG, reference_attention, standard_visibility
+from workbench.kernels.reference import BIG, reference_attention, standard_visibility
 from workbench.attention.chunked import chunked_attention
 from workbench.attention.plan import HeadEdit, LayerPlan
 

@@ -15,12 +15,12 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 try:
-    import kernels  # noqa: F401
+    import workbench.kernels  # noqa: F401
 except ImportError:  # plain `pytest` from elsewhere: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.attention_stats import _attention_stats, attention_stats_triton, triton_available  # noqa: E402
-from kernels.reference import BIG, reference_attention, standard_visibility  # noqa: E402
+from workbench.kernels.attention_stats import _attention_stats, attention_stats_triton, triton_available  # noqa: E402
+from workbench.kernels.reference import BIG, reference_attention, standard_visibility  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -131,7 +131,7 @@ def workbench_attention(
 def _triton_covers(state, plan: LayerPlan, q, v, mask, sliding_window) -> bool:
     if state is None or state.use_triton is False or (state.use_triton is None and not q.is_cuda):
         return False
-    from kernels.attention_stats import triton_available
+    from ..kernels.attention_stats import triton_available
 
     return (
         triton_available()
@@ -147,7 +147,7 @@ def _triton_covers(state, plan: LayerPlan, q, v, mask, sliding_window) -> bool:
 
 
 def _triton_path(q, k, v, scale, mask: LazyMask, sliding_window, sinks, plan: LayerPlan, q_pos):
-    from kernels.attention_stats import attention_stats_triton
+    from ..kernels.attention_stats import attention_stats_triton
 
     try:
         res = attention_stats_triton(
