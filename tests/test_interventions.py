@@ -153,3 +153,11 @@ def test_sink_rate_epsilon_and_empty_capture(tiny):
     for eps in (0.0, 1.0, -0.1):
         with pytest.raises(wb.ProbeError, match="ε must lie in"):
             cap.attention.sink_rate(eps)
+
+
+def test_sink_keys_beyond_a_short_input_are_unseen_not_errors(tiny):
+    m = tiny("llama")
+    with wb.capture(m, wb.AttentionStats(sink_keys=8)) as cap:
+        m.forward_text("hi")  # BOS + 2 bytes: keys 3..7 do not exist yet
+    a = cap.attention.alpha()
+    assert torch.isfinite(a[..., :3]).all() and torch.isnan(a[..., 3:]).all()

@@ -72,7 +72,7 @@ def _attached(model, items: list) -> Iterator[None]:
 
 def _length_check(planners):
     """Reject key positions beyond the sequence before the model runs a single layer."""
-    wanted = [int(p.key_columns.max()) for p in planners if getattr(p, "key_columns", None) is not None and p.key_columns.numel()]
+    wanted = [int(p.explicit_keys.max()) for p in planners if getattr(p, "explicit_keys", None) is not None and p.explicit_keys.numel()]
     needed = max(wanted, default=-1)
 
     def hook(module, args, kwargs):
@@ -116,8 +116,6 @@ def intervene(model, *edits) -> Iterator[list]:
 
 class _OutputMeans:
     """Planner that sums each head's attention output over reference tokens."""
-
-    key_columns = None
 
     def __init__(self, layers):
         self.layers = set(layers)

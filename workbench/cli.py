@@ -190,6 +190,8 @@ def scan_duo(
     out: Path = typer.Option(Path("results/duo"), help="results directory"),
 ) -> None:
     """DuoAttention: train one gate per KV head, sweep the streaming fraction, compare with Wu's heads."""
+    import pandas as pd
+
     from . import duo, report, retrieval
     from .store import ResultStore
 
@@ -210,16 +212,10 @@ def scan_duo(
         ("Gate α per KV head", report.head_grid(d.alpha, "α", colorbar="α", zmax=1)),
         ("Passkey accuracy vs fraction of streaming KV heads", sweep),
         ("Agreement with Wu et al. retrieval heads (per KV head)", agree),
-        ("Training loss", pd_frame(d.losses)),
+        ("Training loss", pd.DataFrame({"step": range(len(d.losses)), "loss": d.losses})),
         ("Provenance", d.provenance),
     ])  # fmt: skip
     typer.echo(f"report: {page}")
-
-
-def pd_frame(losses):
-    import pandas as pd
-
-    return pd.DataFrame({"step": range(len(losses)), "loss": losses})
 
 
 def main() -> None:

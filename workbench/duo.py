@@ -9,6 +9,7 @@ long contexts is scaled to the lengths used here (CPU: a few hundred tokens).
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
@@ -150,19 +151,11 @@ def passkey_accuracy(model, *, length: int = 384, n: int = 8, seed: int = 1, edi
         ids, start = passkey_sample(model, length, rng)
         prompt = ids[:, :start].to(model.device)
         key = model.tokenizer.decode(ids[0, start:]).split(" is ")[-1].strip(" .")
-        with (intervene(model, *edits) if edits else _Null()):
+        with intervene(model, *edits) if edits else nullcontext():
             out = model.hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=14, do_sample=False,
                                     pad_token_id=getattr(model.tokenizer, "eos_token_id", None))  # fmt: skip
         hits += key.lower() in model.tokenizer.decode(out[0, start:]).lower()
     return hits / n
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def streaming_sweep(model, duo: DuoResult, fractions=(0.0, 0.25, 0.5, 0.75, 1.0), **kw) -> pd.DataFrame:

@@ -11,6 +11,7 @@ averaged over counted tests; heads scoring > 0.1 are retrieval heads.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 import warnings
 from dataclasses import dataclass, field
 
@@ -110,7 +111,7 @@ def run_case(model, case: niah.NIAHCase, *, variant: str = "set", max_new_tokens
     ids = case.input_ids.to(model.device)
     pad = getattr(model.tokenizer, "eos_token_id", None)
     probe = AttentionStats(sink_keys=0, topk=1, rows="decode")
-    ctx = intervene(model, *edits) if edits else _null()
+    ctx = intervene(model, *edits) if edits else nullcontext()
     with ctx, capture(model, probe) as cap, torch.no_grad():
         out = model.hf.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
@@ -126,14 +127,6 @@ def run_case(model, case: niah.NIAHCase, *, variant: str = "set", max_new_tokens
         "answer_found": case.needle.answer.lower() in response.lower(),
         "needle_span": case.needle_span, "token_ids": ids[0].tolist(), "scores": scores,
     }  # fmt: skip
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _cases(model, lengths, depths, n_needles: int, max_new_tokens: int):

@@ -10,7 +10,7 @@ ACT calibration as an experiment (shared/DESIGN.md §3).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -193,20 +193,12 @@ def task_accuracy(model, items: list[dict], *, sink_tokens: set[str] = frozenset
         pieces = model.tokens(ids[0])
         sinks = [0] + [i for i, p in enumerate(pieces) if i and p in sink_tokens]
         edit = (SinkCalibration(list(heads), sink_keys=sinks, beta=beta),) if heads else ()
-        with (intervene(model, *edit) if edit else _Null()):
+        with intervene(model, *edit) if edit else nullcontext():
             logits = model.hf(input_ids=ids).logits[0, -1, choice].float()
         target = 0 if it["label"] == "positive" else 1
         loss += float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([target])))
         correct += int(int(logits.argmax()) == target)
     return {"accuracy": correct / len(items), "loss": loss / len(items)}
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def calibration_experiment(

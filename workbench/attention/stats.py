@@ -74,6 +74,7 @@ class AttentionStats:
             decode_only=self.rows == "decode",
             layers=layers,
             key_columns=torch.tensor(keys, dtype=torch.long),
+            explicit_keys=torch.tensor([int(p) for p in self.key_positions], dtype=torch.long),
             span_names=tuple(self.spans),
             spans=torch.tensor(spans, dtype=torch.long) if spans else None,
             topk=self.topk,
@@ -89,6 +90,7 @@ class AttentionRecord:
     model: object
     layers: tuple[int, ...]
     key_columns: torch.Tensor
+    explicit_keys: torch.Tensor  # key_positions the user named: must exist (sink_keys beyond T are just unseen)
     span_names: tuple[str, ...]
     spans: torch.Tensor | None
     topk: int
