@@ -52,7 +52,8 @@ def _attached(model, items: list) -> Iterator[None]:
     planners = [p for p in items if hasattr(p, "plan")]
     hookers = [p for p in items if hasattr(p, "attach")]
     state = _state(model) if planners else None
-    hook = model.hf.register_forward_pre_hook(_length_check(planners), with_kwargs=True)
+    check = _length_check(planners)
+    hook = model.hf.register_forward_pre_hook(check, with_kwargs=True) if check else None
     if state is not None:
         state.planners.extend(planners)
     attached = []
@@ -64,7 +65,8 @@ def _attached(model, items: list) -> Iterator[None]:
     finally:
         for p in reversed(attached):
             p.detach()
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         if state is not None:
             for p in planners:
                 state.planners.remove(p)
@@ -74,6 +76,8 @@ def _length_check(planners):
     """Reject key positions beyond the sequence before the model runs a single layer."""
     wanted = [int(p.explicit_keys.max()) for p in planners if getattr(p, "explicit_keys", None) is not None and p.explicit_keys.numel()]
     needed = max(wanted, default=-1)
+    if needed < 0:
+        return None
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
