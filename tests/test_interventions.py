@@ -161,3 +161,13 @@ def test_sink_keys_beyond_a_short_input_are_unseen_not_errors(tiny):
         m.forward_text("hi")  # BOS + 2 bytes: keys 3..7 do not exist yet
     a = cap.attention.alpha()
     assert torch.isfinite(a[..., :3]).all() and torch.isnan(a[..., 3:]).all()
+
+
+def test_nested_captures_on_the_same_layer_say_so(tiny):
+    m = tiny("llama")
+    with wb.capture(m, wb.AttentionStats(layers=[0])), wb.capture(m, wb.AttentionStats(layers=[1])) as inner:
+        m.forward_text("ok")  # disjoint layers: fine
+    assert inner.attention.entropy.shape[0] == 1
+    with pytest.raises(wb.ProbeError, match="two active captures record layer 0"):
+        with wb.capture(m, wb.AttentionStats()), wb.capture(m, wb.AttentionStats(layers=[0])):
+            m.forward_text("clash")

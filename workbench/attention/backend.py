@@ -15,6 +15,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..errors import ProbeError
 from .chunked import apply_output_edits, chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
 from .plan import LayerPlan
@@ -43,7 +44,10 @@ class BackendState:
             if lp.record or lp.record_outputs:
                 if recorders:
                     # two recorders on one layer would need two stat layouts; keep one probe per layer
-                    raise RuntimeError("two active captures record the same layer; nest captures on disjoint layers")
+                    raise ProbeError(
+                        f"two active captures record layer {layer}; give nested captures disjoint layers "
+                        "(AttentionStats(layers=...)) or use one probe"
+                    )
                 recorders.append(owner)
                 merged.record, merged.record_outputs = lp.record, lp.record_outputs
                 merged.key_columns, merged.spans, merged.topk, merged.tiles = lp.key_columns, lp.spans, lp.topk, lp.tiles
