@@ -60,20 +60,15 @@ def _print_retrieval(r) -> None:
 
 
 def _print_sinks(s) -> None:
+    from .report import top_cells
+
     a0 = s.mean_alpha[..., 0]
     typer.echo(f"Sink_1^{s.eps} = {s.sink_rate(0):.1f}% of heads (T = {s.T}, {len(s.token_ids)} texts); "
-               f"strongest: " + ", ".join(f"L{l}H{h} α₀={float(a0[l, h]):.2f}" for l, h in _top2d(a0, 5)))  # fmt: skip
+               f"strongest: " + ", ".join(f"L{l}H{h} α₀={v:.2f}" for l, h, v in top_cells(a0, 5)))  # fmt: skip
     tok = s.hidden_sink_tokens().head(5)
     typer.echo("hidden sink tokens: " + ", ".join(f"{t!r}×{c}" for t, c in zip(tok["token"], tok["count"])))
     mv = s.massive_vs_sinks()
     typer.echo(f"massive activations: {mv['massive_entries']} entries, {mv['on_sink_token'] * 100:.0f}% on sink tokens")
-
-
-def _top2d(x, k):
-    import torch
-
-    idx = torch.topk(x.flatten(), min(k, x.numel())).indices
-    return [(int(i) // x.shape[1], int(i) % x.shape[1]) for i in idx]
 
 
 @app.callback()

@@ -55,7 +55,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-def _prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
+def _prompt_parts(tokenizer, question: str, adds_bos: bool) -> tuple[list[int], list[int]]:
     """Token ids before and after the document: the chat template around ``document + question``."""
     marker = "\u2063WBDOC\u2063"
     tail = f"\n\nQuestion: {question}"
@@ -65,14 +65,9 @@ def _prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
         )
         before, after = text.split(marker)
     else:  # base models: a plain completion prompt
-        bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and _adds_bos(tokenizer) else ""
+        bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) and adds_bos else ""
         before, after = f"{bos}{INSTRUCTION}\n\nDocument:\n", f"{tail}\nAnswer:"
     return _ids(tokenizer, before), _ids(tokenizer, after)
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer.encode("a", add_special_tokens=True)
-    return bool(ids) and ids[0] == getattr(tokenizer, "bos_token_id", None)
 
 
 def _sentence_ends(tokenizer, ids: list[int]) -> list[int]:
@@ -98,7 +93,7 @@ def build_case(model, needle: Needle, length: int, depth: float, *, max_new_toke
             f"use lengths ≤ {limit - max_new_tokens} (lengths are never clipped silently)"
         )
     tok = model.tokenizer
-    before, after = _prompt_parts(tok, needle.question)
+    before, after = _prompt_parts(tok, needle.question, bool(model.spec.bos and model.spec.bos.adds_bos))
     needle_ids = _ids(tok, " " + needle.needle.strip() + " ")
     room = length - len(before) - len(after) - len(needle_ids)
     if room < 1:

@@ -8,6 +8,14 @@ import pandas as pd
 import torch
 
 
+def top_cells(values: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+    """The ``k`` largest cells of a ``[layer, head]`` grid as (layer, head, value); NaN ranks last."""
+    flat = torch.nan_to_num(values.detach().float().cpu(), nan=-float("inf")).flatten()
+    idx = flat.topk(min(k, flat.numel())).indices
+    H = values.shape[1]
+    return [(int(i) // H, int(i) % H, float(values.flatten()[i])) for i in idx]
+
+
 def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax: float | None = None):
     """Layer × head heatmap of a per-head score ``[layer, head]``."""
     import plotly.graph_objects as go

@@ -54,10 +54,10 @@ class RetrievalResult:
         return sorted(((l, h) for l, h in idx), key=lambda lh: -float(self.scores[lh]))
 
     def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
-        flat = torch.nan_to_num(self.scores, nan=-1).flatten()
-        vals, idx = flat.topk(min(k, flat.numel()))
-        H = self.scores.shape[1]
-        return [(int(i) // H, int(i) % H, float(v)) for v, i in zip(vals, idx)]
+        """The ``k`` best-scoring (layer, head, score)."""
+        from .report import top_cells
+
+        return top_cells(self.scores, k)
 
     def accuracy_grid(self) -> pd.DataFrame:
         """NIAH accuracy (fraction of tests with ROUGE-1 recall > 0.5) per context length × depth."""

@@ -27,7 +27,6 @@ NAME = "workbench"
 class BackendState:
     """Per-model registry of what the active captures/interventions want from each layer."""
 
-    n_layers: int
     planners: list = field(default_factory=list)  # .plan(layer, n_queries) -> LayerPlan | None; .receive(layer, stats, q_pos)
     use_triton: bool | None = None  # None: on CUDA when the kernel covers the request; True: also on CPU (interpreter)
 
@@ -60,7 +59,7 @@ def install(hf_model: torch.nn.Module, attention_paths: tuple[str, ...]) -> Back
     register()
     state = getattr(hf_model, "_workbench_state", None)
     if state is None:
-        state = BackendState(n_layers=len(attention_paths))
+        state = BackendState()
         hf_model._workbench_state = state
     for i, path in enumerate(attention_paths):
         mod = hf_model.get_submodule(path)
