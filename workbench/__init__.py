@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import duo, niah, retrieval, sinks
+from . import duo, niah, retrieval, sinks, study
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window
 from .capture import Capture, capture, head_output_means, intervene
 from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
@@ -31,7 +31,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
-    "ResultStore", "capture", "head_output_means", "intervene", "duo", "load", "niah", "retrieval", "sinks",
+    "ResultStore", "capture", "head_output_means", "intervene", "duo", "load", "niah", "retrieval", "sinks", "study",
 ]  # fmt: skip
 
 # --- routing (MoE) ---
@@ -39,3 +39,12 @@ from . import routing  # noqa: E402
 from .routing import ExpertForce, ExpertMask, Routing, TopK  # noqa: E402
 
 __all__ += ["ExpertForce", "ExpertMask", "Routing", "TopK", "routing"]
+
+
+def __getattr__(name: str):
+    # widgets pull in anywidget/ipywidgets: imported on first use of ``wb.widgets``, not with workbench
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module(".widgets", __name__)  # `from . import` would call this again
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

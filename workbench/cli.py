@@ -1,4 +1,4 @@
-"""The ``workbench`` command line: ``demo``, ``scan retrieval``, ``scan sinks``."""
+"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo``, ``study run|report``."""
 from __future__ import annotations
 
 import sys
@@ -211,6 +211,89 @@ def scan_duo(
         ("Provenance", d.provenance),
     ])  # fmt: skip
     typer.echo(f"report: {page}")
+
+
+# --- scripted studies ------------------------------------------------------------------------------
+study_app = typer.Typer(no_args_is_help=True, help="Declarative head/expert ablation sweeps (TOML study files).")
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("run")
+@_guard
+def study_run(
+    file: Path = typer.Argument(..., help="study file (TOML), e.g. studies/retrieval_ablation.toml"),
+    out: Path = typer.Option(None, help="run directory (default runs/<study name>)"),
+    executor: str = typer.Option("local", help="local (in-process) or ray"),
+    address: str = typer.Option(None, help="Ray cluster address (e.g. auto or ray://head:10001); default: a local Ray"),
+    workers: int = typer.Option(None, help="Ray actors (default: one per GPU, or per CPU)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an existing run directory: only missing units run"),
+    report: bool = typer.Option(True, help="write the report when the sweep ends"),
+) -> None:
+    """Run every unit of a study; results land in RUN_DIR/units as they complete. Exit code 1 when units failed."""
+    from .study import run_study
+
+    run = run_study(file, out, executor=executor, address=address, workers=workers, resume=resume)
+    st = run.status()
+    typer.echo(f"{run.path}: {st['n_done']}/{st['n_units']} units done, {st['n_failed']} failed")
+    typer.echo(run.summary().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if report:
+        typer.echo(f"report: {run.report()}")
+    if st["n_failed"]:
+        typer.echo(f"{st['n_failed']} unit(s) failed; tracebacks in {run.path / 'failures'}; rerun with --resume", err=True)
+        raise typer.Exit(1)
+
+
+@study_app.command("report")
+@_guard
+def study_report(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `workbench study run`"),
+    png: bool = typer.Option(True, help="also write one PNG per figure (needs chromium)"),
+) -> None:
+    """Write RUN_DIR/report/index.html (figures, summary table, failures), summary.csv and PNGs."""
+    from .study import Run
+
+    run = Run(run_dir)
+    typer.echo(run.summary().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    fails = run.failures()
+    if len(fails):
+        typer.echo(f"{len(fails)} failed unit(s):\n" + fails[["unit", "error"]].to_string(index=False))
+    typer.echo(f"report: {run.report(png=png)}")
+    if len(fails):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def serve(
+    address: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0 exposes the dashboard to the network: add auth)"),
+    port: int = typer.Option(5006, min=1, max=65535, help="port"),
+    model: str = typer.Option(None, help="main model source (default: embedded SmolLM2)"),
+    moe: list[str] = typer.Option(["tiny-moe"], help="MoE model(s) the Routing tab offers (repeat the option)"),
+    runs: Path = typer.Option(Path("runs"), help="study runs directory shown in the Runs tab (nothing outside it is opened)"),
+    max_prompt_tokens: int = typer.Option(None, min=2, help="prompt cap in tokens (default: the model's context)"),
+    max_scan_tests: int = typer.Option(24, min=1, help="cap on NIAH tests per scan"),
+    allow_websocket_origin: list[str] = typer.Option(None, help="extra HOST:PORT origins (behind a proxy)"),
+    basic_auth: str = typer.Option(None, help="Panel basic auth: a password, or a JSON file of user → password"),
+    cookie_secret: str = typer.Option(None, help="secret that signs auth cookies (set with --basic-auth / --oauth-provider)"),
+    oauth_provider: str = typer.Option(None, help="Panel OAuth provider (github, google, azure, generic, ...)"),
+    oauth_key: str = typer.Option(None, help="OAuth client id"),
+    oauth_secret: str = typer.Option(None, help="OAuth client secret"),
+    oauth_redirect_uri: str = typer.Option(None, help="OAuth redirect URI"),
+    oauth_encryption_key: str = typer.Option(None, help="key encrypting OAuth tokens in cookies"),
+    show: bool = typer.Option(False, help="open a browser tab"),
+) -> None:
+    """Serve the Panel dashboard (prompt lab, retrieval, sinks, routing, runs) on 127.0.0.1; /liveness answers when up."""
+    from .dashboard.serve import serve as serve_dashboard
+    from .dashboard.state import Caps
+
+    caps = Caps(max_prompt_tokens=max_prompt_tokens, max_scan_tests=max_scan_tests)
+    if address not in ("127.0.0.1", "localhost", "::1") and not (basic_auth or oauth_provider):
+        typer.echo(f"warning: serving on {address} without --basic-auth or --oauth-provider: anyone who can reach it can run the model", err=True)
+    typer.echo(f"loading {model or 'the embedded model'} ...; dashboard: http://{address}:{port}/  (liveness: /liveness; Ctrl-C stops)")
+    serve_dashboard(address, port, model=model, moe_models=moe or ["tiny-moe"], runs=runs, caps=caps, show=show,
+                    allow_websocket_origin=allow_websocket_origin or None, basic_auth=basic_auth, cookie_secret=cookie_secret,
+                    oauth_provider=oauth_provider, oauth_key=oauth_key, oauth_secret=oauth_secret,
+                    oauth_redirect_uri=oauth_redirect_uri, oauth_encryption_key=oauth_encryption_key)  # fmt: skip
 
 
 def main() -> None:

@@ -216,3 +216,34 @@ def _unbridge(bridge) -> torch.nn.Module:
             parent, _, leaf = key.rpartition(".")
             plain.get_submodule(parent)._buffers[leaf] = buf
     return plain.eval()
+
+
+def load_config(source: str | None = None):
+    """The ``transformers`` config of a model source, without loading (or downloading) weights: enough to
+    check layer/head/expert indices before a long job starts. Same sources as :func:`load` (except
+    modules and ``.gguf`` files, whose shapes are only known once read)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    s = "default" if source is None else str(source)
+    if s in DEFAULT_NAMES or s == "embedded":
+        # a snapshot of the converted model's config.json (tests compare it with the real conversion)
+        return PretrainedConfig.from_json_file(str(Path(__file__).parent / "data" / f"{embedded.SMOLLM2.name}.config.json"))
+    if s.startswith("tiny:"):
+        from .testing import tiny_config
+
+        return tiny_config(s[5:])
+    if s in zoo.MODELS:
+        return AutoConfig.from_pretrained(str(zoo.model_dir(s)), local_files_only=True)
+    if s.endswith(".gguf"):
+        raise ModelLoadError(f"{s}: a GGUF's shape is only known once loaded; convert it to a model directory first")
+    if Path(s).is_dir():
+        try:
+            return AutoConfig.from_pretrained(s, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{s}: not a loadable model directory ({e})") from e
+    if why := _hub_unreachable():
+        raise ModelLoadError(f"cannot fetch the config of {s!r}: this machine is offline ({why}); pass a local directory")
+    try:
+        return AutoConfig.from_pretrained(s)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not fetch the config of {s!r} from the Hugging Face Hub ({type(e).__name__}: {e})") from e

@@ -1,0 +1,229 @@
+"""The study file: a TOML document validated by a pydantic schema, errors naming the key and its line.
+
+A study is a model, a task, an ablation kind and a grid of ablation sets (see ``studies/`` and
+``README.md``). Everything here is checked before any model loads, including head/expert indices
+(against the model's config, read without weights)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import WorkbenchError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class StudyError(WorkbenchError):
+    """A study file that cannot run, with the offending key (and line) named."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """``source``: ``"embedded"`` (SmolLM2), ``"tiny-moe"``, ``"tiny:<arch>"``, a hub id or a local directory.
+    ``device_map`` is passed to ``from_pretrained`` for models split across GPUs (``"auto"``)."""
+
+    source: str = "embedded"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+
+
+class NIAHTask(_Strict):
+    """Needle-in-a-haystack accuracy (ROUGE-1 recall > 0.5) at each context length × depth; one unit per
+    (ablation set, length, depth, repetition), ``needles`` tests each."""
+
+    kind: Literal["niah"]
+    lengths: list[Annotated[int, Field(ge=64)]] = Field(min_length=1)
+    depths: list[Annotated[float, Field(ge=0, le=100)]] = Field(min_length=1)
+    needles: Annotated[int, Field(ge=1, le=12)] = 1
+    max_new_tokens: Annotated[int, Field(ge=2, le=256)] = 24
+
+
+class LossTask(_Strict):
+    """Mean next-token loss (nats) over a text set: the shipped essays, or a file with one text per line."""
+
+    kind: Literal["loss"]
+    texts: str = "essays"
+    n_texts: Annotated[int, Field(ge=1)] = 4
+    max_tokens: Annotated[int, Field(ge=2)] = 256
+
+
+class LogitDiffTask(_Strict):
+    """logit(target) − logit(foil) of the first token of each after the prompt (Wang et al.'s metric):
+    ``pairs`` inline or ``file`` (JSONL with prompt/target/foil)."""
+
+    kind: Literal["logit_diff"]
+    pairs: list[dict[str, str]] = []
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.pairs and not self.file:
+            raise ValueError("give `pairs` or `file`")
+        for p in self.pairs:
+            if set(p) != {"prompt", "target", "foil"}:
+                raise ValueError(f"each pair needs exactly prompt, target, foil; got {sorted(p)}")
+        return self
+
+
+class GenerationMatchTask(_Strict):
+    """Share of prompts whose greedy continuation under the ablation equals the unablated one."""
+
+    kind: Literal["generation_match"]
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 16
+    chat: bool = True
+
+
+Task = Annotated[Union[NIAHTask, LossTask, LogitDiffTask, GenerationMatchTask], Field(discriminator="kind")]
+
+
+class Ablation(_Strict):
+    """What is turned off: attention ``heads`` (mode zero / mean / uniform, see HeadAblation) or MoE
+    ``experts`` (mode deactivate, see ExpertMask)."""
+
+    target: Literal["heads", "experts"] = "heads"
+    mode: Literal["zero", "mean", "uniform", "deactivate"] = "zero"
+
+    @model_validator(mode="after")
+    def _mode_fits(self):
+        if (self.target == "experts") != (self.mode == "deactivate"):
+            raise ValueError("heads take mode zero/mean/uniform; experts take mode deactivate")
+        return self
+
+
+class Ranking(_Strict):
+    """The retrieval scan that ranks heads for ``select = "top"`` (Wu et al.'s score, variant ``set``)."""
+
+    lengths: list[Annotated[int, Field(ge=64)]] = Field(default=[500], min_length=1)
+    depths: list[Annotated[float, Field(ge=0, le=100)]] = Field(default=[25.0, 75.0], min_length=1)
+    needles: Annotated[int, Field(ge=1, le=12)] = 1
+    max_new_tokens: Annotated[int, Field(ge=2, le=256)] = 24
+
+
+class GridEntry(_Strict):
+    """One family of ablation sets.
+
+    - ``none``: the unablated baseline;
+    - ``explicit``: ``sets`` of [layer, head] (or [layer, expert]) pairs;
+    - ``top``: the ``k`` best by retrieval score (heads; ranked by ``rank``) or by routing load (experts);
+    - ``random``: ``k`` random units for each of ``seeds`` (excluding the top-``k`` when a ``top`` entry exists);
+    - ``layer``: every head (expert) of each of ``layers``, one set per layer.
+    """
+
+    select: Literal["none", "explicit", "top", "random", "layer"]
+    name: str | None = None
+    k: list[Annotated[int, Field(ge=1)]] = []
+    seeds: list[int] = [0]
+    sets: list[list[tuple[int, int]]] = []
+    layers: list[Annotated[int, Field(ge=0)]] = []
+    rank: Ranking = Ranking()
+
+    @model_validator(mode="after")
+    def _needs(self):
+        need = {"explicit": ("sets", self.sets), "top": ("k", self.k), "random": ("k", self.k), "layer": ("layers", self.layers)}
+        if self.select in need and not need[self.select][1]:
+            raise ValueError(f"select = {self.select!r} needs a non-empty `{need[self.select][0]}`")
+        if any(not s for s in self.sets):
+            raise ValueError("`sets` contains an empty set")
+        if not self.seeds:
+            raise ValueError("`seeds` is empty")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.select
+
+
+class Study(_Strict):
+    """A whole study file."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    description: str = ""
+    repetitions: Annotated[int, Field(ge=1)] = 1
+    model: ModelConfig = ModelConfig()
+    task: Task
+    ablation: Ablation = Ablation()
+    grid: list[GridEntry] = Field(min_length=1)
+
+
+def load_study(source: str | Path | dict) -> Study:
+    """Parse and validate a study (a TOML path, TOML text or a dict). Raises :class:`StudyError` naming
+    the key and, for files, its line."""
+    text = None
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if "\n" not in str(source) and path.suffix == ".toml":
+            if not path.is_file():
+                raise StudyError(f"study file not found: {path}")
+            text = path.read_text()
+        else:
+            text = str(source)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise StudyError(f"study file is not valid TOML: {e}") from None
+    try:
+        return Study.model_validate(data)
+    except ValidationError as e:
+        raise StudyError(_explain(e, text)) from None
+
+
+def _explain(error: ValidationError, text: str | None) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _TASK_KINDS)]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("kind")  # the discriminator itself is the offending key
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
+        where = _line_of(text, loc) if text else None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}{f' (line {where})' if where else ''}: {msg}")
+    return "invalid study file:\n" + "\n".join(lines)
+
+
+_TASK_KINDS = ("niah", "loss", "logit_diff", "generation_match")
+_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.]+)\s*\]\s*(#.*)?$")
+_ARRAY_TABLE = re.compile(r"^\s*\[\[\s*([A-Za-z0-9_.]+)\s*\]\]\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_]+)\s*=")
+
+
+def _line_of(text: str, loc: list) -> int | None:
+    """Best-effort line of ``loc`` (e.g. ``["grid", 1, "k"]``) in a TOML text: the key's line, else its table's."""
+    keys = [p for p in loc if isinstance(p, str)]
+    index = next((p for p in loc if isinstance(p, int)), None)
+    table, count, best = "", {}, None
+    for n, line in enumerate(text.splitlines(), 1):
+        if m := _ARRAY_TABLE.match(line):
+            table = m.group(1)
+            count[table] = count.get(table, -1) + 1
+            here = table.split(".")
+            if here == keys[: len(here)] and (index is None or count[table] == index):
+                best = best or n
+            continue
+        if m := _TABLE.match(line):
+            table = m.group(1)
+            if table.split(".") == keys[: len(table.split("."))]:
+                best = best or n
+            continue
+        if m := _KEY.match(line):
+            path = (table.split(".") if table else []) + [m.group(1)]
+            same_item = index is None or count.get(table, 0) == index or table not in count
+            if same_item and path == keys[: len(path)] and len(path) == len(keys):
+                return n
+            if same_item and not table and path == keys[:1]:
+                best = best or n
+    return best

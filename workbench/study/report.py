@@ -1,0 +1,80 @@
+"""A study's report: metric vs ablation size per grid family, NIAH grids, the ranking, a summary table and
+the failures, as one offline HTML page plus one PNG per figure."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import report as figures
+
+_METRIC = {"niah": "NIAH accuracy", "loss": "loss (nats)", "logit_diff": "logit difference", "generation_match": "generation match"}
+
+
+def metric_vs_k(run, summary: pd.DataFrame):
+    """Mean metric against the number of ablated heads/experts, one line per grid family (± std over seeds)."""
+    import plotly.graph_objects as go
+
+    study = run.study
+    fig = go.Figure()
+    base = summary[summary["select"] == "none"]
+    for (grid, select), part in summary[~summary["select"].isin(["none", "layer"])].groupby(["grid", "select"], sort=False):
+        fig.add_trace(go.Scatter(x=part["k"], y=part["metric_mean"], name=grid, mode="lines+markers",
+                                 error_y={"type": "data", "array": part["metric_std"].tolist(), "visible": True}))  # fmt: skip
+    for _, row in base.iterrows():
+        fig.add_hline(y=row["metric_mean"], line_dash="dash", annotation_text=f"{row['grid']} (no ablation)")
+    fig.update_layout(title=f"{study.name}: {_METRIC[study.task.kind]} vs number of ablated {study.ablation.target} "
+                            f"(mode {study.ablation.mode})", xaxis_title=f"ablated {study.ablation.target} (k)",
+                      yaxis_title=_METRIC[study.task.kind], width=760, height=420)  # fmt: skip
+    return fig
+
+
+def _layer_bars(summary: pd.DataFrame, metric: str):
+    layers = summary[summary["select"] == "layer"].rename(columns={"k": "layer", "metric_mean": metric})
+    return figures.layer_bars(layers, metric, f"{metric} with every head of one layer ablated") if len(layers) else None
+
+
+def write_report(run, out: Path, *, png: bool = True) -> Path:
+    study = run.study
+    summary = run.summary()
+    res = run.results()
+    sections: list[tuple[str, object]] = [("Study", f"{study.name}: {study.description or ''} — model {study.model.source} "
+                                                   f"({study.model.dtype}); task {study.task.kind}; {run.status()}")]  # fmt: skip
+    figs: dict[str, object] = {}
+    if len(summary):
+        figs["metric_vs_k"] = metric_vs_k(run, summary)
+        if (bars := _layer_bars(summary, _METRIC[study.task.kind])) is not None:
+            figs["per_layer"] = bars
+    if study.task.kind == "niah" and len(res):
+        for (grid, k), part in res.groupby(["grid", "k"]):
+            if k == res.loc[res["grid"] == grid, "k"].max():
+                grid_frame = part.pivot_table(index="depth", columns="length", values="metric", aggfunc="mean")
+                grid_frame.columns = [int(c) for c in grid_frame.columns]
+                figs[f"niah_{grid}_k{k}"] = figures.niah_grid(grid_frame, f"NIAH accuracy, {grid} (k = {k})")
+    ranks = run.rankings()
+    if len(ranks) and study.ablation.target == "heads":
+        first = ranks[ranks.unit_id == ranks.unit_id.iloc[0]]
+        grid = torch.zeros(int(first.layer.max()) + 1, int(first.unit.max()) + 1)
+        grid[first.layer.to_numpy(), first.unit.to_numpy()] = torch.tensor(first.metric.to_numpy(), dtype=torch.float32)
+        figs["ranking"] = figures.head_grid(grid, "retrieval score of the ranking scan (Wu 2024, set)")
+    sections += [(name.replace("_", " "), fig) for name, fig in figs.items()]
+    sections.append(("Summary", summary))
+    fails = run.failures()
+    sections.append((f"Failures ({len(fails)})", fails[["unit", "error", "worker"]] if len(fails) else "none"))
+    if len(res):
+        prov = res.iloc[0]
+        sections.append(("Provenance", pd.DataFrame([{c: prov[c] for c in ("model_source", "model_id", "revision", "weights_hash",
+                                                                            "dtype", "bos_policy", "workbench_version",
+                                                                            "transformers_version", "definition")}]).T))  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out / "summary.csv", index=False)
+    if png:
+        for name, fig in figs.items():
+            try:
+                fig.write_image(out / f"{name}.png", scale=1)
+            except Exception as e:  # noqa: BLE001 - PNG export needs a browser; the HTML report does not
+                warnings.warn(f"PNG export skipped ({type(e).__name__}: {e}); install chromium for PNGs")
+                break
+    return figures.write_html(out / "index.html", f"Study report: {study.name}", sections)
