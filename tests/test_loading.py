@@ -83,6 +83,14 @@ def test_local_directory_and_module_sources():
         ids = torch.tensor([[257, 104, 105]])
         with torch.no_grad():
             torch.testing.assert_close(m.hf(ids).logits, hf(ids).logits)
+        mapped = wb.load(d, device_map={"": "cpu"})  # the from_pretrained(device_map=...) path for split models
+        assert mapped.source.startswith("dir:") and mapped.device.type == "cpu"
+        with torch.no_grad():
+            torch.testing.assert_close(mapped.hf(ids).logits, hf(ids).logits)
+        with pytest.raises(wb.ModelLoadError, match="either device or device_map"):
+            wb.load(d, device="cpu", device_map="auto")
+    with pytest.raises(wb.ModelLoadError, match="device_map applies to hub ids and local model directories"):
+        wb.load("tiny:llama", device_map="cpu")
     m2 = wb.load(hf, tokenizer=byte_tokenizer())
     assert m2.source.startswith("module:") and m2.spec == m.spec
     assert wb.load("tiny:olmoe").spec.is_moe
@@ -226,3 +234,13 @@ def test_cli_demo_runs_on_a_tiny_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 layers × 4 query heads" in proc.stdout and "Sink_1^0.3" in proc.stdout and "top heads" in proc.stdout
     assert (tmp_path / "report.html").exists() and (tmp_path / "retrieval_scores.parquet").exists()
+
+
+def test_embedded_config_snapshot_matches_the_converted_model(smollm):
+    """load_config('embedded') answers shape questions without the 93 MB download; it must not drift."""
+    from workbench.loading import load_config
+
+    snap, real = load_config("embedded").to_dict(), smollm.hf.config.to_dict()
+    keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+            "max_position_embeddings", "vocab_size", "model_type")  # fmt: skip
+    assert {k: snap[k] for k in keys} == {k: real[k] for k in keys}

@@ -28,6 +28,7 @@ def load(
     device: str | torch.device | None = None,
     tokenizer: Any = None,
     source_label: str | None = None,
+    device_map: str | dict | None = None,
 ) -> Model:
     """Load a model for probing.
 
@@ -35,7 +36,12 @@ def load(
     MoE, see :mod:`workbench.zoo`), a Hugging Face model id, a local
     model directory, a ``.gguf`` file, an already-constructed ``transformers`` model, or a
     TransformerLens ``TransformerBridge``. ``dtype`` defaults to float32; ``device`` to CPU.
+    ``device_map`` (hub ids and local directories; e.g. ``"auto"``, needs ``accelerate``) spreads a
+    model too big for one GPU over several, layer by layer, as ``from_pretrained`` does; the reducing
+    backend runs each layer where its weights live.
     """
+    if device_map is not None and device is not None:
+        raise ModelLoadError("give either device or device_map, not both")
     torch_dtype = _resolve_dtype(dtype)
     dev = _resolve_device(device, torch_dtype)
     kw: dict[str, Any] = {}
@@ -69,19 +75,21 @@ def load(
             hf, tok = _load_gguf(Path(s), torch_dtype)
             kw = dict(source=f"gguf:{Path(s).resolve()}", known_weights_hash="gguf-sha256:" + embedded.sha256_file(Path(s)))
         elif Path(s).is_dir():
-            hf, tok = _from_pretrained(s, torch_dtype, local_only=True)
+            hf, tok = _from_pretrained(s, torch_dtype, local_only=True, device_map=device_map)
             kw = dict(source=f"dir:{Path(s).resolve()}", model_id=getattr(hf.config, "name_or_path", None))
         elif Path(s).exists():
             raise ModelLoadError(f"{s} is a file but not a .gguf; give a model directory, a .gguf file or a hub id")
         else:
-            hf, tok = _from_pretrained(s, torch_dtype, local_only=False)
+            hf, tok = _from_pretrained(s, torch_dtype, local_only=False, device_map=device_map)
             kw = dict(source=f"hub:{s}", model_id=s, revision=getattr(hf.config, "_commit_hash", None))
     else:
         raise ModelLoadError(f"cannot load a model from {type(source).__name__}; see workbench.load's docstring")
     tok = tokenizer if tokenizer is not None else tok
+    if device_map is not None and not kw["source"].startswith(("dir:", "hub:")):
+        raise ModelLoadError(f"device_map applies to hub ids and local model directories, not to {source!r}")
     if source_label:
         kw["source"] = source_label
-    hf = hf.to(dev).eval()
+    hf = (hf if device_map is not None else hf.to(dev)).eval()
     spec = discover_spec(hf, tok)
     from .attention import install
 
@@ -141,7 +149,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool):
+def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_map=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not local_only and (why := _hub_unreachable()):
@@ -160,7 +168,8 @@ def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool):
             "(workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2."
         ) from e
     try:
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **extra)
     except ValueError as e:
         raise UnsupportedModelError(f"{name}: {config.model_type!r} has no causal-LM class in transformers ({e})") from e
     try:

@@ -30,11 +30,14 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     """``source``: ``"embedded"`` (SmolLM2), ``"tiny-moe"``, ``"tiny:<arch>"``, a hub id or a local directory.
-    ``device_map`` is passed to ``from_pretrained`` for models split across GPUs (``"auto"``)."""
+    ``device_map`` is passed to ``from_pretrained`` for a model split across GPUs (``"auto"``); on Ray
+    each worker then reserves ``gpus_per_worker`` GPUs."""
 
     source: str = "embedded"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
+    device_map: str | None = None
+    gpus_per_worker: Annotated[int, Field(ge=1)] = 1
 
 
 class NIAHTask(_Strict):

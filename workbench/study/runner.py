@@ -84,12 +84,12 @@ class RayExecutor:
         if self._started:
             kw = {"address": address} if address else {"num_cpus": workers or os.cpu_count() or 1, "include_dashboard": False}
             ray.init(**kw, log_to_driver=False, logging_level="ERROR")
-        gpu = study.model.device.startswith("cuda")
-        total = ray.cluster_resources().get("GPU" if gpu else "CPU", 0)
-        n = int(workers or total)
+        gpus = study.model.gpus_per_worker if (study.model.device.startswith("cuda") or study.model.device_map) else 0
+        total = ray.cluster_resources().get("GPU" if gpus else "CPU", 0)
+        n = int(workers or total // max(gpus, 1))
         if n < 1:
-            raise StudyError(f"the Ray cluster has no {'GPU' if gpu else 'CPU'} for a worker")
-        actor = ray.remote(num_gpus=1, num_cpus=1)(_RayWorker) if gpu else ray.remote(num_cpus=1)(_RayWorker)
+            raise StudyError(f"the Ray cluster has no {'GPU' if gpus else 'CPU'} for a worker")
+        actor = ray.remote(num_gpus=gpus, num_cpus=1)(_RayWorker)
         threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n)) if not address else 1
         self.actors = [actor.remote(study.model_dump(mode="json"), threads) for _ in range(n)]
         self.provenance = ray.get(self.actors[0].provenance.remote())

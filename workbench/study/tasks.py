@@ -31,7 +31,8 @@ DEFINITIONS = {
 
 def model_kwargs(study: Study) -> dict:
     m = study.model
-    return {"source": None if m.source == "embedded" else m.source, "dtype": m.dtype, "device": m.device}
+    place = {"device_map": m.device_map} if m.device_map else {"device": m.device}
+    return {"source": None if m.source == "embedded" else m.source, "dtype": m.dtype, **place}
 
 
 class Evaluator:
