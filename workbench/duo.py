@@ -21,6 +21,7 @@ from . import niah
 from .attention import StreamingHeads
 from .attention.plan import LayerPlan
 from .capture import _attached, intervene
+from .display import Figures
 from .errors import ProbeError
 
 L1_WEIGHT = 0.05
@@ -76,7 +77,7 @@ def passkey_sample(model, length: int, rng: random.Random) -> tuple[torch.Tensor
 
 
 @dataclass
-class DuoResult:
+class DuoResult(Figures):
     """Trained gates ``[layer, kv_head]`` and the training curve."""
 
     alpha: torch.Tensor
@@ -87,6 +88,15 @@ class DuoResult:
 
     def retrieval_kv_heads(self, threshold: float = RETRIEVAL_GATE) -> list[tuple[int, int]]:
         return [tuple(x) for x in (self.alpha >= threshold).nonzero().tolist()]
+
+    def _figures(self) -> dict:
+        from . import report
+
+        return {
+            "gates": lambda: report.head_grid(self.alpha, "DuoAttention gate α per KV head (≥ 0.5: retrieval)", colorbar="α",
+                                              zmax=1, heads="KV head"),
+            "losses": lambda: report.curve(self.losses, "DuoAttention gate training loss"),
+        }  # fmt: skip
 
     def to_frame(self) -> pd.DataFrame:
         L, H = self.alpha.shape

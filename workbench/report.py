@@ -16,15 +16,15 @@ def top_cells(values: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
     return [(int(i) // H, int(i) % H, float(values.flatten()[i])) for i in idx]
 
 
-def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax: float | None = None):
-    """Layer × head heatmap of a per-head score ``[layer, head]``."""
+def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax: float | None = None, heads: str = "query head"):
+    """Layer × head heatmap of a per-head score ``[layer, head]`` (``heads`` names the columns' unit)."""
     import plotly.graph_objects as go
 
     v = values.detach().float().cpu()
     fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"H{h}" for h in range(v.shape[1])], y=[f"L{l}" for l in range(v.shape[0])],
                                colorscale="Viridis", zmin=0, zmax=zmax, colorbar={"title": colorbar},
                                hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title="query head", yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520)
+    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520)
     return fig
 
 
@@ -44,6 +44,27 @@ def layer_bars(frame: pd.DataFrame, y: str, title: str):
 
     fig = go.Figure(go.Bar(x=frame["layer"], y=frame[y]))
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y, height=320, width=620)
+    return fig
+
+
+def layer_expert_grid(load: torch.Tensor, layers, title: str = "expert load per layer"):
+    """MoE layer × expert heatmap (e.g. :func:`workbench.routing.expert_load`)."""
+    import plotly.graph_objects as go
+
+    v = load.detach().float().cpu()
+    fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"E{e}" for e in range(v.shape[1])], y=[f"L{l}" for l in layers],
+                               colorscale="Viridis", zmin=0, colorbar={"title": "share"},
+                               hovertemplate="layer %{y} expert %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer", height=max(300, 22 * v.shape[0] + 140), width=560)
+    return fig
+
+
+def curve(values, title: str, *, x: str = "step", y: str = "loss"):
+    """A line of values over steps (training curves)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(y=list(values), mode="lines"))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=320, width=620)
     return fig
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import niah
 from .attention import AttentionStats, HeadAblation
 from .capture import capture, intervene
+from .display import Figures
 from .errors import ProbeError
 
 VARIANTS = ("set", "per_step")
@@ -37,7 +38,7 @@ def rouge1_recall(needle: str, response: str) -> float:
 
 
 @dataclass
-class RetrievalResult:
+class RetrievalResult(Figures):
     """Per-head retrieval scores ``[layer, head]`` plus every test that produced them."""
 
     scores: torch.Tensor
@@ -76,6 +77,14 @@ class RetrievalResult:
         """Write ``{prefix}_scores`` (layer, head, score) and ``{prefix}_tests`` to a ResultStore."""
         store.save(f"{prefix}_scores", self.to_frame(), self.provenance)
         store.save(f"{prefix}_tests", self.tests, self.provenance)
+
+    def _figures(self) -> dict:
+        from . import report
+
+        return {
+            "heads": lambda: report.head_grid(self.scores, f"retrieval score per head (Wu et al. 2024, {self.variant})", zmax=1),
+            "niah": lambda: report.niah_grid(self.accuracy_grid()),
+        }
 
     def to_frame(self) -> pd.DataFrame:
         L, H = self.scores.shape
@@ -163,6 +172,15 @@ def scan(
     rows = []
     for case in tqdm(cases, desc="NIAH retrieval scan", unit="test", disable=not progress):
         rows.append(run_case(model, case, variant=variant, max_new_tokens=max_new_tokens, edits=edits))
+    return assemble(model, rows, variant=variant, edits=edits)
+
+
+def assemble(model, rows: list[dict], *, variant: str = "set", edits=()) -> RetrievalResult:
+    """A :class:`RetrievalResult` from :func:`run_case` rows (for callers that drive the cases themselves,
+    e.g. the dashboard, which reports progress and can stop between tests)."""
+    if not rows:
+        raise ProbeError("no NIAH test was run")
+    rows = [dict(r) for r in rows]
     per_test = torch.stack([r.pop("scores") for r in rows])
     tests = pd.DataFrame(rows)
     counted = torch.tensor(tests["counted"].to_numpy(), dtype=torch.bool)

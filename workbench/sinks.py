@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import niah
 from .attention import AttentionStats, SinkCalibration
 from .capture import capture, intervene
+from .display import Figures
 from .errors import ProbeError
 
 HIDDEN_SINK_THRESHOLD = 0.1
@@ -34,7 +35,7 @@ def default_texts(n: int = 12) -> list[str]:
 
 
 @dataclass
-class SinkResult:
+class SinkResult(Figures):
     """α for every key ``[text, layer, head, key]`` (first T tokens of each text) and what it implies."""
 
     alpha: torch.Tensor
@@ -79,6 +80,15 @@ class SinkResult:
             return pd.DataFrame(columns=["token", "count", "heads"])
         g = hs.groupby("token").agg(count=("alpha", "size"), heads=("head", lambda s: len(set(zip(hs.loc[s.index, "layer"], s)))))
         return g.sort_values("count", ascending=False).reset_index()
+
+    def _figures(self) -> dict:
+        from . import report
+
+        return {
+            "heads": lambda: report.head_grid(self.mean_alpha[..., 0], f"first-token sink α₀ per head (Gu et al., T = {self.T})",
+                                              colorbar="α₀", zmax=1),
+            "layers": lambda: report.layer_bars(self.per_layer(), "sink_share", f"share of heads with α₀ > {self.eps} per layer"),
+        }  # fmt: skip
 
     def to_frame(self) -> pd.DataFrame:
         """Mean α per (layer, head, key)."""

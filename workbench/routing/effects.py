@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import html
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,18 @@ class EditEffect:
             if self.diff:
                 lines.append("diff: " + " ".join(self.diff))
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The numbers as a small table and the text change as a coloured word diff."""
+        e = html.escape
+        rows = [("edits", ", ".join(self.labels)), ("loss (nats)", f"{self.loss_before:.4f} → {self.loss_after:.4f} (Δ {self.delta_loss:+.4f})"),
+                ("max |Δ logit|", f"{self.max_logit_change:.4g}"), ("mean KL(before ‖ after)", f"{self.mean_kl:.4g}")]  # fmt: skip
+        if self.text_before is not None:
+            rows += [("before", f"<code>{e(self.text_before)}</code>"), ("after", f"<code>{e(self.text_after)}</code>")]
+            words = [f"<span style='background:{'#fdd' if d[0] == '-' else '#dfd'}'>{e(d[2:])}</span>" for d in self.diff]
+            rows.append(("diff", " ".join(words) or "(same text)"))
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows)
+        return f"<table class='workbench-edit-effect'>{body}</table>"
 
 
 @torch.no_grad()

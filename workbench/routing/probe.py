@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..display import Figures
 from ..errors import ProbeError
 from ..spec import RouterSpec
 from .hooks import Constraints, RouterHooks, hook_name, unconstrained
@@ -68,7 +69,7 @@ class _Call:
 
 
 @dataclass(eq=False)
-class RoutingRecord:
+class RoutingRecord(Figures):
     """What a :class:`Routing` capture recorded. Rows are tokens: every captured forward call's
     ``[batch, seq]`` tokens flattened, calls in order (prefill rows, then one row per decode step
     and sequence). Arrays are ``[layer, row, ...]`` over :attr:`layers` (the MoE layers)."""
@@ -279,6 +280,13 @@ class RoutingRecord:
             edits=sorted(self.edit_labels),
             moe_layers=list(self.layers),
         )
+
+    def _figures(self) -> dict:
+        from .. import report
+        from .analyses import expert_load
+
+        title = f"expert load per layer ({len(self.token_ids)} tokens)"
+        return {"load": lambda: report.layer_expert_grid(expert_load(self), self.layers, title)}
 
     def to_frame(self):
         """Long pandas table: one row per (layer, token row, rank) with token id, position, expert,

@@ -1,0 +1,124 @@
+"""``RoutingView``: MoE routing of a text — top-1 expert per token and layer, expert load, and
+deactivate / force toggles that re-run the text and show what changed."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import traitlets
+
+from ..errors import ProbeError
+from ._base import WorkbenchWidget, esm, nested
+
+
+def route(model, ids: torch.Tensor, edits: Sequence = ()):
+    """The :class:`~workbench.routing.RoutingRecord` of one forward pass over ``ids``, under ``edits``."""
+    from contextlib import nullcontext
+
+    from ..capture import capture, intervene
+    from ..routing import Routing
+
+    with intervene(model, *edits) if edits else nullcontext(), capture(model, Routing()) as cap, torch.no_grad():
+        model.hf(input_ids=ids, use_cache=False)
+    return cap.routing
+
+
+class RoutingView(WorkbenchWidget):
+    """Token × layer grid coloured by each token's top-1 expert, expert load per layer, and edits.
+
+    Click a load cell or a grid cell to select ``selected = [layer, expert]``: the tokens routed to
+    that expert (any of their top-k slots) light up. ``masked`` / ``forced`` list the experts to
+    deactivate (:class:`~workbench.ExpertMask`) or force (:class:`~workbench.ExpertForce`); the view's
+    *apply* (or :meth:`apply`) re-runs the text with them and shows the new top-1 grid (changed cells
+    outlined) and the effect on loss, logits and greedy text."""
+
+    _esm = esm("routing_view")
+    tokens = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    layers = traitlets.List(traitlets.Int()).tag(sync=True)  # the MoE layers, rows of every array
+    n_experts = traitlets.Int(0).tag(sync=True)
+    top1 = traitlets.List().tag(sync=True)  # [layer][token] expert
+    experts = traitlets.List().tag(sync=True)  # [layer][token][k] experts, best first (-1 pads)
+    load = traitlets.List().tag(sync=True)  # [layer][expert] share of assignments
+    selected = traitlets.List(traitlets.Int()).tag(sync=True)  # [layer, expert] or []
+    masked = traitlets.List(traitlets.List(traitlets.Int())).tag(sync=True)
+    forced = traitlets.List(traitlets.List(traitlets.Int())).tag(sync=True)
+    run = traitlets.Int(0).tag(sync=True)  # the view increments it to apply the edits
+    edited_top1 = traitlets.List().tag(sync=True)  # [] until edits were applied
+    edited_load = traitlets.List().tag(sync=True)
+    effect = traitlets.Dict().tag(sync=True)
+
+    def __init__(self, model, text, *, max_new_tokens: int = 8, **kwargs):
+        from ..routing.probe import require_moe
+
+        require_moe(model, "RoutingView")
+        self.model, self.text, self.max_new_tokens = model, text, max_new_tokens
+        self.ids = model.encode(text)
+        self.record = route(model, self.ids)
+        self.edited_record = None
+        self.last_effect = None
+        super().__init__(tokens=model.tokens(self.ids[0]), layers=list(self.record.layers),
+                         n_experts=self.record.n_experts, **self._arrays(self.record), **kwargs)  # fmt: skip
+
+    @staticmethod
+    def _arrays(rec) -> dict:
+        from ..routing import expert_load
+
+        return {"top1": rec.experts[..., 0].tolist(), "experts": rec.experts.tolist(), "load": nested(expert_load(rec))}
+
+    @traitlets.validate("selected")
+    def _valid_selected(self, proposal):
+        sel = [int(x) for x in proposal["value"]]
+        if sel:
+            self._check(sel)
+        return sel
+
+    @traitlets.validate("masked", "forced")
+    def _valid_edits(self, proposal):
+        out = []
+        for p in proposal["value"]:
+            p = [int(x) for x in p]
+            self._check(p)
+            if p not in out:
+                out.append(p)
+        return out
+
+    def _check(self, pair: list[int]) -> None:
+        if len(pair) != 2 or pair[0] not in self.layers or not 0 <= pair[1] < self.n_experts:
+            raise ProbeError(
+                f"RoutingView: {pair} is not a [layer, expert] pair (MoE layers {self.layers}, experts 0..{self.n_experts - 1})"
+            )
+
+    def tokens_of(self, layer: int, expert: int) -> list[int]:
+        """Token positions routed to ``expert`` in ``layer`` (any top-k slot): what the view highlights."""
+        self._check([layer, expert])
+        ex = self.record.experts[self.layers.index(layer)]
+        return (ex == expert).any(-1).nonzero().flatten().tolist()
+
+    @traitlets.observe("run")
+    def _run_requested(self, change):
+        with self._action("re-running with expert edits"):
+            self.apply()
+
+    def apply(self):
+        """Re-run the text with ``masked`` / ``forced``; returns the EditEffect (None when no edits: reset)."""
+        from ..routing import ExpertForce, ExpertMask
+        from ..routing.effects import edit_effect
+
+        edits = ([ExpertMask([tuple(p) for p in self.masked])] if self.masked else []) + (
+            [ExpertForce([tuple(p) for p in self.forced])] if self.forced else []
+        )
+        if not edits:
+            self.edited_record, self.last_effect = None, None
+            self.edited_top1, self.edited_load, self.effect = [], [], {}
+            return None
+        rec = route(self.model, self.ids, edits)
+        eff = edit_effect(self.model, self.ids, *edits, max_new_tokens=self.max_new_tokens)
+        arrays = self._arrays(rec)
+        self.edited_record, self.last_effect = rec, eff
+        changed = (rec.experts[..., 0] != self.record.experts[..., 0]).sum().item()
+        self.edited_top1, self.edited_load = arrays["top1"], arrays["load"]
+        self.effect = {
+            "summary": eff.summary(), "changed_top1": changed, "delta_loss": eff.delta_loss, "mean_kl": eff.mean_kl,
+            "text_before": eff.text_before, "text_after": eff.text_after, "diff": list(eff.diff),
+        }  # fmt: skip
+        return eff

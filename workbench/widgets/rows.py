@@ -1,0 +1,53 @@
+"""Exact attention rows of chosen query tokens, fetched through the backend's tiles (never an N×N matrix)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ProbeError
+
+
+class _Stop(Exception):
+    """Raised after the last wanted layer ran: later layers cannot change its attention."""
+
+
+@torch.no_grad()
+def attention_rows(model, ids: torch.Tensor, layers: Sequence[int], queries: Sequence[int]) -> dict[tuple[int, int], torch.Tensor]:
+    """``{(layer, query): probabilities [head, query + 1]}`` for each layer and query position of ``ids [1, T]``.
+
+    One exact tile per query row, from one forward pass that is as short as causality allows: only
+    tokens up to the last query, and only layers up to the last wanted one."""
+    from ..attention import AttentionStats
+    from ..capture import capture
+
+    layers = sorted({int(l) for l in layers})
+    if not layers:
+        raise ProbeError("AttentionView: no layers to fetch")
+    for layer in layers:
+        model.spec.check_head(layer, 0, what="AttentionView")
+    queries = sorted({int(q) for q in queries})
+    T = ids.shape[-1]
+    if not queries or queries[0] < 0 or queries[-1] >= T:
+        raise ProbeError(f"AttentionView: query positions must lie in 0..{T - 1}, got {queries}")
+    probe = AttentionStats(sink_keys=0, topk=1, layers=layers, tiles=[(q, q + 1, 0, q + 1) for q in queries])
+    last = model.hf.get_submodule(model.spec.attention_paths[layers[-1]])
+
+    def stop(module, args, output):
+        raise _Stop
+
+    hook = last.register_forward_hook(stop)
+    try:
+        with capture(model, probe) as cap:
+            try:
+                model.hf(input_ids=ids[:, : queries[-1] + 1].to(model.device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    rec = cap.attention
+    out = {}
+    for i, q in enumerate(queries):
+        tile = rec.tile(i)[1]  # [layer, batch, head, 1, q + 1]
+        out.update({(l, q): tile[j, 0, :, 0].clone() for j, l in enumerate(layers)})
+    return out

@@ -1,0 +1,82 @@
+"""Per-head scores ``{name: [layer, head] tensor}`` pulled out of workbench results, for :class:`HeadGrid`."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import ProbeError
+
+
+def head_scores(source, model=None) -> dict[str, torch.Tensor]:
+    """Named ``[layer, head]`` score grids from a mapping or a result object.
+
+    - ``RetrievalResult``: ``retrieval score`` (Wu et al.);
+    - ``SinkResult``: ``α_k sink mass`` for the first keys (Gu et al., mean over texts);
+    - ``DuoResult``: ``Duo gate`` per KV head (repeated over each KV head's query heads when ``model`` is given);
+    - ``AttentionRecord``: ``α_k sink mass`` of the tracked keys, mean ``entropy`` and ``top-1 prob``
+      over the captured rows (NaN in layers the capture skipped);
+    - a mapping name → ``[layer, head]`` tensor or array."""
+    from ..attention.stats import AttentionRecord
+    from ..duo import DuoResult
+    from ..retrieval import RetrievalResult
+    from ..sinks import SinkResult
+
+    if isinstance(source, RetrievalResult):
+        out = {"retrieval score": source.scores}
+    elif isinstance(source, SinkResult):
+        a = source.mean_alpha
+        out = {f"α_{k} sink mass": a[..., k] for k in range(min(a.shape[-1], 4))}
+    elif isinstance(source, DuoResult):
+        gate = source.alpha
+        if model is not None:
+            gate = gate.repeat_interleave(model.spec.group_size, dim=1)
+        out = {"Duo gate": gate}
+    elif isinstance(source, AttentionRecord):
+        out = _record_scores(source)
+    elif isinstance(source, Mapping):
+        out = dict(source)
+    else:
+        raise ProbeError(
+            f"HeadGrid: cannot read per-head scores from {type(source).__name__}; pass a mapping name -> [layer, head] "
+            "tensor, a RetrievalResult, SinkResult, DuoResult or AttentionRecord (capture.attention)"
+        )
+    return _checked(out, model)
+
+
+def _record_scores(rec) -> dict[str, torch.Tensor]:
+    """Mean row statistics of a capture, placed at the recorded layers of a full ``[layer, head]`` grid."""
+    n_layers = rec.model.spec.n_layers
+    per_layer = {}
+    cols = rec.key_columns.tolist()
+    if cols:
+        alpha = rec.alpha()  # [layer, head, key]
+        per_layer.update({f"α_{k} sink mass": alpha[..., i] for i, k in enumerate(cols[:4])})
+    per_layer["entropy"] = rec.entropy.float().mean(dim=(1, 3))
+    per_layer["top-1 prob"] = rec.top1_prob.float().mean(dim=(1, 3))
+    out = {}
+    for name, v in per_layer.items():
+        full = torch.full((n_layers, v.shape[1]), float("nan"))
+        full[list(rec.layers)] = v.float()
+        out[name] = full
+    return out
+
+
+def _checked(scores: dict, model) -> dict[str, torch.Tensor]:
+    if not scores:
+        raise ProbeError("HeadGrid: no scores given")
+    out, shape = {}, None
+    for name, v in scores.items():
+        t = torch.as_tensor(v).detach().float().cpu() if not isinstance(v, torch.Tensor) else v.detach().float().cpu()
+        if t.dim() != 2 or 0 in t.shape:
+            raise ProbeError(f"HeadGrid: scores {name!r} must be a non-empty [layer, head] grid, got shape {tuple(t.shape)}")
+        if shape is not None and t.shape != shape:
+            raise ProbeError(f"HeadGrid: scores {name!r} has shape {tuple(t.shape)}, the others {tuple(shape)}")
+        shape = t.shape
+        out[str(name)] = t
+    if model is not None and tuple(shape) != (model.spec.n_layers, model.spec.n_heads):
+        raise ProbeError(
+            f"HeadGrid: scores are {tuple(shape)} but the model has {model.spec.n_layers} layers × "
+            f"{model.spec.n_heads} query heads; were they computed on another model?"
+        )
+    return out
