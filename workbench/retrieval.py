@@ -10,7 +10,6 @@ averaged over counted tests; heads scoring > 0.1 are retrieval heads.
 """
 from __future__ import annotations
 
-import random
 from contextlib import nullcontext
 import warnings
 from dataclasses import dataclass, field
@@ -209,6 +208,8 @@ def ablation_check(
 ) -> pd.DataFrame:
     """Wu's causal test: NIAH accuracy with the top-``k`` retrieval heads ablated vs ``k`` random heads
     (one run per seed; random heads exclude the top ones). ``mode`` labels the ablation used."""
+    from .study.plan import random_set  # the one seeded draw of K random heads (studies use it too)
+
     spec = model.spec
     if not 1 <= k < spec.n_layers * spec.n_heads:
         raise ProbeError(f"k must lie in 1..{spec.n_layers * spec.n_heads - 1}, got {k}")
@@ -216,7 +217,7 @@ def ablation_check(
     depths = sorted(result.tests["depth"].unique().tolist()) if depths is None else depths
     top = [(l, h) for l, h, _ in result.top_heads(k)]
     everyone = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in top]
-    runs = [("none", None, [])] + [("top", None, top)] + [("random", s, random.Random(s).sample(everyone, k)) for s in seeds]
+    runs = [("none", None, [])] + [("top", None, top)] + [("random", s, random_set(everyone, k, s)) for s in seeds]
     out = []
     for kind, seed, heads in tqdm(runs, desc=f"ablation ({mode})", unit="run", disable=not progress):
         edits = (HeadAblation(heads, mode=mode),) if heads else ()

@@ -146,6 +146,8 @@ def run_study(
         raise StudyError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if executor != "ray" and (address or workers):
         raise StudyError("--address/--workers only apply to the ray executor")
+    if executor == "ray" and model is not None:
+        raise StudyError("a loaded model can only be used by the local executor (Ray workers load their own)")
     text = Path(study).read_text() if isinstance(study, (str, Path)) and str(study).endswith(".toml") and Path(study).is_file() else None
     spec = load_study(study)
     if text is None:
