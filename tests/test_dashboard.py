@@ -1,0 +1,409 @@
+"""The dashboard's logic in plain Python (no browser): caps, the model lock, path safety, pages' flows.
+
+Tiny random models (``tiny:llama``) and the trained ``tiny-moe`` keep this fast and offline; the
+browser test (tests/test_dashboard_browser.py) drives the served app."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("panel")
+
+from workbench.dashboard.state import (  # noqa: E402
+    Caps,
+    DashboardError,
+    HeadEdits,
+    Progress,
+    RunsStore,
+    Workbench,
+    compare_frames,
+    parse_experts,
+    parse_heads,
+    safe_path,
+)
+
+TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp."
+
+
+@pytest.fixture(scope="module")
+def wb(tmp_path_factory):
+    w = Workbench("tiny:llama", moe_models=["tiny-moe"], runs=tmp_path_factory.mktemp("runs"),
+                  caps=Caps(max_prompt_chars=400, max_scan_tests=4, max_new_tokens=16))  # fmt: skip
+    w.model(), w.model("tiny-moe")
+    return w
+
+
+# --- caps and validation --------------------------------------------------------------------------------
+
+
+def test_prompt_caps(wb):
+    with pytest.raises(DashboardError, match="characters"):
+        wb.run_prompt("x" * 401)
+    with pytest.raises(DashboardError, match="prompt first"):
+        wb.run_prompt("   ")
+    small = Workbench("tiny:llama", caps=Caps(max_prompt_tokens=8), loader=lambda s: wb.model())
+    with pytest.raises(DashboardError, match="tokens; the limit is 8"):
+        small.run_prompt(TEXT)
+    with pytest.raises(DashboardError, match="new tokens"):
+        wb.run_prompt(TEXT, max_new_tokens=17)
+
+
+def test_scan_caps(wb):
+    with pytest.raises(DashboardError, match="5 NIAH tests asked for; the limit is 4"):
+        wb.check_scan([500], 5, max_new_tokens=8)
+    with pytest.raises(DashboardError, match="context lengths"):
+        wb.check_scan([100_000], 1, max_new_tokens=8)
+    with pytest.raises(DashboardError, match="new tokens"):
+        wb.check_scan([500], 1, max_new_tokens=64)
+    assert wb.check_scan([1000, 500, 500], 2, max_new_tokens=8) == [500, 1000]
+    with pytest.raises(DashboardError, match="T must"):
+        wb.sinks_scan(T=10_000)
+
+
+def test_names_come_from_the_server_only(wb):
+    with pytest.raises(DashboardError, match="unknown model"):
+        wb.model("/etc/passwd")
+    with pytest.raises(DashboardError, match="unknown MoE model"):
+        wb.route("gpt2", "hello")
+    spec = wb.model().spec
+    assert parse_heads(["L1H2", (0, 3), "1:2"], spec) == ((1, 2), (0, 3))
+    for bad in (["L9H0"], ["L0H99"], ["nonsense"], ["__import__('os')"]):
+        with pytest.raises(DashboardError):
+            parse_heads(bad, spec)
+    moe = wb.moe_spec("tiny-moe")
+    assert parse_experts(["L1E3"], moe) == ((1, 3),)
+    with pytest.raises(DashboardError):
+        parse_experts(["L1E99"], moe)
+
+
+def test_safe_path_refuses_traversal(tmp_path):
+    root = tmp_path / "runs"
+    (root / "a").mkdir(parents=True)
+    assert safe_path(root, "a") == (root / "a").resolve()
+    assert safe_path(root, root / "a" / "report" / "index.html").parent.parent == (root / "a").resolve()
+    for bad in ("../x", "/etc/passwd", "a/../../x", str(tmp_path)):
+        with pytest.raises(DashboardError, match="outside the runs directory"):
+            safe_path(root, bad)
+    (root / "link").symlink_to(tmp_path)  # a symlink out of the store is refused too
+    with pytest.raises(DashboardError):
+        safe_path(root, "link/secret")
+
+
+# --- computations ------------------------------------------------------------------------------------------
+
+
+def test_prompt_edits_change_loss_and_attention_is_exact(wb):
+    base = wb.run_prompt(TEXT, max_new_tokens=4)
+    assert set(base.metrics) >= {"sink α₀ (Gu)", "previous-token share"}
+    assert all(v.shape == (2, 4) for v in base.metrics.values())
+    abl = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(ablate=((1, 2), (0, 1)), mode="zero"))
+    cal = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(calibrate=((1, 2),), sink_keys=(0,), beta=0.4))
+    assert abl.loss != pytest.approx(base.loss, abs=1e-6) and cal.loss != pytest.approx(base.loss, abs=1e-6)
+    assert wb.run_prompt(TEXT, max_new_tokens=4).loss == pytest.approx(base.loss, abs=1e-6)  # edits detached again
+    att = wb.head_attention(TEXT, 1, 2)
+    assert att.probs.shape[0] == min(wb.caps.attention_rows, len(att.tokens))
+    assert torch.allclose(att.probs.sum(-1), torch.ones(att.probs.shape[0]), atol=1e-4)
+
+
+def test_two_sessions_at_once_do_not_mix_captures(wb):
+    """Two sessions hammer the same model with different edits; each gets exactly its serial result."""
+    edits = {"a": HeadEdits(ablate=((1, 0), (1, 1), (1, 2), (1, 3)), mode="zero"), "b": HeadEdits()}
+    want = {k: wb.run_prompt(TEXT, max_new_tokens=2, edits=e) for k, e in edits.items()}
+    assert want["a"].loss != pytest.approx(want["b"].loss, abs=1e-6)
+    got: dict[str, list] = {"a": [], "b": []}
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def session(key):
+        try:
+            barrier.wait()
+            for _ in range(6):
+                got[key].append(wb.run_prompt(TEXT, max_new_tokens=2, edits=edits[key]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    before = wb.lock_stats()["uses"]
+    threads = [threading.Thread(target=session, args=(k,)) for k in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for key in got:
+        for o in got[key]:
+            assert o.loss == pytest.approx(want[key].loss, abs=1e-5)
+            for name, v in o.metrics.items():
+                assert torch.allclose(v, want[key].metrics[name], atol=1e-5, equal_nan=True)
+    stats = wb.lock_stats()
+    assert stats["uses"] - before == 12 and stats["max_active"] == 1
+
+
+def test_routing_and_expert_edits(wb):
+    r = wb.route("tiny-moe", "def add(a, b):\n    return a + b\n2 + 2 = 4")
+    assert r.load.shape == (4, 8) and torch.allclose(r.load.sum(1), torch.ones(4))
+    assert list(r.per_token().columns[:2]) == ["position", "token"]
+    eff = wb.routing_effect("tiny-moe", "2 + 2 = 4 and 3 + 3 =", mask=["L1E3", "L2E1"], max_new_tokens=4)
+    assert eff.max_logit_change > 0
+    with pytest.raises(DashboardError, match="choose experts"):
+        wb.routing_effect("tiny-moe", "2 + 2", mask=[])
+
+
+def test_retrieval_scan_progress_and_cancel(wb):
+    seen = []
+    prog = Progress(lambda p: seen.append((p.done, p.total)))
+    r = wb.retrieval_scan([500], 2, max_new_tokens=4, progress=prog)
+    assert seen[-1] == (2, 2) and len(r.tests) == 2 and r.scores.shape == (2, 4)
+    table, top = wb.retrieval_ablation(r, 2, mode="zero", seeds=1)
+    assert list(table["ablated"]) == ["none", "top", "random"] and top.ablation == "head-ablation:zero"
+    stop = Progress(lambda p: p.cancel() if p.done >= 1 else None)  # cancelled after the first test
+    from workbench.dashboard.state import Cancelled
+
+    with pytest.raises(Cancelled):
+        wb.retrieval_scan([500], 3, max_new_tokens=4, progress=stop)
+    assert stop.done == 1
+
+
+# --- pages ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dash(wb):
+    from workbench.dashboard.app import build
+
+    return build(wb).dashboard
+
+
+def test_prompt_lab_page_flow(dash):
+    lab = dash.pages["Prompt lab"]
+    lab.prompt.value = TEXT
+    lab.run()
+    lab.wait()
+    assert lab.last_error == "" and "loss" in lab.output.object
+    lab.grid.select(1, 3)  # what a click on the grid does
+    lab.wait()
+    assert (lab.layer, lab.head) == (1, 3)
+    assert lab.attention_area.objects  # the head's attention is shown
+    lab.toggle_ablation()
+    lab.wait()
+    assert lab.ablate == ["L1H3"] and lab.edited is not None
+    assert lab.edited.loss != pytest.approx(lab.baseline.loss, abs=1e-6)
+    assert "With edits" in lab.edited_output.object
+    lab.toggle_ablation()
+    lab.wait()
+    assert lab.ablate == [] and lab.edited is None
+
+
+def test_a_failing_computation_shows_in_the_page(dash, wb, monkeypatch):
+    lab = dash.pages["Prompt lab"]
+    lab.prompt.value = "x" * 1000
+    lab.run()
+    lab.wait()
+    assert "characters" in lab.last_error and lab.alert.visible
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(wb, "run_prompt", boom)
+    lab.prompt.value = TEXT
+    lab.run()
+    lab.wait()
+    assert "internal error (RuntimeError): kaboom" in lab.last_error and not lab.busy
+    monkeypatch.undo()
+    lab.run()
+    lab.wait()
+    assert lab.last_error == "" and not lab.alert.visible  # the page keeps working
+
+
+def test_sinks_routing_retrieval_pages(dash):
+    s = dash.pages["Sinks"]
+    s.T = 32
+    s.scan()
+    s.wait()
+    assert s.last_error == "" and s.result.T == 32
+    r = dash.pages["Routing"]
+    r.route()
+    r.wait()
+    assert r.last_error == "" and r.outcome is not None and "L1E3" in r.mask_input.options
+    r.mask_input.value = ["L1E3"]
+    r.compare()
+    r.wait()
+    assert r.last_error == "" and "loss" in r.effect_area.object
+    rt = dash.pages["Retrieval"]
+    rt.param.update(lengths=[300], depths=1, new_tokens=4)
+    rt.scan()
+    rt.wait()
+    assert rt.last_error == "" and rt.result is not None and rt.bar.value == rt.bar.max == 1
+    rt.param.update(depths=10)  # over the cap of 4 tests
+    rt.scan()
+    assert "limit is 4" in rt.last_error
+
+
+# --- runs ----------------------------------------------------------------------------------------------------
+
+
+class FakeRun:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def summary(self):
+        return pd.DataFrame({"condition": ["top", "random"], "accuracy": [0.2 if "a" in self.path.name else 0.5, 0.9]})
+
+    def results(self):
+        return pd.DataFrame({"unit": [1, 2], "value": [0.1, 0.2]})
+
+    def failures(self):
+        return pd.DataFrame(columns=["unit", "error"])
+
+    def report(self, out_dir=None, png=True):
+        page = self.path / "report" / "index.html"
+        page.parent.mkdir(exist_ok=True)
+        page.write_text(f"<html><body><h1>report {self.path.name}</h1></body></html>")
+        return page
+
+
+class FakeStudy:
+    """The workbench.study contract the Runs tab codes against: list_runs(root) and Run(path)."""
+
+    Run = FakeRun
+
+    def __init__(self, extra_path=None):
+        self.extra_path = extra_path
+
+    def list_runs(self, root):
+        rows = [{"run_id": p.name, "name": p.name, "path": str(p), "created": "2026-11-22", "n_units": 2, "n_done": 2,
+                 "n_failed": 0, "status": "done"} for p in sorted(Path(root).iterdir()) if p.is_dir()]  # fmt: skip
+        if self.extra_path:
+            rows.append({**rows[0], "run_id": "evil", "path": self.extra_path})
+        return pd.DataFrame(rows)
+
+
+def test_runs_page_lists_opens_and_compares(tmp_path, wb):
+    from workbench.dashboard.runs_page import RunsPage
+
+    for name in ("run-a", "run-b"):
+        (tmp_path / name).mkdir()
+    store = RunsStore(tmp_path, api=FakeStudy())
+    page = RunsPage(wb, store=store)
+    assert page.run_select.options == ["run-a", "run-b"] and page.last_error == ""
+    page.run_select.value = "run-b"
+    page.open()
+    assert page.last_error == "" and len(page.detail.objects) >= 3
+    page.show_report()
+    page.wait()
+    assert "report run-b" in page.report_area.objects[0].object and "sandbox" in page.report_area.objects[0].object
+    page.compare()
+    table = page.compare_area.objects[1].object
+    assert "Δ accuracy" in table.columns and table.set_index("condition").loc["top", "Δ accuracy"] == pytest.approx(0.3)
+    bad = RunsStore(tmp_path, api=FakeStudy(extra_path=str(tmp_path.parent)))
+    assert list(bad.list()["run_id"]) == ["run-a", "run-b"] and bad.refused == ["evil"]
+    with pytest.raises(DashboardError, match="no run"):
+        bad.path("evil")
+    with pytest.raises(DashboardError, match="no run"):
+        store.path("../../etc")
+
+
+TINY_STUDY = """
+name = "tiny_loss"
+[model]
+source = "tiny:llama"
+[task]
+kind = "loss"
+n_texts = 1
+max_tokens = 32
+[ablation]
+target = "heads"
+mode = "zero"
+[[grid]]
+select = "none"
+[[grid]]
+select = "explicit"
+sets = [[[1, 2]], [[0, 1], [1, 3]]]
+"""
+
+
+def test_runs_page_on_real_study_runs(tmp_path, wb):
+    """Two runs made by workbench.study (tiny model, loss task, ~1 s each), browsed through the Runs tab."""
+    study = pytest.importorskip("workbench.study")
+    if not hasattr(study, "run_study"):
+        pytest.skip("workbench.study.run_study not there yet")
+    from workbench.dashboard.runs_page import RunsPage
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_STUDY)
+    root = tmp_path / "runs"
+    for name in ("first", "second"):
+        study.run_study(cfg, root / name, executor="local", resume=False)
+    outside = tmp_path / "elsewhere"
+    study.run_study(cfg, outside, executor="local", resume=False)
+    (root / "sneaky").symlink_to(outside)  # a run dir symlinked out of the store is not offered
+
+    page = RunsPage(wb, store=RunsStore(root))
+    assert page.run_select.options == ["first", "second"] and "sneaky" in page.status.object
+    page.run_select.value = "second"
+    page.open()
+    assert page.last_error == "" and len(page.detail.objects) >= 3
+    page.show_report()
+    page.wait()
+    assert page.last_error == "" and "srcdoc" in page.report_area.objects[0].object
+    assert (root / "second" / "report" / "index.html").is_file()
+    page.compare()
+    assert page.last_error == "" and len(page.compare_area.objects[1].object) == 3
+    assert len(RunsStore(tmp_path / "missing").list()) == 0
+
+
+def test_compare_frames_without_keys():
+    out = compare_frames(pd.DataFrame({"x": [1.0]}), pd.DataFrame({"x": [3.0]}), "a", "b")
+    assert out["Δ x"].iloc[0] == 2.0
+
+
+@pytest.mark.slow
+def test_prompt_lab_on_the_embedded_model(smollm):
+    """The default configuration: SmolLM2 in the prompt lab, chat template on, a mean ablation of a late head."""
+    w = Workbench(None, moe_models=[], loader=lambda source: smollm)
+    base = w.run_prompt("What is the capital of France?", chat=True, max_new_tokens=3)
+    assert base.metrics["sink α₀ (Gu)"].shape == (30, 9) and base.output.strip()
+    edited = w.run_prompt("What is the capital of France?", chat=True, max_new_tokens=3,
+                          edits=HeadEdits(ablate=((20, 3), (21, 0)), mode="mean"))  # fmt: skip
+    assert edited.loss != pytest.approx(base.loss, abs=1e-6)
+
+
+def test_retrieval_page_cancel(dash):
+    rt = dash.pages["Retrieval"]
+    rt.param.update(lengths=[300], depths=4, new_tokens=8)
+    rt.scan()
+    rt.cancel()  # from the page's Cancel button: stops between tests
+    rt.wait()
+    assert rt.last_error == "stopped." and "stopped" in rt.status.object and not rt.busy
+    assert rt.progress.done < 4
+
+
+def test_widget_clicks_do_not_wait_forever_for_a_busy_model(wb):
+    from workbench.dashboard import views
+
+    if not views.widgets_available():
+        pytest.skip("workbench.widgets not importable")
+    view = views.locked_attention_view(wb, TEXT, 1, 0)
+    view._dash_timeout = 0.2
+    held, release = threading.Event(), threading.Event()
+
+    def other_session():
+        with wb.using():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_session)
+    t.start()
+    held.wait(10)
+    try:
+        view.show(0, 1)  # what a click in the browser does; the widget reports the failure itself
+        assert "busy" in view.error
+    finally:
+        release.set()
+        t.join()
+    view.show(1, 1)
+    assert view.error == "" and view.rows

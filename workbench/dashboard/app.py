@@ -1,0 +1,57 @@
+"""The dashboard page: one template with the five tabs, built per browser session over a shared Workbench."""
+
+from __future__ import annotations
+
+import html
+
+import panel as pn
+
+from .common import Page
+from .prompt_lab import PromptLab
+from .retrieval_page import RetrievalPage
+from .routing_page import RoutingPage
+from .runs_page import RunsPage
+from .sinks_page import SinksPage
+from .state import Workbench
+
+PAGES = (PromptLab, RetrievalPage, SinksPage, RoutingPage, RunsPage)
+
+
+class Dashboard(pn.viewable.Viewer):
+    """All pages of one session. ``pages[name]`` gives a page (its controller methods are public)."""
+
+    def __init__(self, wb: Workbench, **params):
+        super().__init__(**params)
+        self.wb = wb
+        self.pages: dict[str, Page] = {}
+        for cls in PAGES:
+            try:
+                self.pages[cls.title] = cls(wb)
+            except Exception as e:  # noqa: BLE001 — one broken page must not take the app down
+                page = Page(wb)
+                page.title = cls.title
+                page.fail(e)
+                page.__panel__ = lambda p=page: pn.Column(p.alert)  # type: ignore[method-assign]
+                self.pages[cls.title] = page
+        self.tabs = pn.Tabs(*[(name, p) for name, p in self.pages.items()], dynamic=True, sizing_mode="stretch_width",
+                            css_classes=["wb-tabs"])  # fmt: skip
+
+    def __panel__(self):
+        return self.tabs
+
+
+def build(wb: Workbench, *, title: str = "workbench dashboard"):
+    """The served page. A plain Panel layout, not a template: Panel's templates pull web fonts from
+    Google; this page loads nothing from outside the server (works offline)."""
+    pn.extension("plotly", sizing_mode="stretch_width", notifications=False)
+    dash = Dashboard(wb)
+    try:
+        source = wb.model().source
+    except Exception:  # noqa: BLE001 — the prompt lab shows the error
+        source = "(model failed to load)"
+    header = pn.pane.HTML(f"<div style='background:#33415c;color:white;padding:8px 16px;font:600 20px sans-serif'>{html.escape(title)}"
+                          f"<span style='font-weight:400;font-size:14px;margin-left:16px'>{html.escape(source)}</span></div>",
+                          sizing_mode="stretch_width")  # fmt: skip
+    page = pn.Column(header, dash, sizing_mode="stretch_width")
+    page.dashboard = dash  # reachable from tests and scripts
+    return page
