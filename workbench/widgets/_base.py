@@ -39,6 +39,17 @@ class WorkbenchWidget(anywidget.AnyWidget):
             self.status = ""
 
 
+def unique_pairs(value, check) -> list[list[int]]:
+    """``[[a, b], ...]`` as ints, each passed to ``check``, duplicates dropped (order kept)."""
+    out: list[list[int]] = []
+    for p in value:
+        p = [int(x) for x in p]
+        check(p)
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def nested(t) -> list:
     """A tensor as nested lists of floats with NaN as ``None`` (JSON has no NaN)."""
     import math

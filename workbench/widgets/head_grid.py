@@ -8,7 +8,7 @@ import traitlets
 from ..attention.edits import ABLATION_MODES
 from ..errors import ProbeError
 from ..report import top_cells
-from ._base import WorkbenchWidget, esm, nested
+from ._base import WorkbenchWidget, esm, nested, unique_pairs
 from .scores import head_scores
 
 
@@ -95,13 +95,7 @@ class HeadGrid(WorkbenchWidget):
 
     @traitlets.validate("ablate")
     def _valid_ablate(self, proposal):
-        heads = []
-        for h in proposal["value"]:
-            h = [int(x) for x in h]
-            self._check(h)
-            if h not in heads:
-                heads.append(h)
-        return heads
+        return unique_pairs(proposal["value"], self._check)
 
     @traitlets.validate("mode")
     def _valid_mode(self, proposal):

@@ -8,7 +8,7 @@ import torch
 import traitlets
 
 from ..errors import ProbeError
-from ._base import WorkbenchWidget, esm, nested
+from ._base import WorkbenchWidget, esm, nested, unique_pairs
 
 
 def route(model, ids: torch.Tensor, edits: Sequence = ()):
@@ -74,13 +74,7 @@ class RoutingView(WorkbenchWidget):
 
     @traitlets.validate("masked", "forced")
     def _valid_edits(self, proposal):
-        out = []
-        for p in proposal["value"]:
-            p = [int(x) for x in p]
-            self._check(p)
-            if p not in out:
-                out.append(p)
-        return out
+        return unique_pairs(proposal["value"], self._check)
 
     def _check(self, pair: list[int]) -> None:
         if len(pair) != 2 or pair[0] not in self.layers or not 0 <= pair[1] < self.n_experts:
