@@ -2,6 +2,7 @@
 the failures, as one offline HTML page plus one PNG per figure."""
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -52,12 +53,12 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
             if k == res.loc[res["grid"] == grid, "k"].max():
                 grid_frame = part.pivot_table(index="depth", columns="length", values="metric", aggfunc="mean")
                 grid_frame.columns = [int(c) for c in grid_frame.columns]
-                figs[f"niah_{grid}_k{k}"] = figures.niah_grid(grid_frame, f"NIAH accuracy, {grid} (k = {k})")
+                figs[f"niah_{re.sub(r'[^A-Za-z0-9]+', '-', grid)}_k{k}"] = figures.niah_grid(grid_frame, f"NIAH accuracy, {grid} (k = {k})")
     ranks = run.rankings()
     if len(ranks) and study.ablation.target == "heads":
         first = ranks[ranks.unit_id == ranks.unit_id.iloc[0]]
         grid = torch.zeros(int(first.layer.max()) + 1, int(first.unit.max()) + 1)
-        grid[first.layer.to_numpy(), first.unit.to_numpy()] = torch.tensor(first.metric.to_numpy(), dtype=torch.float32)
+        grid[first.layer.tolist(), first.unit.tolist()] = torch.tensor(first.metric.tolist(), dtype=torch.float32)
         figs["ranking"] = figures.head_grid(grid, "retrieval score of the ranking scan (Wu 2024, set)")
     sections += [(name.replace("_", " "), fig) for name, fig in figs.items()]
     sections.append(("Summary", summary))
@@ -69,6 +70,8 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
                                                                             "dtype", "bos_policy", "workbench_version",
                                                                             "transformers_version", "definition")}]).T))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):  # figures of an earlier report of this run
+        stale.unlink()
     summary.to_csv(out / "summary.csv", index=False)
     if png:
         for name, fig in figs.items():
