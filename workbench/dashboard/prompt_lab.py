@@ -38,7 +38,7 @@ class PromptLab(Page):
         self.new_tokens = pn.widgets.IntSlider(
             label="new tokens", start=0, end=caps.max_new_tokens, value=min(16, caps.max_new_tokens), width=200
         )
-        self.run_button = pn.widgets.Button(label="Run", button_type="primary", css_classes=["wb-run"], width=100)
+        self.run_button = pn.widgets.Button(label="Run", color="primary", css_classes=["wb-run"], width=100)
         self.run_button.on_click(lambda e: self.run())
         self.output = pn.pane.HTML("", css_classes=["wb-output"], sizing_mode="stretch_width")
         self.edited_output = pn.pane.HTML("", css_classes=["wb-edited-output"], sizing_mode="stretch_width")

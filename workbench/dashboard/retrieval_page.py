@@ -44,12 +44,12 @@ class RetrievalPage(Page):
         self.result = None
         self.ablation: pd.DataFrame | None = None
         self.bar = pn.indicators.Progress(
-            name="progress", value=0, max=1, visible=False, width=300, css_classes=["wb-progress"]
+            label="progress", value=0, max=1, visible=False, width=300, css_classes=["wb-progress"]
         )
         self.progress_text = pn.pane.Markdown("", css_classes=["wb-progress-text"])
-        self.scan_button = pn.widgets.Button(label="Scan", button_type="primary", css_classes=["wb-scan"], width=100)
+        self.scan_button = pn.widgets.Button(label="Scan", color="primary", css_classes=["wb-scan"], width=100)
         self.cancel_button = pn.widgets.Button(
-            label="Cancel", button_type="warning", css_classes=["wb-cancel"], width=100, disabled=True
+            label="Cancel", color="warning", css_classes=["wb-cancel"], width=100, disabled=True
         )
         self.ablate_button = pn.widgets.Button(
             label="Run top-K vs random-K ablation", css_classes=["wb-ablation"], disabled=True

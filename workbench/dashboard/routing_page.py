@@ -29,7 +29,7 @@ class RoutingPage(Page):
         self.new_tokens = pn.widgets.IntSlider(
             label="new tokens", start=0, end=wb.caps.max_new_tokens, value=min(12, wb.caps.max_new_tokens), width=200
         )
-        self.route_button = pn.widgets.Button(label="Route", button_type="primary", css_classes=["wb-route"], width=100)
+        self.route_button = pn.widgets.Button(label="Route", color="primary", css_classes=["wb-route"], width=100)
         self.compare_button = pn.widgets.Button(label="Compare outputs", css_classes=["wb-compare"], width=160)
         self.mask_input = pn.widgets.MultiChoice(
             label="deactivate experts", options=[], css_classes=["wb-dash-mask"], sizing_mode="stretch_width"

@@ -21,7 +21,7 @@ class RunsPage(Page):
         )
         self.refresh_button = pn.widgets.Button(label="Refresh", css_classes=["wb-refresh"], width=100)
         self.run_select = pn.widgets.Select(label="run", options=[], width=320, css_classes=["wb-run-select"])
-        self.open_button = pn.widgets.Button(label="Open", button_type="primary", css_classes=["wb-open"], width=100)
+        self.open_button = pn.widgets.Button(label="Open", color="primary", css_classes=["wb-open"], width=100)
         self.report_button = pn.widgets.Button(label="Show report", css_classes=["wb-report"], width=120)
         self.a_select = pn.widgets.Select(label="run A", options=[], width=260)
         self.b_select = pn.widgets.Select(label="run B", options=[], width=260)

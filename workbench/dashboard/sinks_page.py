@@ -35,7 +35,7 @@ class SinksPage(Page):
         self.texts = pn.widgets.TextAreaInput(label="texts (optional; one per paragraph, blank line between)", height=90,
                                               max_length=wb.caps.max_prompt_chars, sizing_mode="stretch_width")  # fmt: skip
         self.scan_button = pn.widgets.Button(
-            label="Scan sinks", button_type="primary", css_classes=["wb-sinks-scan"], width=120
+            label="Scan sinks", color="primary", css_classes=["wb-sinks-scan"], width=120
         )
         self.scan_button.on_click(lambda e: self.scan())
         self.result = None
