@@ -110,7 +110,8 @@ def demo(
                               ("Provenance", r.provenance)])  # fmt: skip
     typer.echo(f"\nreport: {page}\nresults (Parquet): {out}")
     typer.echo("next: `workbench scan retrieval --lengths 500,1000,2000 --depths 5`, `workbench scan sinks --T 512`,\n"
-               "      or in Python: import workbench as wb; m = wb.load(); wb.retrieval.scan(m)")  # fmt: skip
+               "      `workbench study run studies/retrieval_ablation.toml`, `workbench serve` (dashboard),\n"
+               "      notebooks/ in JupyterLab, or in Python: import workbench as wb; m = wb.load(); wb.retrieval.scan(m)")  # fmt: skip
 
 
 @scan_app.command("retrieval")
