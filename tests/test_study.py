@@ -278,12 +278,33 @@ def test_kill_9_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert not list((killed / "units").glob(".*.tmp"))  # a temp file the kill left behind is swept on resume
 
 
-def test_ray_executor_gives_the_local_results(tmp_path):
-    pytest.importorskip("ray")
+def test_ray_executor_gives_the_local_results_and_survives_lost_workers(tmp_path):
+    ray = pytest.importorskip("ray")
+    from workbench.loading import load_config
+    from workbench.study.runner import RayExecutor
+
     path = _write(tmp_path, LOSS_STUDY)
     local = run_study(path, tmp_path / "local", progress=False)
-    ray_run = run_study(path, tmp_path / "ray", executor="ray", workers=2, progress=False)
-    pd.testing.assert_frame_equal(_table(ray_run), _table(local), check_exact=False, atol=1e-5)
-    assert ray_run.results()["worker"].str.startswith("ray:").all()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        ray_run = run_study(path, tmp_path / "ray", executor="ray", workers=2, progress=False)
+        pd.testing.assert_frame_equal(_table(ray_run), _table(local), check_exact=False, atol=1e-5)
+        assert ray_run.results()["worker"].str.startswith("ray:").all()
+
+        study = load_study(path)
+        units = eval_units(study, Shape.of_config(load_config("tiny:llama")), {})
+        ex = RayExecutor(study, workers=2)
+        outcomes = ex.map(units)
+        got = [next(outcomes)]
+        for actor in list(ex.actors):  # both workers lost mid-sweep (one idle, one running a unit)
+            ray.kill(actor)
+        got += list(outcomes)
+        ex.close()
+        assert sorted(u.id for u, *_ in got) == sorted(u.id for u in units)  # every unit answered exactly once
+        lost = [err for _, _, err, _, worker in got if err is not None]
+        assert 1 <= len(lost) <= 2 and all("Ray worker died" in e for e in lost)
+        assert all(frame is not None for _, frame, err, *_ in got[-3:])  # fresh actors took over
+    finally:
+        ray.shutdown()
     with pytest.raises(StudyError, match="only apply to the ray executor"):
         run_study(path, tmp_path / "x", workers=2)

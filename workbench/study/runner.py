@@ -71,12 +71,12 @@ class _RayWorker:
 
 class RayExecutor:
     """One actor per GPU (or per CPU slot) on a Ray cluster; idle actors pull the next unit.
-    ``address=None`` starts a local Ray with ``workers`` CPUs; ``"auto"`` or ``"ray://host:10001"`` joins a cluster."""
+    ``address=None`` starts a local Ray with ``workers`` CPUs; ``"auto"`` or ``"ray://host:10001"`` joins a cluster.
+    An actor that dies (OOM, lost node) fails only the unit it was running, and a fresh actor replaces it."""
 
     def __init__(self, study: Study, *, address: str | None = None, workers: int | None = None):
         try:
             import ray
-            from ray.util import ActorPool
         except ImportError as e:  # pragma: no cover - ray is a declared extra
             raise StudyError("the ray executor needs Ray: pip install 'workbench[ray]'") from e
         self._ray = ray
@@ -89,14 +89,29 @@ class RayExecutor:
         n = int(workers or total // max(gpus, 1))
         if n < 1:
             raise StudyError(f"the Ray cluster has no {'GPU' if gpus else 'CPU'} for a worker")
-        actor = ray.remote(num_gpus=gpus, num_cpus=1)(_RayWorker)
         threads = max(1, int(ray.cluster_resources().get("CPU", 1) // n)) if not address else 1
-        self.actors = [actor.remote(study.model_dump(mode="json"), threads) for _ in range(n)]
+        remote = ray.remote(num_gpus=gpus, num_cpus=1)(_RayWorker)
+        self._new_actor = lambda: remote.remote(study.model_dump(mode="json"), threads)
+        self.actors = [self._new_actor() for _ in range(n)]
         self.provenance = ray.get(self.actors[0].provenance.remote())
-        self._pool = ActorPool(self.actors)
 
     def map(self, units: list[Unit]) -> Iterator[tuple]:
-        return self._pool.map_unordered(lambda a, u: a.run.remote(u), units)
+        ray = self._ray
+        queue, idle, running = list(units), list(self.actors), {}
+        while queue or running:
+            while queue and idle:
+                actor, unit = idle.pop(), queue.pop(0)
+                running[actor.run.remote(unit)] = (unit, actor)
+            (ready,), _ = ray.wait(list(running), num_returns=1)
+            unit, actor = running.pop(ready)
+            try:
+                outcome = ray.get(ready)
+            except ray.exceptions.RayActorError as e:
+                self.actors[self.actors.index(actor)] = actor = self._new_actor()
+                outcome = (unit, None, f"the Ray worker died while running this unit ({type(e).__name__}: {e})\n"
+                                       f"{type(e).__name__}: worker lost", 0.0, "ray:lost")  # fmt: skip
+            idle.append(actor)
+            yield outcome
 
     def close(self) -> None:
         for a in self.actors:
