@@ -308,3 +308,13 @@ def test_ray_executor_gives_the_local_results_and_survives_lost_workers(tmp_path
         ray.shutdown()
     with pytest.raises(StudyError, match="only apply to the ray executor"):
         run_study(path, tmp_path / "x", workers=2)
+
+
+def test_a_model_that_fails_to_load_leaves_no_run_directory(tmp_path, monkeypatch):
+    def broken(self, study, model=None):
+        raise wb.ModelLoadError("weights unreadable")
+
+    monkeypatch.setattr("workbench.study.tasks.Evaluator.__init__", broken)
+    with pytest.raises(wb.ModelLoadError, match="weights unreadable"):
+        run_study(_write(tmp_path, LOSS_STUDY), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # so the same command works again without --resume

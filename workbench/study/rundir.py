@@ -43,14 +43,20 @@ class Run:
         self.units = ResultStore(self.path / "units")
         (self.path / "failures").mkdir(exist_ok=True)
 
-    @classmethod
-    def create(cls, path: str | os.PathLike, study_text: str, *, resume: bool) -> "Run":
+    @staticmethod
+    def check_target(path: str | os.PathLike, *, resume: bool) -> None:
+        """Refuse a directory that ``create`` would not take (checked before a model loads)."""
         path = Path(path)
         if (path / "study.toml").is_file():
             if not resume:
                 raise StudyError(f"run directory {path} already exists: pass --resume to continue it, or another --out")
-        elif path.exists() and any(path.iterdir()):
+        elif path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StudyError(f"{path} exists and is not a study run directory; choose another --out")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, study_text: str, *, resume: bool) -> "Run":
+        path = Path(path)
+        cls.check_target(path, resume=resume)
         path.mkdir(parents=True, exist_ok=True)
         for stale in (path / "units").glob(".*.tmp"):  # a killed runner's half-written file: never a result
             stale.unlink()

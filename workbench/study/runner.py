@@ -169,8 +169,14 @@ def run_study(
         text = _to_toml(spec)
     shape = Shape.of_config(model.hf.config if model is not None else load_config(spec.model.source if spec.model.source != "embedded" else None))
     check(spec, shape)
-    run = Run.create(Path(out) if out else Path("runs") / spec.name, text, resume=resume)
+    target = Path(out) if out else Path("runs") / spec.name
+    Run.check_target(target, resume=resume)
     ex = LocalExecutor(spec, model) if executor == "local" else RayExecutor(spec, address=address, workers=workers)
+    try:
+        run = Run.create(target, text, resume=resume)  # only once the model loaded: a failed load leaves no directory
+    except BaseException:
+        ex.close()
+        raise
     try:
         done = run.completed()
         ranks = rank_units(spec)
