@@ -105,9 +105,6 @@ def test_prompt_edits_change_loss_and_attention_is_exact(wb):
     cal = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(calibrate=((1, 2),), sink_keys=(0,), beta=0.4))
     assert abl.loss != pytest.approx(base.loss, abs=1e-6) and cal.loss != pytest.approx(base.loss, abs=1e-6)
     assert wb.run_prompt(TEXT, max_new_tokens=4).loss == pytest.approx(base.loss, abs=1e-6)  # edits detached again
-    att = wb.head_attention(TEXT, 1, 2)
-    assert att.probs.shape[0] == min(wb.caps.attention_rows, len(att.tokens))
-    assert torch.allclose(att.probs.sum(-1), torch.ones(att.probs.shape[0]), atol=1e-4)
 
 
 def test_two_sessions_at_once_do_not_mix_captures(wb):
@@ -385,8 +382,6 @@ def test_retrieval_page_cancel(dash):
 def test_widget_clicks_do_not_wait_forever_for_a_busy_model(wb):
     from workbench.dashboard import views
 
-    if not views.widgets_available():
-        pytest.skip("workbench.widgets not importable")
     view = views.locked_attention_view(wb, TEXT, 1, 0)
     view._dash_timeout = 0.2
     held, release = threading.Event(), threading.Event()

@@ -10,7 +10,7 @@ import param
 from ..attention.edits import ABLATION_MODES
 from .common import Page
 from .state import HeadEdits, PromptOutcome, head_name, parse_heads
-from .views import HeadGridView, attention_figure, locked_attention_view, widgets_available
+from .views import HeadGridView, locked_attention_view
 
 EXAMPLE = "The lighthouse keeper climbed the stairs every evening. Where did the keeper go every evening?"
 
@@ -174,26 +174,21 @@ class PromptLab(Page):
         self._show_head()
 
     def _show_head(self) -> None:
-        """The selected head's attention over the tokens (AttentionView widget, or an exact tile heatmap)."""
+        """The selected head's attention over the tokens (the AttentionView widget: exact rows)."""
         self.selected_label.object = f"selected head: **{head_name(self.layer, self.head)}**"
         if self.baseline is None:
             return
         text, chat = self.baseline.text, self.chat.value
         layer, head = self.layer, self.head
-        if widgets_available():
-            view = getattr(self, "_attention_widget", None)
-            if view is not None and getattr(view, "_text", None) == (text, chat):
-                try:
-                    view.show(layer, head)
-                except Exception as e:  # noqa: BLE001
-                    self.fail(e)
-                return
-            self.start("attention", lambda: locked_attention_view(self.wb, text, layer, head, chat=chat), self._show_attention_widget,
-                       queue=True)  # fmt: skip
-        else:
-            self.start("attention", lambda: self.wb.head_attention(text, layer, head, chat=chat),
-                       lambda att: setattr(self.attention_area, "objects", [pn.pane.Plotly(attention_figure(att), css_classes=["wb-attention"])]),
-                       queue=True)  # fmt: skip
+        view = getattr(self, "_attention_widget", None)
+        if view is not None and getattr(view, "_text", None) == (text, chat):
+            try:
+                view.show(layer, head)
+            except Exception as e:  # noqa: BLE001
+                self.fail(e)
+            return
+        self.start("attention", lambda: locked_attention_view(self.wb, text, layer, head, chat=chat), self._show_attention_widget,
+                   queue=True)  # fmt: skip
 
     def _show_attention_widget(self, view) -> None:
         from .views import _to_panel

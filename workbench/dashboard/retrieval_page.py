@@ -93,7 +93,7 @@ class RetrievalPage(Page):
                 f"**NIAH accuracy {r.accuracy:.2f}** over {len(r.tests)} tests; "
                 f"{sp['above_0.1'] * 100:.1f}% of heads score > 0.1, {sp['zero'] * 100:.0f}% score 0"
             ),  # fmt: skip
-            pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)", zmax=1).panel),
+            pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)").panel),
             pn.pane.Markdown("### Top retrieval heads"),
             pn.pane.DataFrame(top, index=False, css_classes=["wb-top-heads"]),
             pn.pane.DataFrame(

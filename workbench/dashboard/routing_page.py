@@ -9,7 +9,7 @@ import param
 
 from .common import Page
 from .state import expert_name
-from .views import locked_routing_view, routing_figures, widgets_available
+from .views import locked_routing_view
 
 EXAMPLE = "def add(a, b):\n    return a + b\n\nThe river flows to the sea. 2 + 3 = 5"
 
@@ -62,7 +62,7 @@ class RoutingPage(Page):
 
         def work():
             outcome = self.wb.route(name, text)
-            view = locked_routing_view(self.wb, name, text, max_new_tokens=8) if widgets_available() else None
+            view = locked_routing_view(self.wb, name, text, max_new_tokens=8)
             return outcome, view, self._expert_options()
 
         self.start("routing", work, self._show)
@@ -75,9 +75,7 @@ class RoutingPage(Page):
         self.mask_input.options = options
         self.force_input.options = options
         rec = outcome.record
-        main = (
-            _to_panel(view) if view is not None else pn.Column(*[pn.pane.Plotly(f) for f in routing_figures(outcome)])
-        )
+        main = _to_panel(view)
         if view is not None:  # the view's own deactivate / force toggles show up in this page's lists too
             names = lambda pairs: [expert_name(l, e) for l, e in pairs]  # noqa: E731
             view.observe(lambda c: setattr(self.mask_input, "value", names(c["new"])), names="masked")

@@ -57,7 +57,7 @@ class SinksPage(Page):
                 f"**Sink_1^{s.eps} = {s.sink_rate(0):.1f}%** of heads (T = {s.T}, {len(s.token_ids)} texts)",
                 css_classes=["wb-sink-rate"],
             ),  # fmt: skip
-            pn.Row(pn.pane.Plotly(sink_rate_figure(s)), HeadGridView(s, title="α_k (Gu et al.)", zmax=1).panel),
+            pn.Row(pn.pane.Plotly(sink_rate_figure(s)), HeadGridView(s, title="α_k (Gu et al.)").panel),
             pn.pane.Plotly(report.layer_bars(s.per_layer(), "mean_alpha", "mean α₀ per layer")),
             pn.pane.Markdown("### Hidden sinks (ACT: α_k > 0.1, k ≥ 1)"),
             pn.Row(

@@ -54,7 +54,6 @@ class Caps:
     max_sink_T: int = 512
     max_sink_texts: int = 16
     max_routing_chars: int = 4000
-    attention_rows: int = 48  # query rows shown when a head is drilled into
 
     def prompt_tokens(self, model) -> int:
         ctx = model.spec.max_positions or 8192
@@ -114,23 +113,6 @@ class PromptOutcome:
     output: str
     edits: HeadEdits = field(default_factory=HeadEdits)
     seconds: float = 0.0
-
-
-@dataclass
-class HeadAttention:
-    """Exact attention of one head for the last query rows: ``probs[row, key]``."""
-
-    layer: int
-    head: int
-    tokens: list[str]
-    q_positions: list[int]
-    probs: torch.Tensor
-
-    def to_frame(self) -> pd.DataFrame:
-        """Mean attention each key receives over the shown rows, with its token."""
-        return pd.DataFrame(
-            {"position": range(len(self.tokens)), "token": self.tokens, "attention": self.probs.mean(0).tolist()}
-        )
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -352,30 +334,6 @@ class Workbench:
             tokens = m.tokens(ids[0])
         return PromptOutcome(text=text, token_ids=ids[0].tolist(), tokens=tokens, metrics=metrics, loss=loss, output=out,
                              edits=edits, seconds=time.perf_counter() - t0)  # fmt: skip
-
-    @torch.no_grad()
-    def head_attention(
-        self, text: str, layer: int, head: int, *, chat: bool = False, edits: HeadEdits | None = None
-    ) -> HeadAttention:
-        """Exact attention of head (layer, head) for the last ``caps.attention_rows`` query rows (one tile
-        from the kernel, only this layer recorded)."""
-        from ..attention import AttentionStats
-        from ..capture import capture, intervene
-
-        with self.using() as m:
-            ((layer, head),) = parse_heads([(layer, head)], m.spec)
-            ids = self._check_prompt(m, text, chat=chat)
-            T = ids.shape[-1]
-            r0 = max(0, T - self.caps.attention_rows)
-            built = edits.build(reference=text) if edits else []
-            with intervene(m, *built) if built else _null():
-                with capture(m, AttentionStats(sink_keys=0, topk=1, layers=[layer], tiles=[(r0, T, 0, T)])) as cap:
-                    m.hf(input_ids=ids)
-            q, probs = cap.attention.tile(0)
-            tokens = m.tokens(ids[0])
-        return HeadAttention(
-            layer=layer, head=head, tokens=tokens, q_positions=q.tolist(), probs=probs[0, 0, head].float()
-        )
 
     # --- retrieval ----------------------------------------------------------------------------------------
     def check_scan(
