@@ -1,5 +1,11 @@
-"""Shared bits of the browser tests: Chromium's flags (offline, headless, as root) and where screenshots go."""
+"""Shared bits of the browser tests: Chromium's flags (offline, headless, as root), where screenshots go,
+and a server subprocess on a free loopback port that is waited for and stopped."""
 import os
+import socket
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,3 +18,38 @@ def artifacts() -> Path:
     path = Path(os.environ.get("WORKBENCH_ARTIFACTS", ROOT / "test-artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(cmd: list[str], ready_url: str, log: Path, *, env: dict | None = None, cwd: Path = ROOT, timeout: float = 180):
+    """Start ``cmd`` (output to ``log``), wait until ``ready_url`` answers 200, stop it with SIGTERM afterwards."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    if urllib.request.urlopen(ready_url, timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > end:
+                    raise AssertionError(f"{ready_url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

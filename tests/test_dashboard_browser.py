@@ -6,62 +6,23 @@ fast and offline: ``tiny:llama`` (random) for the prompt lab, the trained ``tiny
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM_ARGS, ROOT, artifacts  # shared with the widgets' browser tests
+from browser import CHROMIUM_ARGS, artifacts, free_port, served  # shared with the widgets' browser tests
 
 CHROMIUM = shutil.which("chromium")
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 2.0):
     return urllib.request.urlopen(urllib.request.Request(url), timeout=timeout)
-
-
-@contextmanager
-def served(cmd: list[str], port: int, log: Path, timeout: float = 180):
-    """Start the server, wait until /liveness answers, stop it with SIGTERM afterwards."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            end = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-                try:
-                    if _get(f"http://127.0.0.1:{port}/liveness").status == 200:
-                        break
-                except (urllib.error.URLError, ConnectionError, OSError):
-                    pass
-                if time.monotonic() > end:
-                    raise AssertionError(f"no liveness after {timeout} s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -108,7 +69,7 @@ def dashboard_url(tmp_path_factory):
     cmd = [str(BIN / "panel"), "serve", "apps/dashboard.py", "--address", "127.0.0.1", "--port", str(port),
            f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness", "--warm",
            "--args", "--model", "tiny:llama", "--moe", "tiny-moe", "--runs", str(tmp / "runs")]  # fmt: skip
-    with served(cmd, port, artifacts() / "dashboard-server.log"):
+    with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "dashboard-server.log"):
         assert listening_addresses(port) <= {"127.0.0.1"}, listening_addresses(port)
         yield f"http://127.0.0.1:{port}/dashboard"
 
@@ -227,7 +188,7 @@ def test_workbench_serve_binds_loopback_and_asks_for_login(tmp_path):
     port = free_port()
     cmd = [str(BIN / "workbench"), "serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path),
            "--basic-auth", "s3cret-pass", "--cookie-secret", "test-cookie-secret"]  # fmt: skip
-    with served(cmd, port, artifacts() / "workbench-serve.log"):
+    with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "workbench-serve.log"):
         assert listening_addresses(port) == {"127.0.0.1"}
         opener = urllib.request.build_opener(_NoRedirect)
         try:

@@ -1,19 +1,14 @@
 """The quickstart notebook in a real JupyterLab and Chromium: run every cell, click a head in the
 HeadGrid, and see the attention drill-down follow. Skips when Chromium or Playwright is missing."""
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM_ARGS, ROOT, artifacts
+from browser import CHROMIUM_ARGS, ROOT, artifacts, free_port, served
 
 NOTEBOOK = ROOT / "notebooks" / "01_quickstart.ipynb"
 
@@ -21,12 +16,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make browser)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +35,17 @@ def jupyterlab():
     notify = tmp / "settings" / "@jupyterlab" / "apputils-extension"
     notify.mkdir(parents=True)
     (notify / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    env = {**os.environ, "JUPYTER_PATH": str(tmp / "data"), "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings"),
+    env = {"JUPYTER_PATH": str(tmp / "data"), "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp / "config")}  # fmt: skip
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}", "--allow-root",
-         "--IdentityProvider.token=", f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.password="],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "lab.log", "wb"),
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}", "--allow-root",
+           "--IdentityProvider.token=", f"--ServerApp.root_dir={tmp / 'root'}", "--ServerApp.password="]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/api/status", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"jupyter lab exited: {(tmp / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        else:
-            pytest.fail("jupyter lab did not answer in 60 s")
-        yield base
+        with served(cmd, base + "/api/status", tmp / "lab.log", env=env, timeout=60):
+            yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

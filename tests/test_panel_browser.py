@@ -1,15 +1,11 @@
 """One view, two hosts: the HeadGrid ESM served by ``panel serve`` through ``to_panel``; a click in the
 page runs the widget's Python and the linked AttentionView follows. Skips without Chromium."""
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-from browser import CHROMIUM_ARGS, artifacts
+from browser import CHROMIUM_ARGS, artifacts, free_port, served
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make browser)")
 
@@ -29,23 +25,11 @@ def test_headgrid_in_panel_serve(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     app = tmp_path / "app.py"
     app.write_text(APP)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "panel", "serve", str(app), "--address", "127.0.0.1", "--port", str(port),
-         f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port = free_port()
+    cmd = [sys.executable, "-m", "panel", "serve", str(app), "--address", "127.0.0.1", "--port", str(port),
+           f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness"]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/liveness", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "panel serve exited"
-                time.sleep(0.5)
+    with served(cmd, base + "/liveness", tmp_path / "panel.log"):
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1000, "height": 900})
@@ -62,6 +46,3 @@ def test_headgrid_in_panel_serve(tmp_path):
                 page.screenshot(path=str(artifacts() / "panel_headgrid.png"), full_page=True)
             finally:
                 browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
