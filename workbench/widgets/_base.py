@@ -39,6 +39,14 @@ class WorkbenchWidget(anywidget.AnyWidget):
             self.status = ""
 
 
+def optional_pair(value, check) -> list[int]:
+    """``[a, b]`` as ints passed to ``check``, or ``[]`` (nothing selected)."""
+    pair = [int(x) for x in value]
+    if pair:
+        check(pair)
+    return pair
+
+
 def unique_pairs(value, check) -> list[list[int]]:
     """``[[a, b], ...]`` as ints, each passed to ``check``, duplicates dropped (order kept)."""
     out: list[list[int]] = []

@@ -8,7 +8,7 @@ import traitlets
 from ..attention.edits import ABLATION_MODES
 from ..errors import ProbeError
 from ..report import top_cells
-from ._base import WorkbenchWidget, esm, nested, unique_pairs
+from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
 from .scores import head_scores
 
 
@@ -88,10 +88,7 @@ class HeadGrid(WorkbenchWidget):
 
     @traitlets.validate("selected")
     def _valid_selected(self, proposal):
-        sel = [int(x) for x in proposal["value"]]
-        if sel:
-            self._check(sel)
-        return sel
+        return optional_pair(proposal["value"], self._check)
 
     @traitlets.validate("ablate")
     def _valid_ablate(self, proposal):

@@ -8,7 +8,7 @@ import torch
 import traitlets
 
 from ..errors import ProbeError
-from ._base import WorkbenchWidget, esm, nested, unique_pairs
+from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
 
 
 def route(model, ids: torch.Tensor, edits: Sequence = ()):
@@ -67,10 +67,7 @@ class RoutingView(WorkbenchWidget):
 
     @traitlets.validate("selected")
     def _valid_selected(self, proposal):
-        sel = [int(x) for x in proposal["value"]]
-        if sel:
-            self._check(sel)
-        return sel
+        return optional_pair(proposal["value"], self._check)
 
     @traitlets.validate("masked", "forced")
     def _valid_edits(self, proposal):
