@@ -39,8 +39,8 @@ def _layer_bars(summary: pd.DataFrame, metric: str):
 
 def write_report(run, out: Path, *, png: bool = True) -> Path:
     study = run.study
-    summary = run.summary()
     res = run.results()
+    summary = run.summary(res)
     sections: list[tuple[str, object]] = [("Study", f"{study.name}: {study.description or ''} — model {study.model.source} "
                                                    f"({study.model.dtype}); task {study.task.kind}; {run.status()}")]  # fmt: skip
     figs: dict[str, object] = {}

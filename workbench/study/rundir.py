@@ -156,13 +156,14 @@ class Run:
     def status(self) -> dict:
         plan = self.plan()
         done = self.completed() & {u["id"] for u in plan}
-        return {"n_units": len(plan), "n_done": len(done), "n_failed": len(self.failures()),
-                "status": "complete" if plan and len(done) == len(plan) else ("failed units" if len(self.failures()) else "incomplete")}  # fmt: skip
+        failed = len(self.failures())
+        return {"n_units": len(plan), "n_done": len(done), "n_failed": failed,
+                "status": "complete" if plan and len(done) == len(plan) else ("failed units" if failed else "incomplete")}  # fmt: skip
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self, results: pd.DataFrame | None = None) -> pd.DataFrame:
         """Metric per ablation set size: mean over units (seeds, conditions, repetitions), its standard
-        deviation across seeds/repetitions, and counts."""
-        res = self.results()
+        deviation across seeds/repetitions, and counts. ``results``: :meth:`results` if already read."""
+        res = self.results() if results is None else results
         if res.empty:
             return pd.DataFrame(columns=["grid", "select", "k", "metric_mean", "metric_std", "n_units", "n_items"])
         per_unit = res.groupby(["grid", "select", "k", "seed", "repetition", "unit_id"], as_index=False)["metric"].mean()
