@@ -194,6 +194,18 @@ def assemble(model, rows: list[dict], *, variant: str = "set", edits=()) -> Retr
     return RetrievalResult(scores=scores, tests=tests, per_test_scores=per_test.float(), variant=variant, provenance=prov, ablation=labels)
 
 
+def ablation_sets(spec, result: RetrievalResult, k: int, seeds) -> list[tuple[str, int | None, list[tuple[int, int]]]]:
+    """The head sets of Wu's causal test: ("top", None, top-``k`` heads), then ("random", seed, ``k`` heads
+    drawn outside the top-``k``) per seed."""
+    from .study.plan import random_set  # the one seeded draw of K random heads (studies use it too)
+
+    if not 1 <= k < spec.n_layers * spec.n_heads:
+        raise ProbeError(f"k must lie in 1..{spec.n_layers * spec.n_heads - 1}, got {k}")
+    top = [(l, h) for l, h, _ in result.top_heads(k)]
+    everyone = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in top]
+    return [("top", None, top)] + [("random", s, random_set(everyone, k, s)) for s in seeds]
+
+
 def ablation_check(
     model,
     result: RetrievalResult,
@@ -208,16 +220,9 @@ def ablation_check(
 ) -> pd.DataFrame:
     """Wu's causal test: NIAH accuracy with the top-``k`` retrieval heads ablated vs ``k`` random heads
     (one run per seed; random heads exclude the top ones). ``mode`` labels the ablation used."""
-    from .study.plan import random_set  # the one seeded draw of K random heads (studies use it too)
-
-    spec = model.spec
-    if not 1 <= k < spec.n_layers * spec.n_heads:
-        raise ProbeError(f"k must lie in 1..{spec.n_layers * spec.n_heads - 1}, got {k}")
     lengths = sorted(result.tests["length"].unique().tolist()) if lengths is None else lengths
     depths = sorted(result.tests["depth"].unique().tolist()) if depths is None else depths
-    top = [(l, h) for l, h, _ in result.top_heads(k)]
-    everyone = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in top]
-    runs = [("none", None, [])] + [("top", None, top)] + [("random", s, random_set(everyone, k, s)) for s in seeds]
+    runs = [("none", None, [])] + ablation_sets(model.spec, result, k, seeds)
     out = []
     for kind, seed, heads in tqdm(runs, desc=f"ablation ({mode})", unit="run", disable=not progress):
         edits = (HeadAblation(heads, mode=mode),) if heads else ()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -323,7 +323,7 @@ class Workbench:
         with self.using() as m:
             ids = self._check_prompt(m, text, chat=chat)
             built = edits.build(reference=text) if edits else []
-            ctx = intervene(m, *built) if built else _null()
+            ctx = intervene(m, *built) if built else nullcontext()
             with ctx:
                 with capture(m, AttentionStats(sink_keys=1, topk=1)) as cap:
                     logits = m.hf(input_ids=ids).logits[0].float()
@@ -393,7 +393,6 @@ class Workbench:
         from .. import retrieval
         from ..attention import HeadAblation
         from ..attention.edits import ABLATION_MODES
-        from ..study.plan import random_set  # the seeded draw retrieval.ablation_check and studies use
 
         m = self.model()
         spec = m.spec
@@ -408,9 +407,7 @@ class Workbench:
         lengths = sorted(tests["length"].unique().tolist())
         depths = sorted(tests["depth"].unique().tolist())
         max_new = int(result.extra.get("max_new_tokens", 24))
-        top = [(l, h) for l, h, _ in result.top_heads(int(k))]
-        others = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in top]
-        runs = [("top", None, top)] + [("random", s, random_set(others, int(k), s)) for s in range(int(seeds))]
+        runs = retrieval.ablation_sets(spec, result, int(k), range(int(seeds)))  # the sets ablation_check uses
         cases = retrieval._cases(m, lengths, depths, 1, max_new)
         progress.update(done=0, total=len(cases) * len(runs), message=f"ablation ({mode}, k={k})")
         out = [{"ablated": "none", "seed": None, "k": 0, "mode": mode, "accuracy": result.accuracy,
@@ -540,8 +537,6 @@ class RunsStore:
         if self._api is None:
             from .. import study
 
-            if not hasattr(study, "list_runs"):
-                raise DashboardError("workbench.study is not available in this installation")
             self._api = study
         return self._api
 
@@ -619,11 +614,6 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -
 
 
 # --- internals -------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def _head_metrics(rec) -> dict[str, torch.Tensor]:
