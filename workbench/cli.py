@@ -161,8 +161,7 @@ def scan_sinks(
     from .store import ResultStore
 
     m = _load(model)
-    texts = sinks.default_texts() if T <= 64 else [p for p in [sinks.niah.haystack()[i * 6000 : (i + 1) * 6000] for i in range(4)] if p]
-    s = sinks.scan(m, texts, T=T, eps=eps)
+    s = sinks.scan(m, sinks.texts_for(T), T=T, eps=eps)
     _print_sinks(s)
     store = ResultStore(out)
     s.save(store)

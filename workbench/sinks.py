@@ -34,6 +34,17 @@ def default_texts(n: int = 12) -> list[str]:
     return paragraphs[:n]
 
 
+def texts_for(T: int) -> list[str]:
+    """Natural texts of at least ``T`` tokens: the essay paragraphs for the paper's T ≤ 64, else up to four
+    equal slices of the haystack, 6,000 characters each or 6 per token when T needs more (English prose
+    runs ≈ 4–5 characters per token; :func:`scan` says so if a text is still too short)."""
+    if T <= 64:
+        return default_texts()
+    hay = niah.haystack()
+    chunk = max(6000, 6 * T)
+    return [p for p in (hay[i * chunk : (i + 1) * chunk] for i in range(4)) if len(p) == chunk]
+
+
 @dataclass
 class SinkResult(Figures):
     """α for every key ``[text, layer, head, key]`` (first T tokens of each text) and what it implies."""

@@ -14,7 +14,6 @@ inside the runs directory (:func:`safe_path`).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -440,7 +439,7 @@ class Workbench:
                     f"at most {self.caps.max_sink_texts} texts and {self.caps.max_prompt_chars} characters"
                 )
         if texts is None:
-            texts = sinks.default_texts() if T <= 64 else _long_texts(T)
+            texts = sinks.texts_for(int(T))
         with self.using() as m:
             return sinks.scan(m, texts, T=int(T), eps=float(eps), progress=False)
 
@@ -629,15 +628,6 @@ def _head_metrics(rec) -> dict[str, torch.Tensor]:
         if top1.shape[-1] > 1
         else torch.zeros(top1.shape[:2]),
     }
-
-
-def _long_texts(T: int) -> list[str]:
-    """Texts long enough for ``T`` tokens: slices of the shipped haystack (as ``workbench scan sinks --T``)."""
-    from .. import niah
-
-    hay = niah.haystack()
-    chunk = max(6000, math.ceil(T * 12))
-    return [p for p in (hay[i * chunk : (i + 1) * chunk] for i in range(4)) if len(p) == chunk]
 
 
 _SHARED: dict[tuple, Workbench] = {}
