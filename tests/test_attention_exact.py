@@ -36,25 +36,27 @@ def check_against_eager(m, ids, mask=None, atol=1e-5):
         with torch.no_grad():
             logits = m.hf(input_ids=ids, attention_mask=mask).logits
     rows = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()  # padded query rows are undefined
-    a = cap.attention
-    col = a.stat("col_prob").double()  # [L, B, H, T, K=T]
-    sel = rows[None, :, None, :, None].expand_as(col)
-    torch.testing.assert_close(col[sel], probs[sel], atol=atol, rtol=0)
     ent = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
     rsel = rows[None, :, None, :].expand_as(ent)
     if not m.spec.learned_sinks:  # with sinks the entropy includes the sink slot, absent from eager's output
-        torch.testing.assert_close(a.entropy.double()[rsel], ent[rsel], atol=atol * 10, rtol=0)
+        torch.testing.assert_close(cap.stack("attn.entropy").double()[rsel], ent[rsel], atol=atol * 10, rtol=0)
     top_p, top_i = probs.max(-1)
-    torch.testing.assert_close(a.top1_prob.double()[rsel], top_p[rsel], atol=atol, rtol=0)
+    torch.testing.assert_close(cap.stack("attn.top1_prob").double()[rsel], top_p[rsel], atol=atol, rtol=0)
     second = probs.topk(2, dim=-1).values[..., 1]
     clear = rsel & ((top_p - second) > 1e-4)
-    assert torch.equal(a.top1[clear], top_i[clear])
-    # Gu's α_k for every key: eager column mean over the queries that see the key, per sequence
-    real = probs * rows[None, :, None, :, None]  # padded query rows see nothing by definition
-    seen = (real > 0).sum(3).double()  # [L, B, H, K]
-    alpha_ref = (real.sum(3) / seen).nanmean(1)
-    torch.testing.assert_close(a.alpha_all().double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
-    torch.testing.assert_close(a.alpha().double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
+    assert torch.equal(cap.stack("attn.top1")[clear], top_i[clear])
+    # Gu's α_k for every key, per sequence from its first real token: eager column mean over the real
+    # query rows that see the key (padding rows are not counted), then the batch mean
+    first = rows.int().argmax(1)
+    per_seq = []
+    for b in range(ids.shape[0]):
+        real = probs[:, b, :, first[b]:, first[b]:] * rows[b, first[b]:][None, None, :, None]
+        seen = (real > 0).sum(2).double()  # [L, H, K]
+        a = real.sum(2) / seen
+        per_seq.append(torch.nn.functional.pad(a, (0, T - a.shape[-1]), value=float("nan")))
+    alpha_ref = torch.stack(per_seq, 1).nanmean(1)  # [L, H, T]
+    torch.testing.assert_close(wb.sinks.alpha_all(cap).double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
+    torch.testing.assert_close(wb.sinks.alpha(cap).double(), alpha_ref, atol=atol, rtol=0, equal_nan=True)
     ref_logits = sdpa_logits(m, ids, mask)
     lr = rows[:, :, None].expand_as(logits)
     torch.testing.assert_close(logits[lr], ref_logits[lr], atol=1e-4, rtol=0)
@@ -87,14 +89,14 @@ def test_decode_steps_are_captured(tiny):
     ids = m.encode("abc")
     with wb.capture(m, wb.AttentionStats(sink_keys=2)) as cap, torch.no_grad():
         out = m.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=256)
-    a = cap.attention
     prompt_len = ids.shape[1]
-    assert a.q_pos.tolist() == list(range(prompt_len + 4))  # the 5th token needs no forward
+    assert cap.q_pos.tolist() == list(range(prompt_len + 4)) and cap.n_calls == 5  # the 5th token needs no forward
+    assert torch.equal(cap.token_ids, out[:, : prompt_len + 4])
     full_ids = out[:, : prompt_len + 4]
     with wb.capture(m, wb.AttentionStats(sink_keys=2)) as full:
         m.hf(full_ids)
-    torch.testing.assert_close(a.stat("col_prob"), full.attention.stat("col_prob"), atol=1e-5, rtol=0)
-    torch.testing.assert_close(a.entropy, full.attention.entropy, atol=1e-5, rtol=0)
+    for s in ("attn.alpha", "attn.entropy", "attn.top1_prob", "attn.hook_z_norm"):
+        torch.testing.assert_close(cap.stack(s), full.stack(s), atol=1e-5, rtol=0, msg=s)
 
 
 def test_idle_backend_is_sdpa(tiny):

@@ -99,7 +99,7 @@ def test_safe_path_refuses_traversal(tmp_path):
 
 def test_prompt_edits_change_loss_and_attention_is_exact(wb):
     base = wb.run_prompt(TEXT, max_new_tokens=4)
-    assert set(base.metrics) >= {"sink α₀ (Gu)", "previous-token share"}
+    assert set(base.metrics) >= {"attn.alpha[0]", "previous-token share"}
     assert all(v.shape == (2, 4) for v in base.metrics.values())
     abl = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(ablate=((1, 2), (0, 1)), mode="zero"))
     cal = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(calibrate=((1, 2),), sink_keys=(0,), beta=0.4))
@@ -363,7 +363,7 @@ def test_prompt_lab_on_the_embedded_model(smollm):
     """The default configuration: SmolLM2 in the prompt lab, chat template on, a mean ablation of a late head."""
     w = Workbench(None, moe_models=[], loader=lambda source: smollm)
     base = w.run_prompt("What is the capital of France?", chat=True, max_new_tokens=3)
-    assert base.metrics["sink α₀ (Gu)"].shape == (30, 9) and base.output.strip()
+    assert base.metrics["attn.alpha[0]"].shape == (30, 9) and base.output.strip()
     edited = w.run_prompt("What is the capital of France?", chat=True, max_new_tokens=3,
                           edits=HeadEdits(ablate=((20, 3), (21, 0)), mode="mean"))  # fmt: skip
     assert edited.loss != pytest.approx(base.loss, abs=1e-6)

@@ -7,7 +7,6 @@ import torch
 import workbench as wb
 from handbuilt import HD, USABLE, content_model
 from workbench import duo
-from workbench.capture import _attached
 from workbench.testing import byte_tokenizer
 
 
@@ -48,11 +47,9 @@ def test_gate_one_is_full_attention_gate_zero_is_streaming(tiny):
     spec = m.spec
     with torch.no_grad():
         full = m.hf(ids).logits
-        ones = duo._Gates(torch.ones(spec.n_layers, spec.n_kv_heads), spec.group_size, 2, 5)
-        with _attached(m, [ones]):
+        with wb.intervene(m, duo.GatedMix(torch.ones(spec.n_layers, spec.n_kv_heads), sink=2, recent=5)):
             gated_full = m.hf(ids).logits
-        zeros = duo._Gates(torch.zeros(spec.n_layers, spec.n_kv_heads), spec.group_size, 2, 5)
-        with _attached(m, [zeros]):
+        with wb.intervene(m, duo.GatedMix(torch.zeros(spec.n_layers, spec.n_kv_heads), sink=2, recent=5)):
             gated_stream = m.hf(ids).logits
         heads = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_kv_heads)]
         with wb.intervene(m, wb.StreamingHeads(heads, sink=2, recent=5, unit="kv")):

@@ -116,7 +116,7 @@ def test_transformerlens_bridge(arch):
         ours = m.hf(ids).logits
         theirs = bridge(ids)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
-    assert cap.attention.entropy.shape[0] == m.spec.n_layers
+    assert cap.stack("attn.entropy").shape[0] == m.spec.n_layers and len(cap.layers("attn.entropy")) == m.spec.n_layers
 
 
 # --- bad input: clear errors, nothing half-written ------------------------------------------------

@@ -2,12 +2,13 @@
 tokens and positions), plus one pass over a real capture."""
 import math
 from collections import Counter
-from types import SimpleNamespace
+import dataclasses
 
 import pytest
 import torch
 
 import workbench as wb
+from workbench.routing import RoutingRows
 from workbench.routing import analyses as A
 from workbench.testing import tiny_model
 
@@ -22,10 +23,12 @@ def rec():
     g = torch.Generator().manual_seed(0)
     experts = torch.stack([torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(R)]) for _ in range(L)])
     weights = torch.rand(L, R, K, generator=g)
-    return SimpleNamespace(
+    logits = torch.randn(L, R, E, generator=g)
+    return RoutingRows(
         layers=(1, 2, 4), n_experts=E, experts=experts, weights=weights,
         token_ids=torch.randint(0, 20, (R,), generator=g), positions=torch.arange(R) % 30,
-        margin=torch.rand(L, R, generator=g), logits=torch.randn(L, R, E, generator=g),
+        batch=torch.zeros(R, dtype=torch.long), call=torch.zeros(R, dtype=torch.long),
+        margin=torch.rand(L, R, generator=g), logits=logits, scores=logits, ran=experts, agrees=torch.ones(L, R, dtype=torch.bool),
     )  # fmt: skip
 
 
@@ -110,7 +113,7 @@ def test_flip_risk_bounds_real_flips():
     m = tiny_model("olmoe")
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         m.hf(input_ids=torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0)))
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     rs = m.spec.routers[0]
     eps = 0.02
     x = rec.logits[0]
@@ -126,7 +129,7 @@ def test_risk_difference_and_behaviour_experts(rec):
     g = torch.Generator().manual_seed(9)
     others = [e for e in range(E) if e != 3]
     b = torch.tensor([[[3, others[int(i)]] for i in torch.randint(0, E - 1, (R,), generator=g)] for _ in range(L)])
-    other = SimpleNamespace(**{**vars(rec), "experts": b})  # set B always uses expert 3
+    other = dataclasses.replace(rec, experts=b)  # set B always uses expert 3
     rd = A.risk_difference(rec, other)
     for l in range(L):
         for e in range(E):
@@ -146,7 +149,7 @@ def test_bad_analysis_input(rec):
         A.specialisation(rec, torch.arange(R))
     with pytest.raises(wb.ProbeError, match="threshold"):
         A.flip_risk(rec, 0)
-    one = SimpleNamespace(**{**vars(rec), "experts": rec.experts[:1], "layers": (1,)})
+    one = dataclasses.replace(rec, experts=rec.experts[:1], layers=(1,))
     with pytest.raises(wb.ProbeError, match="two recorded MoE layers"):
         A.transitions(one)
     with pytest.raises(wb.ProbeError, match="same model"):

@@ -67,7 +67,7 @@ def test_recorded_topk_is_what_ran(arch):
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         out = m.hf(input_ids=ids, output_router_logits=True)
     spy.remove()
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.experts.shape == (len(m.spec.routers), 22, 2)
     assert rec.token_ids.tolist() == ids.flatten().tolist()
     assert rec.positions.tolist() == list(range(11)) * 2 and rec.batch.tolist() == [0] * 11 + [1] * 11
@@ -98,7 +98,7 @@ def test_generate_decode_steps_are_recorded(arch):
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         out = m.hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=256)
     spy.remove()
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     T = prompt.shape[1]
     assert rec.experts.shape[1] == T + 4  # prefill rows, then one row per decode step
     assert rec.positions.tolist() == list(range(T + 4))
@@ -118,7 +118,7 @@ def test_margin_equals_brute_force():
         ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
         with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
             m.hf(input_ids=ids)
-        rec = cap.routing
+        rec = wb.routing.rows(cap)
         for li, rs in enumerate(m.spec.routers):
             x = rec.logits[li].double()
             if rs.rule == "softmax_topk":
@@ -147,7 +147,7 @@ def test_wrong_rule_is_detected_not_silent():
     with pytest.warns(UserWarning, match="disagrees"):
         with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
             m.hf(input_ids=torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2)))
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert not rec.verified
     bad = rec.check().router_mismatch
     assert (bad > 0).all()
@@ -158,14 +158,15 @@ def test_layers_subset_frame_and_provenance():
     m = routing_model("qwen2_moe")
     with wb.capture(m, wb.Routing(layers=[1])) as cap, torch.no_grad():
         m.forward_text("abc")
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.layers == (1,) and rec.experts.shape == (1, 4, 2)
-    assert rec.shared_experts == {1: "model.layers.1.mlp.shared_expert"}
+    assert cap.names() == [f"blocks.1.mlp.router.{p}" for p in ("agrees", "experts", "logits", "margin", "ran", "scores", "weights")]
+    assert cap["blocks.1.mlp.hook_expert_indices"].shape == (1, 4, 2)  # TransformerLens' name is an alias
     df = rec.to_frame()
     assert len(df) == 4 * 2 and set(df.columns) >= {"layer", "position", "token_id", "expert", "weight", "margin", "rank"}
     assert df[df["rank"] == 0].expert.tolist() == rec.experts[0, :, 0].tolist()
-    prov = rec.provenance
-    assert prov.token_ids == tuple(rec.token_ids.tolist()) and "routing" in prov.definition
+    prov = cap.provenance
+    assert prov.token_ids == tuple(rec.token_ids.tolist())
     assert prov.weights_hash == m.provenance.weights_hash
 
 
@@ -186,7 +187,7 @@ def test_transformerlens_bridge():
     m = wb.load(bridge)
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         m.hf(input_ids=ids)
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.verified
     for li, layer in enumerate(rec.layers):
         assert _sets_equal(rec.experts[li], cache[f"blocks.{layer}.mlp.hook_expert_indices"].reshape(-1, 2))
@@ -196,8 +197,10 @@ def test_routing_and_attention_probes_together():
     m = routing_model("olmoe")
     with wb.capture(m, wb.AttentionStats(), wb.Routing()) as cap:
         m.generate("abc", max_new_tokens=3, chat=False)
-    assert cap.routing.verified and cap.routing.experts.shape[1] == cap.attention.q_pos.numel() == 4 + 2
-    assert torch.equal(cap.routing.positions, cap.attention.q_pos)
+    rec = wb.routing.rows(cap)
+    assert rec.verified and rec.experts.shape[1] == cap.q_pos.numel() == 4 + 2
+    assert torch.equal(rec.positions, cap.q_pos)
+    assert cap["blocks.0.mlp.router.experts"].shape == (1, 6, 2) and cap["blocks.0.attn.top1"].shape == (1, 4, 6)
 
 
 def test_error_inside_the_block_is_not_masked():

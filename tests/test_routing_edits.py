@@ -50,9 +50,9 @@ def test_expert_mask_equals_router_on_penalised_logits(arch, monkeypatch):
         plain = m.hf(input_ids=IDS).logits
     with torch.no_grad(), wb.capture(m, wb.Routing()) as cap, wb.intervene(m, wb.ExpertMask([(rs.layer, 1) for rs in m.spec.routers])):
         ours = m.hf(input_ids=IDS).logits
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.verified and not (rec.ran == 1).any() and not (rec.experts == 1).any()
-    assert "expert-mask" in rec.provenance.extra["edits"]
+    assert "expert-mask" in cap.provenance.extra["edits"]
     penalty = {}
     for rs in m.spec.routers:
         penalty[rs.layer] = torch.zeros(rs.n_experts)
@@ -136,7 +136,7 @@ def test_expert_force_equals_brute_force(arch):
         m.hf(input_ids=IDS)
     for h in handles:
         h.remove()
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     rs = m.spec.routers[0]
     idx, w = seen[0][-1]
     bias = m.hf.get_submodule(rs.router_path).e_score_correction_bias if rs.has_correction_bias else None
@@ -181,11 +181,11 @@ def test_edit_applies_during_generate_and_is_removed_after():
     m = routing_model("olmoe")
     with wb.capture(m, wb.Routing()) as cap, wb.intervene(m, wb.ExpertMask([(0, 2), (1, 2)])):
         m.generate("ab", max_new_tokens=4, chat=False)
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.call.max() == 3 and not (rec.ran == 2).any() and rec.verified
     with wb.capture(m, wb.Routing()) as cap2, torch.no_grad():
         m.hf(input_ids=IDS)
-    assert (cap2.routing.ran == 2).any()  # the mask is gone
+    assert (wb.routing.rows(cap2).ran == 2).any()  # the mask is gone
     assert not m.hf.get_submodule(m.spec.routers[0].router_path)._forward_hooks
 
 

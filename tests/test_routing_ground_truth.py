@@ -101,7 +101,7 @@ def token_capture():
     ids = _sequences(8, 48, 32, seed=0)
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         m.hf(input_ids=ids)
-    return ids, cap.routing
+    return ids, wb.routing.rows(cap)
 
 
 def test_capture_recovers_token_function_exactly(token_capture):
@@ -145,7 +145,7 @@ def test_position_router_is_found_position_dependent():
     ids = _sequences(16, 32, 32, seed=3)
     with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
         m.hf(input_ids=ids)
-    rec = cap.routing
+    rec = wb.routing.rows(cap)
     assert rec.verified
     want = torch.tensor([position_expert(p) for p in range(32)]).repeat(16)
     assert torch.equal(rec.experts[0, :, 0], want)

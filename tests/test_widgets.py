@@ -156,20 +156,19 @@ def test_head_grid_from_a_capture_equals_its_statistics(tiny):
     m = tiny("llama")
     with wb.capture(m, wb.AttentionStats(sink_keys=2, layers=[1])) as cap:
         m.forward_text(TEXT)
-    grid = HeadGrid(cap.attention)
-    a = cap.attention
+    grid = HeadGrid(cap)
     values = {k: torch.tensor([[float("nan") if v is None else v for v in row] for row in vs]) for k, vs in grid.values.items()}
-    assert values["α_0 sink mass"][0].isnan().all()  # layer 0 was not captured
-    torch.testing.assert_close(values["α_1 sink mass"][1], a.alpha()[0, :, 1])
-    torch.testing.assert_close(values["entropy"][1], a.entropy[0, 0].mean(-1))
-    torch.testing.assert_close(values["top-1 prob"][1], a.top1_prob[0, 0].mean(-1))
+    assert values["attn.alpha[0]"][0].isnan().all()  # layer 0 was not captured
+    torch.testing.assert_close(values["attn.alpha[1]"][1], wb.sinks.alpha(cap)[1, :, 1])
+    torch.testing.assert_close(values["attn.entropy"][1], cap["blocks.1.attn.entropy"][0].mean(-1))
+    torch.testing.assert_close(values["attn.top1_prob"][1], cap["blocks.1.attn.top1_prob"][0].mean(-1))
 
 
 def test_head_grid_click_updates_the_drill_down(tiny):
     m = tiny("llama")
     with wb.capture(m, wb.AttentionStats(sink_keys=1)) as cap:
         m.forward_text(TEXT)
-    grid = HeadGrid(cap.attention, prompt=TEXT)
+    grid = HeadGrid(cap, prompt=TEXT)
     assert grid.model is m and grid.can_ablate
     grid.selected = [1, 3]  # what clicking the cell sets
     view = grid.attention
@@ -251,7 +250,7 @@ def test_routing_view_tiny_random_moes(tiny, arch):
     view = RoutingView(m, "abc abd")
     with wb.capture(m, wb.Routing()) as cap:
         m.forward_text("abc abd")
-    assert view.top1 == cap.routing.experts[..., 0].tolist()
+    assert view.top1 == wb.routing.rows(cap).experts[..., 0].tolist()
     assert view.layers == list(m.spec.moe_layers)
 
 
@@ -265,7 +264,7 @@ def test_routing_view_edits_rerun_and_show_the_change(tiny_moe):
     assert e not in [x for row in view.edited_top1[1] for x in [row]]
     with wb.intervene(tiny_moe, wb.ExpertMask([(1, e)])), wb.capture(tiny_moe, wb.Routing()) as cap:
         tiny_moe.forward_text("the cat sat on the mat")
-    assert view.edited_top1 == cap.routing.experts[..., 0].tolist()
+    assert view.edited_top1 == wb.routing.rows(cap).experts[..., 0].tolist()
     assert view.effect["changed_top1"] == sum(a != b for ra, rb in zip(view.top1, view.edited_top1) for a, b in zip(ra, rb))
     view.masked, view.forced = [], [[0, 5]]
     view.apply()

@@ -6,6 +6,7 @@ Flat public API (see the README)::
     m = wb.load()                                  # embedded SmolLM2-135M-Instruct
     with wb.capture(m, wb.AttentionStats(sink_keys=4)) as cap:
         m.forward_text("...")
+    cap["blocks.17.attn.top1"]                     # named hook points, TransformerLens-style
     with wb.intervene(m, wb.HeadAblation([(12, 3)], mode="zero")):
         m.generate("...")
 """
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import duo, niah, retrieval, sinks, study
-from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window
-from .capture import Capture, capture, head_output_means, intervene
+from . import duo, names, niah, retrieval, sinks, study
+from .activations import Activations
+from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window, head_output_means
+from .capture import Capture, capture, intervene
+from .hooks import Edit, Hook, Probe
 from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
 from .loading import load
 from .model import Model
@@ -29,6 +32,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 
 __all__ = [
+    "Activations", "Edit", "Hook", "Probe", "names",
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
     "ResultStore", "capture", "head_output_means", "intervene", "duo", "load", "niah", "retrieval", "sinks", "study",

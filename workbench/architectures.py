@@ -22,6 +22,9 @@ class Architecture:
 
     layers_path: str = "model.layers"
     attention: str = "self_attn"
+    out_proj: str = "o_proj"  # relative to the attention module: its input is TransformerLens' hook_z
+    mlp: str = "mlp"  # the MLP (or MoE block) of a decoder layer
+    mlp_down: str = "down_proj"  # relative to the MLP: its input is hook_post (dense MLPs only)
     moe_block: str | None = None
     router: str | None = None  # relative to the MoE block
     router_rule: str | None = None
@@ -60,7 +63,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         moe_block="mlp", router="router", router_rule="topk_softmax", experts="experts", experts_index_arg="router_indices"
     ),
     "granitemoe": Architecture(
-        moe_block="block_sparse_moe", router="router", router_rule="topk_softmax", experts="experts"
+        mlp="block_sparse_moe", moe_block="block_sparse_moe", router="router", router_rule="topk_softmax", experts="experts"
     ),
     "phimoe": Architecture(moe_block="mlp", router="router", router_rule="sparsemixer", experts="experts"),
 }

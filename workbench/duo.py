@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from . import niah
 from .attention import StreamingHeads
 from .attention.plan import LayerPlan
-from .capture import _attached, intervene
+from .capture import intervene
+from .hooks import Bound, Edit
 from .display import Figures
 from .errors import ProbeError
 
@@ -33,13 +34,31 @@ def streaming_visibility(q_pos: torch.Tensor, key_pos: torch.Tensor, sink: int, 
     return (key_pos[None, :] < sink) | (key_pos[None, :] > q_pos[:, None] - recent)
 
 
-class _Gates:
-    """Planner: every layer runs the differentiable gated mix with this layer's α."""
+@dataclass(frozen=True, eq=False)
+class GatedMix(Edit):
+    """Every layer's attention becomes ``α·full + (1−α)·streaming`` with a differentiable gate ``alpha``
+    ``[layer, kv_head]`` (DuoAttention's training-time mix; gradients flow into ``alpha``)."""
 
-    def __init__(self, alpha: torch.Tensor, group: int, sink: int, recent: int):
-        self.alpha, self.group, self.sink, self.recent = alpha, group, sink, recent
+    alpha: torch.Tensor
+    sink: int
+    recent: int
+    label = "duo-gated-mix"
 
-    def plan(self, layer: int, n_queries: int) -> LayerPlan:
+    def bind(self, model) -> "_BoundGates":
+        if tuple(self.alpha.shape) != (model.spec.n_layers, model.spec.n_kv_heads):
+            raise ProbeError(f"GatedMix: alpha must be [layer, kv_head] = {(model.spec.n_layers, model.spec.n_kv_heads)}")
+        return _BoundGates(self.alpha, model.spec, self.sink, self.recent)
+
+
+class _BoundGates(Bound):
+    is_edit = True
+    label = GatedMix.label
+
+    def __init__(self, alpha: torch.Tensor, spec, sink: int, recent: int):
+        self.alpha, self.group, self.sink, self.recent = alpha, spec.group_size, sink, recent
+        self.sites = frozenset(("attn", l) for l in range(spec.n_layers))
+
+    def attention(self, layer: int, call) -> LayerPlan:
         a = self.alpha[layer].clamp(0, 1).repeat_interleave(self.group)  # per query head
 
         def gated(q, k, v, scale, dense, q_pos, key_pos):
@@ -55,9 +74,6 @@ class _Gates:
             return g * full + (1 - g) * stream
 
         return LayerPlan(gated=gated)
-
-    def receive(self, *a) -> None:
-        pass
 
 
 _COLOURS = ("amber", "crimson", "silver", "violet", "olive", "golden", "scarlet", "indigo", "ivory", "copper")
@@ -131,14 +147,14 @@ def train_gates(
     opt = torch.optim.Adam([alpha], lr=lr)
     for p in model.hf.parameters():
         p.requires_grad_(False)
-    gates = _Gates(alpha, spec.group_size, sink, recent)
+    gates = GatedMix(alpha, sink, recent)
     losses = []
     for _ in tqdm(range(steps), desc="DuoAttention gates", unit="step", disable=not progress):
         ids, start = samples(rng) if samples is not None else passkey_sample(model, length, rng)
         ids = ids.to(model.device)
         with torch.no_grad():
             target = model.hf.model(input_ids=ids).last_hidden_state[:, start:]
-        with _attached(model, [gates]):
+        with intervene(model, gates):
             hidden = model.hf.model(input_ids=ids).last_hidden_state[:, start:]
         loss = F.mse_loss(hidden.float(), target.float()) + l1 * alpha.clamp(0, 1).abs().sum()
         opt.zero_grad()

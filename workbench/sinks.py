@@ -10,7 +10,7 @@ ACT calibration as an experiment (shared/DESIGN.md §3).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -21,11 +21,39 @@ from tqdm.auto import tqdm
 from . import niah
 from .attention import AttentionStats, SinkCalibration
 from .capture import capture, intervene
+from .hooks import Hook
 from .display import Figures
 from .errors import ProbeError
 
 HIDDEN_SINK_THRESHOLD = 0.1
 MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
+
+
+def alpha(cap) -> torch.Tensor:
+    """Gu et al.'s α_k of the tracked keys ``[layer, head, key]`` (``attn.alpha``, mean over the batch's
+    sequences; NaN in layers the capture did not record)."""
+    return cap.stack("attn.alpha").nanmean(1)
+
+
+def alpha_all(cap) -> torch.Tensor:
+    """α_k for every key ``[layer, head, key]`` from ``AttentionStats(key_mass=True)``: the mean attention key k
+    receives from the rows that can see it (``attn.key_mass / attn.key_count``), mean over the batch."""
+    mass, count = cap.stack("attn.key_mass"), cap.stack("attn.key_count")
+    return (mass / count[:, :, None, :].to(mass.dtype)).nanmean(1).float()
+
+
+def sink_rate(alpha: torch.Tensor, k: int = 0, eps: float = 0.3) -> float:
+    """Gu et al.'s Sink_{k+1}^ε: percentage of (layer, head) whose α of key ``k`` (0-based; 0 = the first
+    token) exceeds ε. ``alpha`` is ``[layer, head, key]`` (:func:`alpha`, :func:`alpha_all`, a SinkResult's
+    ``mean_alpha``); layers without values (NaN) are left out."""
+    _check_eps(eps)
+    if not 0 <= k < alpha.shape[-1]:
+        raise ProbeError(f"key {k} was not tracked; α covers keys 0..{alpha.shape[-1] - 1}")
+    a = alpha[..., k]
+    a = a[~torch.isnan(a)]
+    if a.numel() == 0:
+        raise ProbeError("no α values: capture with AttentionStats(sink_keys=k + 1) and run the model")
+    return float((a > eps).double().mean() * 100)
 
 
 def default_texts(n: int = 12) -> list[str]:
@@ -65,8 +93,7 @@ class SinkResult(Figures):
 
     def sink_rate(self, k: int = 0, eps: float | None = None) -> float:
         """Sink_{k+1}^ε in percent (key index ``k`` is 0-based: ``k=0`` is the first token)."""
-        eps = self.eps if eps is None else _check_eps(eps)
-        return float((self.mean_alpha[..., k] > eps).double().mean() * 100)
+        return sink_rate(self.mean_alpha, k, self.eps if eps is None else eps)
 
     def sink_heads(self, k: int = 0, eps: float | None = None) -> list[tuple[int, int]]:
         eps = self.eps if eps is None else eps
@@ -149,12 +176,15 @@ def scan(model, texts: list[str] | None = None, *, T: int = 64, eps: float = 0.3
     if model.spec.max_positions and T > model.spec.max_positions:
         raise ProbeError(f"T = {T} exceeds the model's {model.spec.max_positions} positions")
     alphas, massive = [], []
+    probes = (AttentionStats(sink_keys=0, key_mass=True), Hook("blocks.*.hook_resid_post", _massive_entries, key="massive"))
     for i, ids in enumerate(tqdm(ids_list, desc="sink scan", unit="text", disable=not progress)):
         x = torch.tensor([ids], device=model.device)
-        with capture(model, AttentionStats(sink_keys=0, key_mass=True)) as cap, _layer_outputs(model) as residual:
-            model.hf(input_ids=x)
-        alphas.append(cap.attention.alpha_all())
-        massive += _massive(residual, ids, model, text=i)
+        with capture(model, *probes) as cap:
+            model.hf(input_ids=x, logits_to_keep=1)  # only attention is needed: no [T, vocab] logits
+        alphas.append(alpha_all(cap))
+        for layer in range(model.spec.n_layers):
+            for pos, dim, value in cap[f"blocks.{layer}.hook_resid_post.massive"].tolist():
+                massive.append((i, layer, int(pos), int(dim), value, model.tokens([ids[int(pos)]])[0]))
     tokens = [model.tokens(ids) for ids in ids_list]
     prov = model.provenance.with_run(definition=f"Gu2025 alpha_k, Sink_k^eps eps={eps} T={T}; ACT hidden sinks >0.1; Sun2024 massive",
                                      texts=len(texts))  # fmt: skip
@@ -163,30 +193,12 @@ def scan(model, texts: list[str] | None = None, *, T: int = 64, eps: float = 0.3
                       provenance=prov)  # fmt: skip
 
 
-@contextmanager
-def _layer_outputs(model):
-    """Each decoder layer's output (the residual stream). Not ``output_hidden_states``: its last entry
-    is after the final norm, which hides the massive activations of the last layer."""
-    outs: list[torch.Tensor] = []
-    layers = [model.hf.get_submodule(p.rsplit(".", 1)[0]) for p in model.spec.attention_paths]
-    hooks = [layer.register_forward_hook(lambda mod, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())) for layer in layers]
-    try:
-        yield outs
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _massive(layer_outputs, ids, model, text: int) -> list[tuple]:
-    """Sun et al.: entries with |x| > 100 and ≥ 1000 × the median |x| of that layer's output."""
-    rows = []
-    for l, h in enumerate(layer_outputs):
-        a = h[0].abs().float()
-        med = a.median()
-        hit = ((a > MASSIVE_ABS) & (a >= MASSIVE_RATIO * med)).nonzero().tolist()
-        for pos, dim in hit:
-            rows.append((text, l, pos, dim, float(h[0, pos, dim]), model.tokens([ids[pos]])[0]))
-    return rows
+def _massive_entries(x: torch.Tensor, name) -> torch.Tensor:
+    """Sun et al.: entries of one layer's output with |x| > 100 and ≥ 1000 × its median |x| → ``[n, 3]``
+    rows of (position, dim, value) for the first sequence."""
+    a = x[0].abs().float()
+    hit = ((a > MASSIVE_ABS) & (a >= MASSIVE_RATIO * a.median())).nonzero()
+    return torch.cat([hit.double(), x[0][hit[:, 0], hit[:, 1]].double()[:, None]], dim=1).cpu()
 
 
 # --- ACT calibration experiment ---------------------------------------------------------------------

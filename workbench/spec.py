@@ -62,6 +62,11 @@ class ModelSpec:
     learned_sinks: bool
     routers: tuple[RouterSpec, ...] = ()
     bos: BosPolicy | None = None
+    base_path: str = "model"  # the decoder stack (embeddings + layers + final norm)
+    layer_paths: tuple[str, ...] = ()  # decoder layers: their input/output is the residual stream
+    mlp_paths: tuple[str | None, ...] = ()
+    out_proj_paths: tuple[str | None, ...] = ()  # attention output projections (input = hook_z)
+    mlp_down_paths: tuple[str | None, ...] = ()  # dense MLP down projections (input = mlp.hook_post)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,15 +87,52 @@ class ModelSpec:
 
     def check_head(self, layer: int, head: int, *, what: str = "head") -> None:
         """Raise a clear error when (layer, head) is not a query head of this model."""
+        self.heads([(layer, head)], what=what)
+
+    def layers(self, items, *, what: str = "layers") -> tuple[int, ...]:
+        """Validated layer indices (ints, each an existing layer, duplicates dropped, order kept)."""
         from .errors import ProbeError
 
-        if not 0 <= layer < self.n_layers:
-            raise ProbeError(f"{what}: layer {layer} does not exist (model has layers 0..{self.n_layers - 1})")
-        if not 0 <= head < self.n_heads:
-            raise ProbeError(
-                f"{what}: head {head} does not exist in layer {layer} "
-                f"(query heads 0..{self.n_heads - 1}; {self.n_kv_heads} KV heads, {self.group_size} query heads each)"
-            )
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise ProbeError(f"{what}: layers must be a list of layer indices, got {items!r}")
+        out = []
+        for x in items:
+            layer = _index(x, f"{what}: layer")
+            if not 0 <= layer < self.n_layers:
+                raise ProbeError(f"{what}: layer {layer} does not exist (model has layers 0..{self.n_layers - 1})")
+            if layer not in out:
+                out.append(layer)
+        if not out:
+            raise ProbeError(f"{what}: no layers given")
+        return tuple(out)
+
+    def heads(self, items, *, what: str = "heads", unit: str = "query") -> list[tuple[int, int]]:
+        """Validated ``(layer, head)`` pairs from pairs of ints or names like ``"L17H3"`` (duplicates dropped).
+        ``unit="kv"``: the pairs name KV heads (checked against the KV head count)."""
+        from .errors import ProbeError
+
+        if unit not in ("query", "kv"):
+            raise ProbeError(f"{what}: unit must be 'query' or 'kv', got {unit!r}")
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise ProbeError(f"{what}: heads must be a list of (layer, head) pairs or names like 'L17H3', got {items!r}")
+        n = self.n_heads if unit == "query" else self.n_kv_heads
+        out: list[tuple[int, int]] = []
+        for it in items:
+            layer, head = _head_pair(it, what)
+            if not 0 <= layer < self.n_layers:
+                raise ProbeError(f"{what}: layer {layer} does not exist (model has layers 0..{self.n_layers - 1})")
+            if not 0 <= head < n:
+                extra = f"; {head} is a query head index — pass unit='query'" if unit == "kv" and head < self.n_heads else ""
+                raise ProbeError(
+                    f"{what}: {'KV ' if unit == 'kv' else ''}head {head} does not exist in layer {layer} "
+                    f"({'KV heads' if unit == 'kv' else 'query heads'} 0..{n - 1}; {self.n_kv_heads} KV heads, "
+                    f"{self.group_size} query heads each){extra}"
+                )
+            if (layer, head) not in out:
+                out.append((layer, head))
+        if not out:
+            raise ProbeError(f"{what}: no heads given")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +159,37 @@ class ModelSpec:
         if self.bos:
             lines.append(f"BOS policy: {self.bos.describe()}")
         return "\n".join(lines)
+
+
+def _index(x, what: str) -> int:
+    """An integer index, refusing floats (1.7 is not head 1) and bools."""
+    import operator
+
+    from .errors import ProbeError
+
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.dim() or x.dtype.is_floating_point)):
+        raise ProbeError(f"{what} must be an integer, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise ProbeError(f"{what} must be an integer, got {x!r}") from None
+
+
+def _head_pair(it, what: str) -> tuple[int, int]:
+    import re
+
+    from .errors import ProbeError
+
+    if isinstance(it, str):
+        m = re.fullmatch(r"\s*[Ll](\d+)\s*[Hh](\d+)\s*", it)
+        if not m:
+            raise ProbeError(f"{what}: {it!r} is not a head; write (layer, head) or 'L17H3'")
+        return int(m.group(1)), int(m.group(2))
+    try:
+        layer, head = it
+    except (TypeError, ValueError):
+        raise ProbeError(f"{what}: {it!r} is not a head; write (layer, head) or 'L17H3'") from None
+    return _index(layer, f"{what}: layer"), _index(head, f"{what}: head")
 
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -148,7 +221,8 @@ def discover_spec(model: torch.nn.Module, tokenizer=None) -> ModelSpec:
     if missing:
         raise UnsupportedModelError(f"architecture {model_type!r}: config lacks {', '.join(missing)}")
     n_layers = len(layers)
-    attn_paths = tuple(f"{arch.layers_path}.{i}.{arch.attention}" for i in range(n_layers))
+    layer_paths = tuple(f"{arch.layers_path}.{i}" for i in range(n_layers))
+    attn_paths = tuple(f"{p}.{arch.attention}" for p in layer_paths)
     absent = [p for p in attn_paths if _get(model, p) is None]
     if absent:
         raise UnsupportedModelError(
@@ -176,7 +250,17 @@ def discover_spec(model: torch.nn.Module, tokenizer=None) -> ModelSpec:
         learned_sinks=learned_sinks,
         routers=_routers(model, cfg, arch, n_layers),
         bos=bos_policy(tokenizer) if tokenizer is not None else None,
+        base_path=arch.layers_path.rpartition(".")[0],
+        layer_paths=layer_paths,
+        mlp_paths=_existing(model, [f"{p}.{arch.mlp}" for p in layer_paths]),
+        out_proj_paths=_existing(model, [f"{p}.{arch.out_proj}" for p in attn_paths]),
+        mlp_down_paths=_existing(model, [f"{p}.{arch.mlp}.{arch.mlp_down}" for p in layer_paths]),
     )
+
+
+def _existing(model, paths) -> tuple[str | None, ...]:
+    """Each path where a module lives there, else None (e.g. no down projection in an MoE block)."""
+    return tuple(p if _get(model, p) is not None else None for p in paths)
 
 
 def _sliding_windows(cfg, n_layers: int) -> tuple[int | None, ...]:

@@ -7,7 +7,6 @@ it covers the request, else the chunked torch path. Both return the normal atten
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +14,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..errors import ProbeError
 from .chunked import apply_output_edits, chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
 from . import triton_route
@@ -24,50 +22,23 @@ from .plan import LayerPlan
 NAME = "workbench"
 
 
-@dataclass(eq=False)
-class BackendState:
-    """Per-model registry of what the active captures/interventions want from each layer."""
+def install(model) -> "HookManager":
+    """Route ``model``'s attention (a :class:`workbench.Model`) through the workbench backend, with one
+    :class:`~workbench.hooks.HookManager` per underlying module tree (idempotent)."""
+    from ..hooks import HookManager
 
-    planners: list = field(default_factory=list)  # .plan(layer, n_queries) -> LayerPlan | None; .receive(layer, stats, q_pos)
-    use_triton: bool | None = None  # None: on CUDA when the kernel covers the request; True: also on CPU (interpreter)
-
-    def plan_for(self, layer: int, n_queries: int) -> tuple[LayerPlan | None, list]:
-        plans = [(p, p.plan(layer, n_queries)) for p in self.planners]
-        plans = [(p, lp) for p, lp in plans if lp is not None and lp.active]
-        if not plans:
-            return None, []
-        merged = LayerPlan()
-        recorders = []
-        for owner, lp in plans:
-            merged.edits.extend(lp.edits)
-            merged.gated = merged.gated or lp.gated
-            if lp.record or lp.record_outputs:
-                if recorders:
-                    # two recorders on one layer would need two stat layouts; keep one probe per layer
-                    raise ProbeError(
-                        f"two active captures record layer {layer}; give nested captures disjoint layers "
-                        "(AttentionStats(layers=...)) or use one probe"
-                    )
-                recorders.append(owner)
-                merged.record, merged.record_outputs = lp.record, lp.record_outputs
-                merged.key_columns, merged.spans, merged.topk, merged.tiles = lp.key_columns, lp.spans, lp.topk, lp.tiles
-                merged.key_mass = lp.key_mass
-        return merged, recorders
-
-
-def install(hf_model: torch.nn.Module, attention_paths: tuple[str, ...]) -> BackendState:
-    """Route ``hf_model``'s attention through the workbench backend (once; idempotent)."""
     register()
-    state = getattr(hf_model, "_workbench_state", None)
-    if state is None:
-        state = BackendState()
-        hf_model._workbench_state = state
-    for i, path in enumerate(attention_paths):
-        mod = hf_model.get_submodule(path)
+    hf = model.hf
+    mgr = getattr(hf, "_workbench_state", None)
+    if not isinstance(mgr, HookManager):
+        mgr = HookManager(model)
+        hf._workbench_state = mgr
+    for i, path in enumerate(model.spec.attention_paths):
+        mod = hf.get_submodule(path)
         mod._workbench_layer = i
-        mod._workbench_state = state
-    hf_model.set_attn_implementation(NAME)
-    return state
+        mod._workbench_state = mgr
+    hf.set_attn_implementation(NAME)
+    return mgr
 
 
 _registered = False
@@ -94,12 +65,17 @@ def workbench_attention(
     **kwargs: Any,
 ):
     """``AttentionInterface`` function: ``(out [B, M, Hq, Dv], None)``."""
-    state: BackendState | None = getattr(module, "_workbench_state", None)
+    mgr = getattr(module, "_workbench_state", None)
     layer = getattr(module, "_workbench_layer", None)
-    plan, recorders = state.plan_for(layer, query.shape[2]) if state is not None else (None, [])
-    if plan is None and s_aux is None:
+    plan, receivers = mgr.attention_plan(layer) if mgr is not None else (None, [])
+    if (plan is None or not plan.active) and s_aux is None:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
-        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+        out, _ = sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+        if plan is not None and plan.z_norm:  # only head-output norms asked for: the fast path serves
+            stats = {"z_norm": out.float().norm(dim=-1).transpose(1, 2)}
+            for receive in receivers:
+                receive(stats)
+        return out, None
     if module.training and dropout > 0:
         raise RuntimeError("workbench attention computes statistics in eval mode only; call model.eval()")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -121,12 +97,14 @@ def workbench_attention(
         key_pos = torch.arange(N, device=query.device) + kv_offset
         out = plan.gated(query, key, value, scale, dense, q_pos, key_pos)
         return out.transpose(1, 2).contiguous(), None
-    if triton_route.covers(state.use_triton if state is not None else False, plan, query, value, attention_mask, sliding_window):
+    if triton_route.covers(mgr.use_triton if mgr is not None else False, plan, query, value, attention_mask, sliding_window):
         out, stats = triton_route.run(query, key, value, scale, attention_mask, sliding_window, s_aux, plan, q_pos)
     if out is None:
         out, stats = chunked_attention(
             query, key, value, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=s_aux, plan=plan
         )
-    for owner in recorders:
-        owner.receive(layer, stats, q_pos)
+    if plan.z_norm:
+        stats["z_norm"] = out.float().norm(dim=-1)
+    for receive in receivers:
+        receive(stats)
     return out.transpose(1, 2).contiguous(), None

@@ -253,8 +253,12 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: i
         member = member & ((qp[None, :, None] - kp[None, None, :]) < sp[:, 2, None, None])  # [NS, c, n]
         st["span_mass"][:, :, i0:i1] = (torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)) * inv[..., None]).float()
     if plan.key_mass:
-        st["key_mass"][..., lo : lo + kp.numel()] += (inv.unsqueeze(-2) @ p).squeeze(-2).double()
-        st["key_count"][:, lo : lo + kp.numel()] += vis[:, 0].sum(1).expand(st["key_count"].shape[0], -1)
+        w, seen = inv, vis[:, 0]
+        if plan.query_valid is not None:  # padding query rows see real keys but are not counted
+            qv = plan.query_valid[:, i0:i1].to(p.device)
+            w, seen = inv * qv[:, None], seen & qv[..., None]
+        st["key_mass"][..., lo : lo + kp.numel()] += (w.unsqueeze(-2) @ p).squeeze(-2).double()
+        st["key_count"][:, lo : lo + kp.numel()] += seen.sum(1).expand(st["key_count"].shape[0], -1)
     for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
         rows = (qp >= q0) & (qp < q1)
         if rows.any():

@@ -1,84 +1,73 @@
-"""Attention interventions, applied inside the backend. Each validates against the ModelSpec before
-any forward pass and labels itself (``label``) so results say which edit produced them."""
+"""Attention interventions, applied inside the backend. Each is an immutable spec: ``bind(model)``
+validates it against the ModelSpec before any forward pass and returns a new bound edit (a spec
+reused on a second model is bound afresh — a mean ablation computes that model's means). ``label``
+names the edit in results."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
 from ..errors import ProbeError
+from ..hooks import Bound, Edit
 from .plan import HeadEdit, LayerPlan
 
 Head = tuple[int, int]
 ABLATION_MODES = ("zero", "mean", "uniform")
 
 
-def _query_heads(spec, heads: Iterable[Head], unit: str, what: str) -> list[Head]:
+def _query_heads(spec, heads, unit: str, what: str) -> list[Head]:
     """Validated (layer, query head) pairs; ``unit="kv"`` expands each KV head to its query-head group."""
-    heads = [tuple(int(x) for x in h) for h in heads]
-    if not heads:
-        raise ProbeError(f"{what}: no heads given")
-    if unit not in ("query", "kv"):
-        raise ProbeError(f"{what}: unit must be 'query' or 'kv', got {unit!r}")
-    out: list[Head] = []
-    for layer, h in heads:
-        if unit == "kv":
-            if not 0 <= h < spec.n_kv_heads:
-                raise ProbeError(
-                    f"{what}: KV head {h} does not exist (layer {layer} has KV heads 0..{spec.n_kv_heads - 1})"
-                    + (f"; {h} is a query head index — pass unit='query'" if h < spec.n_heads else "")
-                )
-            spec.check_head(layer, 0, what=what)
-            out += [(layer, h * spec.group_size + g) for g in range(spec.group_size)]
-        else:
-            spec.check_head(layer, h, what=what)
-            out.append((layer, h))
-    return out
+    pairs = spec.heads(heads, what=what, unit=unit)
+    if unit == "kv":
+        return [(l, h * spec.group_size + g) for l, h in pairs for g in range(spec.group_size)]
+    return pairs
+
+
+def _positions(positions, what: str) -> torch.Tensor | None:
+    if positions is None:
+        return None
+    from ..spec import _index
+
+    t = torch.as_tensor([_index(p, f"{what}: position") for p in positions], dtype=torch.long)
+    if (t < 0).any():
+        raise ProbeError(f"{what}: positions must be ≥ 0")
+    return t
 
 
 def _key_positions(keys, what: str) -> torch.Tensor:
     """Non-empty, non-negative key positions, or a clear error naming the edit."""
-    t = _positions(keys)
+    t = _positions(list(keys) if keys is not None else None, what)
     if t is None or not t.numel():
         raise ProbeError(f"{what}: give at least one key position")
     return t
 
 
-def _positions(positions) -> torch.Tensor | None:
-    if positions is None:
-        return None
-    t = torch.as_tensor(list(positions), dtype=torch.long)
-    if (t < 0).any():
-        raise ProbeError("positions must be ≥ 0")
-    return t
+class BoundHeadEdits(Bound):
+    """Any attention edit bound to a model: per layer, the :class:`HeadEdit` list the backend applies."""
+
+    is_edit = True
+
+    def __init__(self, label: str, edits: list[tuple[int, HeadEdit]]):
+        self.label = label
+        self.by_layer: dict[int, list[HeadEdit]] = {}
+        for layer, e in edits:
+            self.by_layer.setdefault(layer, []).append(e)
+        self.sites = frozenset(("attn", l) for l in self.by_layer)
+
+    def attention(self, layer, call):
+        edits = self.by_layer.get(layer)
+        return LayerPlan(edits=list(edits)) if edits else None
 
 
-class _Edit:
-    """Base: an edit is a planner the backend asks per layer."""
-
-    heads: list[Head]
-
-    def bind(self, model) -> "_Edit":
-        raise NotImplementedError
-
-    def _head_edits(self, layer: int) -> list[HeadEdit]:
-        raise NotImplementedError
-
-    def plan(self, layer: int, n_queries: int) -> LayerPlan | None:
-        edits = self._head_edits(layer)
-        return LayerPlan(edits=edits) if edits else None
-
-    def receive(self, layer, stats, q_pos) -> None:  # edits record nothing
-        pass
-
-
-@dataclass
-class HeadAblation(_Edit):
+@dataclass(frozen=True)
+class HeadAblation(Edit):
     """Ablate query heads. ``mode``: ``zero`` (head output zeroed), ``mean`` (output replaced by its
-    mean over a reference set: pass ``reference`` texts or precomputed ``means``), ``uniform``
-    (uniform attention over visible keys — Wu et al.'s "masking"). ``unit="kv"`` names KV heads.
-    ``positions`` limits the ablation to those query positions."""
+    mean over a reference set: pass ``reference`` texts, or precomputed ``means`` {(layer, head): [Dv]}),
+    ``uniform`` (uniform attention over visible keys — Wu et al.'s "masking"). Heads are (layer, head)
+    pairs or names like ``"L17H3"``; ``unit="kv"`` names KV heads. ``positions`` limits the ablation to
+    those query positions."""
 
     heads: Sequence[Head]
     mode: str = "zero"
@@ -86,39 +75,37 @@ class HeadAblation(_Edit):
     unit: str = "query"
     reference: Sequence[str] | None = None
     means: Mapping[Head, torch.Tensor] | None = None
-    _bound: list = field(default_factory=list, repr=False)
 
     @property
     def label(self) -> str:
         return f"head-ablation:{self.mode}"
 
-    def bind(self, model) -> "HeadAblation":
+    def bind(self, model) -> BoundHeadEdits:
         if self.mode not in ABLATION_MODES:
             raise ProbeError(f"HeadAblation: mode must be one of {ABLATION_MODES}, got {self.mode!r}")
-        self._bound = _query_heads(model.spec, self.heads, self.unit, "HeadAblation")
-        self._pos = _positions(self.positions)
+        heads = _query_heads(model.spec, self.heads, self.unit, "HeadAblation")
+        pos = _positions(self.positions, "HeadAblation")
+        means = None
         if self.mode == "mean":
-            if self.means is None:
-                if not self.reference:
-                    raise ProbeError("HeadAblation(mode='mean') needs reference texts or precomputed means")
-                from ..capture import head_output_means
-
-                self.means = head_output_means(model, self.reference, layers={l for l, _ in self._bound})
-            missing = [h for h in self._bound if h not in self.means]
+            if self.means is not None:
+                means = dict(self.means)
+            elif self.reference:
+                if isinstance(self.reference, str):
+                    raise ProbeError("HeadAblation(mode='mean'): reference must be a list of texts, not one string")
+                means = head_output_means(model, list(self.reference), layers={l for l, _ in heads})
+            else:
+                raise ProbeError("HeadAblation(mode='mean') needs reference texts or precomputed means")
+            missing = [h for h in heads if h not in means]
             if missing:
                 raise ProbeError(f"HeadAblation(mode='mean'): no mean for heads {missing}")
-        return self
-
-    def _head_edits(self, layer):
-        return [
-            HeadEdit(kind=self.mode, head=h, positions=self._pos, mean=None if self.means is None else self.means.get((l, h)))
-            for l, h in self._bound
-            if l == layer
-        ]
+        return BoundHeadEdits(self.label, [
+            (l, HeadEdit(kind=self.mode, head=h, positions=pos, mean=None if means is None else means[(l, h)]))
+            for l, h in heads
+        ])  # fmt: skip
 
 
-@dataclass
-class SinkCalibration(_Edit):
+@dataclass(frozen=True)
+class SinkCalibration(Edit):
     """ACT calibration (Yu et al. 2024): attention on ``sink_keys`` scaled by ``beta`` ∈ (0, 1]; the
     removed mass goes to the other keys of each row in proportion to their attention."""
 
@@ -130,20 +117,17 @@ class SinkCalibration(_Edit):
 
     label = "sink-calibration"
 
-    def bind(self, model) -> "SinkCalibration":
-        if not 0 < self.beta <= 1:
-            raise ProbeError(f"SinkCalibration: beta must lie in (0, 1], got {self.beta}")
-        self._keys = _key_positions(self.sink_keys, "SinkCalibration (sink_keys)")
-        self._bound = _query_heads(model.spec, self.heads, self.unit, "SinkCalibration")
-        self._pos = _positions(self.positions)
-        return self
-
-    def _head_edits(self, layer):
-        return [HeadEdit("calibrate", h, self._pos, keys=self._keys, beta=self.beta) for l, h in self._bound if l == layer]
+    def bind(self, model) -> BoundHeadEdits:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
+            raise ProbeError(f"SinkCalibration: beta must lie in (0, 1], got {self.beta!r}")
+        keys = _key_positions(self.sink_keys, "SinkCalibration (sink_keys)")
+        heads = _query_heads(model.spec, self.heads, self.unit, "SinkCalibration")
+        pos = _positions(self.positions, "SinkCalibration")
+        return BoundHeadEdits(self.label, [(l, HeadEdit("calibrate", h, pos, keys=keys, beta=float(self.beta))) for l, h in heads])
 
 
-@dataclass
-class SpanMask(_Edit):
+@dataclass(frozen=True)
+class SpanMask(Edit):
     """Remove key positions from heads' view (the rest renormalise)."""
 
     heads: Sequence[Head]
@@ -153,18 +137,15 @@ class SpanMask(_Edit):
 
     label = "span-mask"
 
-    def bind(self, model) -> "SpanMask":
-        self._keys = _key_positions(self.keys, "SpanMask")
-        self._bound = _query_heads(model.spec, self.heads, self.unit, "SpanMask")
-        self._pos = _positions(self.positions)
-        return self
-
-    def _head_edits(self, layer):
-        return [HeadEdit("mask_keys", h, self._pos, keys=self._keys) for l, h in self._bound if l == layer]
+    def bind(self, model) -> BoundHeadEdits:
+        keys = _key_positions(self.keys, "SpanMask")
+        heads = _query_heads(model.spec, self.heads, self.unit, "SpanMask")
+        pos = _positions(self.positions, "SpanMask")
+        return BoundHeadEdits(self.label, [(l, HeadEdit("mask_keys", h, pos, keys=keys)) for l, h in heads])
 
 
-@dataclass
-class StreamingHeads(_Edit):
+@dataclass(frozen=True)
+class StreamingHeads(Edit):
     """DuoAttention streaming emulation: heads see only the first ``sink`` and the last ``recent`` keys."""
 
     heads: Sequence[Head]
@@ -174,11 +155,50 @@ class StreamingHeads(_Edit):
 
     label = "streaming"
 
-    def bind(self, model) -> "StreamingHeads":
-        if self.sink < 0 or self.recent < 1:
-            raise ProbeError(f"StreamingHeads: need sink ≥ 0 and recent ≥ 1 (got {self.sink}, {self.recent})")
-        self._bound = _query_heads(model.spec, self.heads, self.unit, "StreamingHeads")
-        return self
+    def bind(self, model) -> BoundHeadEdits:
+        from ..spec import _index
 
-    def _head_edits(self, layer):
-        return [HeadEdit("streaming", h, sink=self.sink, recent=self.recent) for l, h in self._bound if l == layer]
+        sink, recent = _index(self.sink, "StreamingHeads: sink"), _index(self.recent, "StreamingHeads: recent")
+        if sink < 0 or recent < 1:
+            raise ProbeError(f"StreamingHeads: need sink ≥ 0 and recent ≥ 1 (got {sink}, {recent})")
+        heads = _query_heads(model.spec, self.heads, self.unit, "StreamingHeads")
+        return BoundHeadEdits(self.label, [(l, HeadEdit("streaming", h, sink=sink, recent=recent)) for l, h in heads])
+
+
+# --- mean ablation references ------------------------------------------------------------------------------
+
+
+class _BoundOutputMeans(Bound):
+    """Sums each head's attention output over the reference tokens (the backend's ``record_outputs``)."""
+
+    def __init__(self, layers):
+        self.sites = frozenset(("attn", l) for l in layers)
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def attention(self, layer, call):
+        return LayerPlan(record_outputs=True)
+
+    def attention_done(self, layer, stats, call):
+        self.sums[layer] = self.sums.get(layer, 0) + stats["output_sum"].cpu()
+        self.counts[layer] = self.counts.get(layer, 0) + int(stats["output_count"])
+
+
+@torch.no_grad()
+def head_output_means(model, texts, layers=None) -> dict[Head, torch.Tensor]:
+    """Mean attention output of every head over the tokens of ``texts`` (``mode="mean"`` ablation).
+    Cached per model and reference set: binding the same reference twice does not rerun it."""
+    from ..hooks import attached
+
+    if isinstance(texts, str) or not texts:
+        raise ProbeError("reference must be a non-empty list of texts")
+    layers = tuple(sorted(range(model.spec.n_layers) if layers is None else model.spec.layers(layers, what="head_output_means")))
+    cache = model.__dict__.setdefault("_mean_cache", {})
+    key = (tuple(texts), layers)
+    if key not in cache:
+        bound = _BoundOutputMeans(layers)
+        with attached(model, [bound]):
+            for t in texts:
+                model.forward_text(t)
+        cache[key] = {(l, h): (bound.sums[l][h] / bound.counts[l]).float() for l in bound.sums for h in range(model.spec.n_heads)}
+    return cache[key]

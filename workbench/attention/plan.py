@@ -33,6 +33,8 @@ class LayerPlan:
     tiles: tuple[tuple[int, int, int, int], ...] = ()
     key_mass: bool = False  # attention each key receives, summed over rows (α_k for every key)
     record_outputs: bool = False  # sum of per-head outputs (for mean ablation references)
+    z_norm: bool = False  # L2 norm of each head's output per row (computed from the output, any path)
+    query_valid: torch.Tensor | None = None  # [B, M] False for padding query rows: left out of key_mass / key_count
     edits: list[HeadEdit] = field(default_factory=list)
     # an edit that computes the whole layer differentiably (DuoAttention gate training):
     # called as gated(q, k, v, scale, dense_mask, q_pos, key_pos) -> out [B, Hq, M, Dv]
@@ -48,3 +50,76 @@ class LayerPlan:
     @property
     def changes_probabilities(self) -> bool:
         return bool(self.edits_of("uniform", "calibrate", "mask_keys", "streaming"))
+
+
+def _union(parts: list[list], key=lambda x: x) -> tuple[list, list[list[int]]]:
+    """Ordered union of ``parts`` and, per part, the index of each of its items in the union."""
+    merged, where, index = [], {}, []
+    for items in parts:
+        idx = []
+        for it in items:
+            k = key(it)
+            if k not in where:
+                where[k] = len(merged)
+                merged.append(it)
+            idx.append(where[k])
+        index.append(idx)
+    return merged, index
+
+
+def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
+    """One plan that computes what every fragment asks (union of key columns, spans and tiles, the
+    largest top-k) and applies every fragment's edits; plus, per fragment, a function that cuts the
+    computed statistics down to exactly what that fragment asked for, in its own order."""
+    if len(fragments) == 1:
+        return fragments[0], [lambda st: st]
+    merged = LayerPlan()
+    recorders = [f for f in fragments if f.record]
+    cols, col_idx = _union([f.key_columns.tolist() if f.key_columns is not None else [] for f in recorders])
+    spans, span_idx = _union([f.spans.tolist() if f.spans is not None else [] for f in recorders], key=tuple)
+    tiles, tile_idx = _union([list(f.tiles) for f in recorders])
+    gated = [f.gated for f in fragments if f.gated is not None]
+    if len(gated) > 1:
+        raise ValueError("two gated (DuoAttention) mixes on one layer")
+    merged.record = bool(recorders)
+    merged.key_columns = torch.tensor(cols, dtype=torch.long) if cols else None
+    merged.spans = torch.tensor(spans, dtype=torch.long) if spans else None
+    merged.tiles = tuple(tiles)
+    merged.topk = max([f.topk for f in recorders], default=1)
+    merged.key_mass = any(f.key_mass for f in recorders)
+    merged.record_outputs = any(f.record_outputs for f in fragments)
+    merged.z_norm = any(f.z_norm for f in fragments)
+    merged.query_valid = next((f.query_valid for f in recorders if f.query_valid is not None), None)
+    merged.edits = [e for f in fragments for e in f.edits]
+    merged.gated = gated[0] if gated else None
+    views, r = [], 0
+    for f in fragments:
+        if not f.record:
+            views.append(lambda st: st)
+            continue
+        views.append(_view(f, col_idx[r], span_idx[r], tile_idx[r]))
+        r += 1
+    return merged, views
+
+
+def _view(f: LayerPlan, cols: list[int], spans: list[int], tiles: list[int]):
+    def view(st: dict) -> dict:
+        out = {k: v for k, v in st.items() if not k.startswith("tile")}
+        out["topk_idx"], out["topk_prob"] = st["topk_idx"][..., : f.topk], st["topk_prob"][..., : f.topk]
+        if "col_prob" in st:
+            if cols:
+                out["col_prob"], out["col_visible"] = st["col_prob"][..., cols], st["col_visible"][..., cols]
+            else:
+                del out["col_prob"], out["col_visible"]
+        if "span_mass" in st:
+            if spans:
+                out["span_mass"] = st["span_mass"][..., spans]
+            else:
+                del out["span_mass"]
+        for mine, t in enumerate(tiles):
+            out[f"tile{mine}"] = st[f"tile{t}"]
+        if not f.key_mass:
+            out.pop("key_mass", None), out.pop("key_count", None)
+        return out
+
+    return view

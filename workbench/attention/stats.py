@@ -1,4 +1,14 @@
-"""``AttentionStats``: the probe that asks the backend for per-head reductions, and its result."""
+"""``AttentionStats``: the probe that asks the attention backend for per-head reductions.
+
+It emits, per recorded layer, the names ``blocks.{l}.attn.*`` (see :mod:`workbench.names`): row
+statistics ``[batch, head, row]`` (entropy, lse, top1, top1_prob, span masses, hook_z_norm), top-k,
+Gu's α for tracked keys, key mass for every key and exact tiles.
+
+Key positions (``sink_keys``, ``key_positions``, the keys of ``key_mass``) count from each sequence's
+first real token: with left padding, α₀ is the attention on the first real token, not on the pad.
+Padding rows (query tokens that are padding) are not counted in α, key mass or key counts. Row
+indices (``top1``, tiles, ``q_pos``) are cache positions, i.e. indices into the input ids.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +16,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .. import names as N
 from ..errors import ProbeError
+from ..hooks import Bound, Call, Probe
 from .plan import BIG, LayerPlan
 
 
@@ -17,19 +29,17 @@ class Window:
     width: int
 
 
-@dataclass
-class AttentionStats:
+@dataclass(frozen=True)
+class AttentionStats(Probe):
     """Per-(layer, query head) reductions computed inside the attention kernel.
 
-    - ``sink_keys``: attention probability of every row on the first k keys (column mass, Gu's α_k);
-    - ``key_positions``: further absolute key positions to track the same way;
-    - ``topk``: per-row top-k key indices and probabilities (always with entropy and log-sum-exp);
-    - ``spans``: name → ``(start, end)`` absolute key range or :class:`Window` — mass per row;
-    - ``tiles``: exact ``(q_start, q_end, k_start, k_end)`` windows of the attention matrix;
+    - ``sink_keys``: track the first k keys (Gu's α_k → ``attn.alpha``);
+    - ``key_positions``: further key positions to track the same way;
+    - ``topk``: per-row top-k key indices and probabilities (``attn.topk``, k > 1; ``attn.top1`` always);
+    - ``spans``: name → ``(start, end)`` key range or :class:`Window` — mass per row (``attn.span.<name>``);
+    - ``tiles``: exact ``(q_start, q_end, k_start, k_end)`` windows of the attention matrix (``attn.tile.<i>``);
     - ``layers``: which layers to record (default all);
-    - ``key_mass``: attention every key receives, summed over rows (:meth:`AttentionRecord.alpha_all`);
-    - ``rows``: ``"all"`` or ``"decode"`` (only forward calls with one query row: generation steps;
-      the prompt then runs on the fast SDPA path).
+    - ``key_mass``: attention every key receives, summed over rows (``attn.key_mass``, ``attn.key_count``).
     """
 
     sink_keys: int = 4
@@ -39,183 +49,132 @@ class AttentionStats:
     tiles: Sequence[tuple[int, int, int, int]] = ()
     layers: Sequence[int] | None = None
     key_mass: bool = False
-    rows: str = "all"
 
-    def bind(self, model) -> "AttentionRecord":
+    def bind(self, model) -> "BoundAttention":
         spec = model.spec
-        if self.sink_keys < 0 or self.topk < 1:
-            raise ProbeError(f"AttentionStats: sink_keys must be ≥ 0 and topk ≥ 1 (got {self.sink_keys}, {self.topk})")
-        layers = tuple(range(spec.n_layers)) if self.layers is None else tuple(int(x) for x in self.layers)
-        for layer in layers:
-            spec.check_head(layer, 0, what="AttentionStats")
-        keys = list(range(self.sink_keys)) + [int(p) for p in self.key_positions]
+        for what, v, lo in (("sink_keys", self.sink_keys, 0), ("topk", self.topk, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ProbeError(f"AttentionStats: {what} must be an int ≥ {lo}, got {v!r}")
+        layers = tuple(range(spec.n_layers)) if self.layers is None else spec.layers(self.layers, what="AttentionStats")
+        keys = list(range(self.sink_keys)) + [_int(p, "key_positions") for p in self.key_positions]
         if any(p < 0 for p in keys):
             raise ProbeError(f"AttentionStats: key positions must be ≥ 0, got {sorted(p for p in keys if p < 0)}")
-        spans = []
-        for name, sp in self.spans.items():
+        spans, span_names = [], []
+        for name, sp in dict(self.spans).items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ProbeError(f"AttentionStats: span names must be identifiers (they become attn.span.<name>), got {name!r}")
             if isinstance(sp, Window):
-                if sp.width < 1:
+                if _int(sp.width, f"span {name!r} window") < 1:
                     raise ProbeError(f"AttentionStats: span {name!r} window width must be ≥ 1")
                 spans.append((0, BIG, sp.width))
             else:
-                a, b = sp
+                try:
+                    a, b = (_int(x, f"span {name!r}") for x in sp)
+                except (TypeError, ValueError):
+                    raise ProbeError(f"AttentionStats: span {name!r} must be (start, end) or Window(w), got {sp!r}") from None
                 if not 0 <= a < b:
                     raise ProbeError(f"AttentionStats: span {name!r} = {sp} must satisfy 0 ≤ start < end")
-                spans.append((int(a), int(b), BIG))
+                spans.append((a, b, BIG))
+            span_names.append(name)
+        tiles = []
         for t in self.tiles:
-            q0, q1, k0, k1 = t
+            try:
+                q0, q1, k0, k1 = (_int(x, "tile") for x in t)
+            except (TypeError, ValueError):
+                raise ProbeError(f"AttentionStats: a tile is (q_start, q_end, k_start, k_end), got {t!r}") from None
             if not (0 <= q0 < q1 and 0 <= k0 < k1) or (q1 - q0) * (k1 - k0) > 1 << 20:
-                raise ProbeError(f"AttentionStats: tile {t} must be non-empty ranges of at most 2^20 cells")
-        if self.rows not in ("all", "decode"):
-            raise ProbeError(f"AttentionStats: rows must be 'all' or 'decode', got {self.rows!r}")
-        return AttentionRecord(
-            model=model,
-            key_mass=self.key_mass,
-            decode_only=self.rows == "decode",
-            layers=layers,
-            key_columns=torch.tensor(keys, dtype=torch.long),
-            explicit_keys=torch.tensor([int(p) for p in self.key_positions], dtype=torch.long),
-            span_names=tuple(self.spans),
-            spans=torch.tensor(spans, dtype=torch.long) if spans else None,
-            topk=self.topk,
-            tiles=tuple(tuple(int(x) for x in t) for t in self.tiles),
-        )
+                raise ProbeError(f"AttentionStats: tile {tuple(t)} must be non-empty ranges of at most 2^20 cells")
+            tiles.append((q0, q1, k0, k1))
+        return BoundAttention(model, layers, tuple(keys), len(self.key_positions), tuple(span_names),
+                              torch.tensor(spans, dtype=torch.long) if spans else None, self.topk, tuple(tiles), self.key_mass)  # fmt: skip
 
 
-@dataclass(eq=False)
-class AttentionRecord:
-    """What a capture recorded. Row statistics are ``[layer, batch, head, row]`` over all captured
-    forward calls (prefill rows, then one row per decode step); ``q_pos`` gives each row's position."""
+def _int(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, torch.Tensor)) and not hasattr(x, "__index__"):
+        raise ProbeError(f"AttentionStats: {what} must be integers, got {x!r}")
+    return int(x)
 
-    model: object
-    layers: tuple[int, ...]
-    key_columns: torch.Tensor
-    explicit_keys: torch.Tensor  # key_positions the user named: must exist (sink_keys beyond T are just unseen)
-    span_names: tuple[str, ...]
-    spans: torch.Tensor | None
-    topk: int
-    tiles: tuple[tuple[int, int, int, int], ...]
-    key_mass: bool = False
-    decode_only: bool = False
-    steps: list = field(default_factory=list)  # per forward call: (q_pos, {layer: stats})
-    _pending: dict = field(default_factory=dict)
 
-    # --- planner protocol (backend side) ---------------------------------------------------------
-    def plan(self, layer: int, n_queries: int) -> LayerPlan | None:
-        if layer not in self.layers or (self.decode_only and n_queries != 1):
+class BoundAttention(Bound):
+    """An ``AttentionStats`` bound to one model."""
+
+    def __init__(self, model, layers, keys, n_explicit, span_names, spans, topk, tiles, key_mass):
+        self.model, self.layers, self.keys, self.n_explicit = model, tuple(layers), keys, n_explicit
+        self.span_names, self.spans, self.topk, self.tiles, self.key_mass = span_names, spans, topk, tiles, key_mass
+        self.sites = frozenset(("attn", l) for l in self.layers)
+        self._layer_set = frozenset(self.layers)
+
+    def _suffixes(self) -> list[str]:
+        out = ["attn.entropy", "attn.lse", "attn.top1", "attn.top1_prob", "attn.hook_z_norm"]
+        out += ["attn.topk", "attn.topk_prob"] if self.topk > 1 else []
+        out += ["attn.alpha"] if self.keys else []
+        out += ["attn.key_mass", "attn.key_count"] if self.key_mass else []
+        out += [f"attn.span.{s}" for s in self.span_names] + [f"attn.tile.{i}" for i in range(len(self.tiles))]
+        return out
+
+    def names(self) -> list[str]:
+        return [N.name(l, s) for l in self.layers for s in self._suffixes()]
+
+    def narrow(self, keep):
+        layers = [l for l in self.layers if any(keep(N.name(l, s)) for s in self._suffixes())]
+        if not layers:
             return None
-        return LayerPlan(record=True, key_columns=self.key_columns if self.key_columns.numel() else None,
-                         spans=self.spans, topk=self.topk, tiles=self.tiles, key_mass=self.key_mass)  # fmt: skip
+        return BoundAttention(self.model, layers, self.keys, self.n_explicit, self.span_names, self.spans, self.topk, self.tiles, self.key_mass)
 
-    def receive(self, layer: int, stats: dict, q_pos: torch.Tensor) -> None:
-        if layer in self._pending:  # a new forward call began
-            self._flush()
-        self._pending[layer] = (q_pos.cpu(), {k: (v if isinstance(v, list) else v.detach().cpu()) for k, v in stats.items()})
-        if len(self._pending) == len(self.layers):
-            self._flush()
+    def begin_call(self, call: Call) -> None:
+        length = int(call.q_pos[-1]) + 1 if call.q_pos.numel() else 0
+        explicit = self.keys[len(self.keys) - self.n_explicit :]
+        if explicit and max(explicit) >= length - int(call.first_real.max()):
+            raise ProbeError(f"key position {max(explicit)} requested but the sequence has only "
+                             f"{length - int(call.first_real.max())} real tokens")  # fmt: skip
+        # tracked keys count from each sequence's first real token: one union of cache columns per call
+        if self.keys:
+            cols = call.first_real[:, None] + torch.tensor(self.keys)[None, :]  # [B, K]
+            union, index = torch.unique(cols, return_inverse=True)
+            self._cols, self._index = union, index
 
-    def _flush(self) -> None:
-        if self._pending:
-            q_pos = next(iter(self._pending.values()))[0]
-            self.steps.append((q_pos, {l: s for l, (_, s) in self._pending.items()}))
-            self._pending = {}
+    def attention(self, layer: int, call: Call) -> LayerPlan | None:
+        if layer not in self._layer_set:
+            return None
+        padded_rows = None if bool(call.real.all()) else call.real
+        return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self.spans, topk=self.topk,
+                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=padded_rows)  # fmt: skip
 
-    # --- user side ---------------------------------------------------------------------------------
-    def _steps(self):
-        self._flush()
-        if not self.steps:
-            raise ProbeError("nothing was captured: run the model inside the `with workbench.capture(...)` block")
-        return self.steps
+    def attention_done(self, layer: int, st: dict, call: Call) -> None:
+        emit = lambda suffix, value, pos=None: self.emit(N.name(layer, suffix), value, call, pos)  # noqa: E731
+        real = call.real  # [B, M]
+        emit("attn.entropy", st["entropy"].cpu())
+        emit("attn.lse", st["lse"].cpu())
+        emit("attn.top1", st["topk_idx"][..., 0].cpu())
+        emit("attn.top1_prob", st["topk_prob"][..., 0].cpu())
+        emit("attn.hook_z_norm", st["z_norm"].cpu())
+        if self.topk > 1:
+            emit("attn.topk", st["topk_idx"].cpu())
+            emit("attn.topk_prob", st["topk_prob"].cpu())
+        if self.keys:
+            B, H, M, _ = st["col_prob"].shape
+            idx = self._index.to(st["col_prob"].device)
+            prob = st["col_prob"].gather(-1, idx[:, None, None, :].expand(B, H, M, -1))
+            seen = st["col_visible"].gather(-1, idx[:, None, :].expand(B, M, -1)) & real.to(idx.device)[..., None]
+            num = (prob.double() * seen[:, None].double()).sum(2).cpu()  # [B, H, K]
+            emit("attn.alpha", (num, seen.sum(1).cpu()))
+        for i, s in enumerate(self.span_names):
+            emit(f"attn.span.{s}", st["span_mass"][..., i].cpu())
+        for i in range(len(self.tiles)):
+            parts = st[f"tile{i}"]
+            if parts:
+                emit(f"attn.tile.{i}", torch.cat([t for _, t in parts], dim=2).cpu(), torch.cat([q for q, _ in parts]).cpu())
+        if self.key_mass:
+            emit("attn.key_mass", _from_first_real(st["key_mass"].cpu(), call.first_real))
+            emit("attn.key_count", _from_first_real(st["key_count"].cpu(), call.first_real))
 
-    @property
-    def q_pos(self) -> torch.Tensor:
-        """Absolute position of each captured query row ``[R]``."""
-        return torch.cat([qp for qp, _ in self._steps()])
 
-    def stat(self, name: str) -> torch.Tensor:
-        """A row statistic stacked as ``[layer, batch, head, row, ...]`` (``lse``, ``entropy``,
-        ``topk_idx``, ``topk_prob``, ``col_prob``, ``span_mass``)."""
-        steps = self._steps()
-        if name not in steps[0][1][self.layers[0]]:
-            raise ProbeError(f"statistic {name!r} was not recorded; available: {sorted(steps[0][1][self.layers[0]])}")
-        return torch.stack([torch.cat([st[l][name] for _, st in steps], dim=2) for l in self.layers])
-
-    @property
-    def entropy(self) -> torch.Tensor:
-        return self.stat("entropy")
-
-    @property
-    def lse(self) -> torch.Tensor:
-        return self.stat("lse")
-
-    @property
-    def top1(self) -> torch.Tensor:
-        """Top-1 key position per row ``[layer, batch, head, row]`` (-1: the row saw no key)."""
-        return self.stat("topk_idx")[..., 0]
-
-    @property
-    def top1_prob(self) -> torch.Tensor:
-        return self.stat("topk_prob")[..., 0]
-
-    def span_mass(self, name: str) -> torch.Tensor:
-        """Attention mass on span ``name`` per row ``[layer, batch, head, row]``."""
-        if name not in self.span_names:
-            raise ProbeError(f"no span named {name!r}; spans: {list(self.span_names)}")
-        return self.stat("span_mass")[..., self.span_names.index(name)]
-
-    def alpha(self) -> torch.Tensor:
-        """Gu et al.'s key importance α_k ``[layer, head, key]`` for ``key_columns``: per sequence the
-        mean attention key k receives from the queries that can see it, then averaged over the batch.
-        NaN where no captured query could see the key."""
-        col = self.stat("col_prob").double()  # [L, B, H, R, K]
-        # visibility is per layer: sliding-window layers see fewer keys than global ones
-        vis = torch.stack([torch.cat([st[l]["col_visible"] for _, st in self._steps()], dim=1) for l in self.layers])
-        count = vis.sum(2).double()  # [L, B, K]
-        per_seq = col.sum(3) / count[:, :, None, :]  # [L, B, H, K]
-        return per_seq.nanmean(1).float()
-
-    def sink_rate(self, eps: float = 0.3, key: int = 0) -> float:
-        """Gu et al.'s Sink_k^ε: percentage of (layer, head) whose α_k exceeds ε."""
-        if not 0 < eps < 1:
-            raise ProbeError(f"ε must lie in (0, 1), got {eps}")
-        cols = self.key_columns.tolist()
-        if key not in cols:
-            raise ProbeError(f"key {key} was not tracked; tracked key positions: {cols}")
-        a = self.alpha()[..., cols.index(key)]
-        return float((a > eps).double().mean() * 100)
-
-    def alpha_all(self) -> torch.Tensor:
-        """α_k for every key position ``[layer, head, key]`` (needs ``key_mass=True``): the mean attention
-        key k receives from the queries that can see it, per sequence, averaged over the batch."""
-        steps = self._steps()
-        if "key_mass" not in steps[0][1][self.layers[0]]:
-            raise ProbeError("alpha_all needs AttentionStats(key_mass=True)")
-        n = max(st[self.layers[0]]["key_mass"].shape[-1] for _, st in steps)
-        pad = lambda t: torch.nn.functional.pad(t, (0, n - t.shape[-1]))
-        count = torch.stack([sum(pad(st[l]["key_count"]) for _, st in steps) for l in self.layers]).double()  # [L, B, N]
-        mass = torch.stack([sum(pad(st[l]["key_mass"]) for _, st in steps) for l in self.layers])  # [L, B, H, N]
-        return (mass / count[:, :, None, :]).nanmean(1).float()
-
-    def tile(self, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact attention window ``index``: (query positions ``[r]``, probabilities ``[layer, batch, head, r, keys]``)."""
-        if not 0 <= index < len(self.tiles):
-            raise ProbeError(f"tile {index} was not requested ({len(self.tiles)} tiles)")
-        parts = {l: [t for _, st in self._steps() for t in st[l][f"tile{index}"]] for l in self.layers}
-        if not parts[self.layers[0]]:
-            raise ProbeError(f"tile {self.tiles[index]} covers no captured query row")
-        q = torch.cat([qp for qp, _ in parts[self.layers[0]]])
-        return q, torch.stack([torch.cat([t for _, t in parts[l]], dim=2) for l in self.layers])
-
-    def to_frame(self):
-        """Long pandas table: one row per (layer, batch, head, query row) with the row statistics."""
-        import pandas as pd
-
-        L, B, H, R = self.entropy.shape
-        idx = torch.cartesian_prod(torch.tensor(self.layers), torch.arange(B), torch.arange(H), torch.arange(R))
-        df = pd.DataFrame(idx.numpy(), columns=["layer", "batch", "head", "row"])
-        df["q_pos"] = self.q_pos[df["row"].to_numpy()].numpy()
-        df["entropy"] = self.entropy.flatten().numpy()
-        df["lse"] = self.lse.flatten().numpy()
-        df["top1"] = self.top1.flatten().numpy()
-        df["top1_prob"] = self.top1_prob.flatten().numpy()
-        return df
+def _from_first_real(t: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
+    """Shift each sequence's key axis so index 0 is its first real token (padding keys dropped)."""
+    if not bool(first_real.any()):
+        return t
+    out = torch.zeros_like(t)
+    n = t.shape[-1]
+    for b, f in enumerate(first_real.tolist()):
+        out[b, ..., : n - f] = t[b, ..., f:]
+    return out

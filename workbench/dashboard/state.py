@@ -327,8 +327,7 @@ class Workbench:
                 with capture(m, AttentionStats(sink_keys=1, topk=1)) as cap:
                     logits = m.hf(input_ids=ids).logits[0].float()
                 out = m.generate(ids, max_new_tokens=n_new) if n_new else ""
-            rec = cap.attention
-            metrics = _head_metrics(rec)
+            metrics = _head_metrics(cap)
             loss = float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]))
             tokens = m.tokens(ids[0])
         return PromptOutcome(text=text, token_ids=ids[0].tolist(), tokens=tokens, metrics=metrics, loss=loss, output=out,
@@ -473,7 +472,7 @@ class Workbench:
                 raise DashboardError(f"text has {ids.shape[-1]} tokens; the limit is {self.caps.prompt_tokens(m)}")
             with capture(m, routing.Routing()) as cap:
                 m.hf(input_ids=ids)
-            rec = cap.routing
+            rec = routing.rows(cap)
             tokens = m.tokens(ids[0])
         load = routing.expert_load(rec)
         try:
@@ -615,19 +614,15 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -
 # --- internals -------------------------------------------------------------------------------------------
 
 
-def _head_metrics(rec) -> dict[str, torch.Tensor]:
-    """Per-head summaries ``[layer, head]`` of one prompt's rows (batch 0)."""
-    top1 = rec.top1[:, 0].long()  # [L, H, R]
-    q = rec.q_pos.view(1, 1, -1)
-    a0 = rec.alpha()[..., 0]
-    return {
-        "sink α₀ (Gu)": a0,
-        "mean entropy (nats)": rec.entropy[:, 0].float().nanmean(-1),
-        "mean top-1 probability": rec.top1_prob[:, 0].float().nanmean(-1),
-        "previous-token share": (top1 == q - 1).float()[..., 1:].mean(-1)
-        if top1.shape[-1] > 1
-        else torch.zeros(top1.shape[:2]),
-    }
+def _head_metrics(cap) -> dict[str, torch.Tensor]:
+    """Per-head summaries ``[layer, head]`` of one prompt's rows (:func:`workbench.heads.summary`) and the
+    share of rows whose top-1 key is the previous token."""
+    from ..heads import summary
+
+    top1 = cap.stack("attn.top1")[:, 0].long()  # [L, H, R]
+    q = cap.q_pos.view(1, 1, -1)
+    prev = (top1 == q - 1).float()[..., 1:].mean(-1) if top1.shape[-1] > 1 else torch.zeros(top1.shape[:2])
+    return {**summary(cap), "previous-token share": prev}
 
 
 _SHARED: dict[tuple, Workbench] = {}

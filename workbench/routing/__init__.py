@@ -5,7 +5,8 @@
     m = wb.load("tiny-moe")
     with wb.capture(m, wb.Routing()) as cap:
         m.forward_text("def add(a, b): return a + b")
-    wb.routing.expert_load(cap.routing)          # [layer, expert]
+    cap["blocks.1.mlp.router.experts"]           # [batch, row, k]
+    wb.routing.expert_load(cap)                  # [layer, expert]
     with wb.intervene(m, wb.ExpertMask([(1, 3)]), wb.TopK(1)):
         m.generate("2 + 2 =")
 """
@@ -30,13 +31,13 @@ from .contrastive import contrastive_logits, scmoe_generate
 from .edits import ExpertForce, ExpertMask, TopK
 from .effects import EditEffect, edit_effect
 from .hooks import hook_name
-from .probe import Routing, RoutingRecord, RoutingRows
+from .probe import Routing, RoutingRows, rows
 from .rules import Decision, RuleInputs, route, rule_inputs
 
 __all__ = [
-    "Decision", "EditEffect", "ExpertForce", "ExpertMask", "Routing", "RoutingRecord", "RoutingRows", "RuleInputs", "TopK",
+    "Decision", "EditEffect", "ExpertForce", "ExpertMask", "Routing", "RoutingRows", "RuleInputs", "TopK",
     "activation_rate", "behaviour_experts", "coactivation", "contrastive_logits", "edit_effect", "expert_load",
     "flip_risk", "hook_name", "load_entropy", "margin_histogram", "position_dependence", "risk_difference",
-    "risk_table", "route", "route_texts", "router_entropy", "rule_inputs", "scmoe_generate", "specialisation",
+    "risk_table", "route", "route_texts", "router_entropy", "rows", "rule_inputs", "scmoe_generate", "specialisation",
     "token_specialisation", "transitions",
 ]  # fmt: skip

@@ -1,7 +1,8 @@
-"""Measurements over a :class:`~workbench.routing.probe.RoutingRecord`.
+"""Measurements over the routing a capture recorded.
 
-All take a record (what one ``Routing`` capture saw) and return tensors indexed ``[layer, ...]`` over
-``record.layers`` (the MoE layers) or pandas tables with a ``layer`` column.
+All take a capture with ``Routing()`` (or its :class:`~workbench.routing.probe.RoutingRows`, e.g. a
+``select``-ed subset) and return tensors indexed ``[layer, ...]`` over the recorded MoE layers or
+pandas tables with a ``layer`` column.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ProbeError
+from .probe import rows as _rows
 
 
 def _routed(rec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +21,7 @@ def _routed(rec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def route_texts(model, texts: Sequence[str], *, layers: Sequence[int] | None = None, chat: bool = False):
-    """Capture the routing of ``texts`` (one forward pass each) into one :class:`RoutingRecord`."""
+    """Capture the routing of ``texts`` (one forward pass each) as :class:`RoutingRows`."""
     from ..capture import capture
     from .probe import Routing
 
@@ -28,7 +30,7 @@ def route_texts(model, texts: Sequence[str], *, layers: Sequence[int] | None = N
     with capture(model, Routing(layers=layers)) as cap:
         for t in texts:
             model.forward_text(t, chat=chat)
-    return cap.routing
+    return _rows(cap)
 
 
 # --- load and entropy ------------------------------------------------------------------------------
@@ -36,6 +38,7 @@ def route_texts(model, texts: Sequence[str], *, layers: Sequence[int] | None = N
 
 def activation_rate(rec) -> torch.Tensor:
     """Fraction of tokens whose top-k includes each expert ``[layer, expert]`` (sums to k per layer)."""
+    rec = _rows(rec)
     ex, ok = _routed(rec)
     L, R, _ = ex.shape
     counts = torch.zeros(L, rec.n_experts)
@@ -46,6 +49,7 @@ def activation_rate(rec) -> torch.Tensor:
 def expert_load(rec, *, weighted: bool = False) -> torch.Tensor:
     """Share of routed work per expert ``[layer, expert]``, each layer summing to 1: the fraction of
     (token, slot) assignments (``weighted=True``: of the routing weight mass)."""
+    rec = _rows(rec)
     ex, ok = _routed(rec)
     L = ex.shape[0]
     w = rec.weights.nan_to_num(0.0) if weighted else ok.float()
@@ -62,6 +66,7 @@ def load_entropy(rec, *, weighted: bool = False) -> torch.Tensor:
 def router_entropy(rec) -> torch.Tensor:
     """Mean per-token entropy (bits) of the softmax of the router logits ``[layer]``: how undecided the
     router is before top-k (for sigmoid routers this is still the softmax of the logits)."""
+    rec = _rows(rec)
     p = torch.softmax(rec.logits.nan_to_num(-torch.inf), dim=-1)
     return -(p * torch.log2(p.clamp_min(1e-300))).sum(-1).mean(1)
 
@@ -113,6 +118,7 @@ def specialisation(
     ``context`` = H(choice | by) — routing is a deterministic function of token and context, so this
     is what the context adds beyond the label; ``score`` = (mi − mi_null) / (h_choice − mi_null)
     clipped to [0, 1]: 1 = the label determines the routing, ~0 = independent of it."""
+    rec = _rows(rec)
     import pandas as pd
 
     if isinstance(by, str):
@@ -169,6 +175,7 @@ def coactivation(rec, *, normalize: str | None = None) -> torch.Tensor:
     """How often experts are chosen together ``[layer, expert, expert]``: counts of tokens with both in
     their top-k (diagonal: tokens choosing the expert). ``normalize="conditional"``: row i is
     P(j chosen | i chosen); ``"joint"``: divided by the number of tokens."""
+    rec = _rows(rec)
     ex, ok = _routed(rec)
     L, R, _ = ex.shape
     onehot = torch.zeros(L, R, rec.n_experts).scatter_(2, ex.clamp(min=0), ok.float())
@@ -187,6 +194,7 @@ def transitions(rec, *, choice: str = "top1", normalize: bool = True) -> torch.T
     tokens going from expert i (layer a) to expert j (the next MoE layer). ``choice="top1"`` uses the
     top-1 experts; ``"all"`` counts every (slot, slot) pair. ``normalize``: rows become
     P(j at the next layer | i) (NaN where i was never chosen)."""
+    rec = _rows(rec)
     ex, ok = _routed(rec)
     L, R, K = ex.shape
     if L < 2:
@@ -211,6 +219,7 @@ def transitions(rec, *, choice: str = "top1", normalize: bool = True) -> torch.T
 def margin_histogram(rec, bins: int | Sequence[float] = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram of finite routing margins per layer: ``(counts [layer, bin], edges [bins+1])``;
     ``bins``: a count (edges span the finite margins) or explicit edges."""
+    rec = _rows(rec)
     m = rec.margin
     finite = m[torch.isfinite(m)]
     if finite.numel() == 0:
@@ -226,6 +235,7 @@ def margin_histogram(rec, bins: int | Sequence[float] = 20) -> tuple[torch.Tenso
 def flip_risk(rec, threshold: float) -> torch.Tensor:
     """Fraction of tokens per layer ``[layer]`` whose margin is below ``threshold`` (in the rule's score
     units): decisions a perturbation of that size could flip."""
+    rec = _rows(rec)
     if threshold <= 0:
         raise ProbeError(f"threshold must be > 0, got {threshold}")
     m = rec.margin
@@ -238,6 +248,7 @@ def flip_risk(rec, threshold: float) -> torch.Tensor:
 def risk_difference(rec_a, rec_b) -> torch.Tensor:
     """SteerMoE risk difference ``[layer, expert]``: activation rate on set A minus on set B (tokens whose
     top-k includes the expert). Positive = the expert lights up for A's behaviour."""
+    rec_a, rec_b = _rows(rec_a), _rows(rec_b)
     if tuple(rec_a.layers) != tuple(rec_b.layers) or rec_a.n_experts != rec_b.n_experts:
         raise ProbeError("risk_difference: the two records must come from the same model and layers")
     return activation_rate(rec_a) - activation_rate(rec_b)
@@ -246,6 +257,7 @@ def risk_difference(rec_a, rec_b) -> torch.Tensor:
 def behaviour_experts(rec_a, rec_b, n: int = 10, *, sign: int = 1) -> list[tuple[int, int]]:
     """MoTE-style: the ``n`` (layer, expert) pairs whose activation rises most from B to A (``sign=-1``:
     falls most). Pass the result to :class:`~workbench.routing.edits.ExpertMask` to deactivate them."""
+    rec_a, rec_b = _rows(rec_a), _rows(rec_b)
     if n < 1:
         raise ProbeError(f"n must be ≥ 1, got {n}")
     rd = risk_difference(rec_a, rec_b) * (1 if sign >= 0 else -1)
@@ -257,6 +269,7 @@ def behaviour_experts(rec_a, rec_b, n: int = 10, *, sign: int = 1) -> list[tuple
 
 def risk_table(rec_a, rec_b):
     """:func:`risk_difference` as a pandas table (layer, expert, rate_a, rate_b, risk_difference), largest |rd| first."""
+    rec_a, rec_b = _rows(rec_a), _rows(rec_b)
     import pandas as pd
 
     ra, rb = activation_rate(rec_a), activation_rate(rec_b)

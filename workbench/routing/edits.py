@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from ..errors import ProbeError
-from .hooks import RouterHooks
+from ..hooks import Bound, Edit
+from .hooks import combine
 from .probe import moe_router, require_moe
 
 Expert = tuple[int, int]  # (layer, expert)
@@ -18,13 +19,17 @@ Expert = tuple[int, int]  # (layer, expert)
 def _experts(model, experts: Iterable[Expert], what: str) -> dict[int, list[int]]:
     """Validated ``{layer: [expert, ...]}`` from (layer, expert) pairs."""
     require_moe(model, what)
+    from ..spec import _index
+
+    if isinstance(experts, (str, bytes)) or not hasattr(experts, "__iter__"):
+        raise ProbeError(f"{what}: experts must be a list of (layer, expert) pairs, got {experts!r}")
     pairs = []
     for p in experts:
         try:
-            layer, e = (int(x) for x in p)
+            layer, e = p
         except (TypeError, ValueError):
             raise ProbeError(f"{what}: experts must be (layer, expert) pairs, got {p!r}") from None
-        pairs.append((layer, e))
+        pairs.append((_index(layer, f"{what}: layer"), _index(e, f"{what}: expert")))
     if not pairs:
         raise ProbeError(f"{what}: no experts given; pass (layer, expert) pairs")
     out: dict[int, list[int]] = {}
@@ -37,24 +42,30 @@ def _experts(model, experts: Iterable[Expert], what: str) -> dict[int, list[int]
     return out
 
 
-class _RoutingEdit:
-    """Base: a bound routing edit joins the model's router hooks while the ``intervene`` block runs."""
+class BoundRoutingEdit(Bound):
+    """A routing edit bound to a model: per MoE layer, what it asks of the routing."""
 
-    label = "routing-edit"
+    is_edit = True
 
-    def request(self, layer: int) -> dict | None:
-        raise NotImplementedError
+    def __init__(self, model, label: str, requests: dict[int, dict]):
+        self.model, self.label, self.requests = model, label, requests
+        self.sites = frozenset(("router", l) for l in requests)
 
-    def attach(self, model) -> None:
-        self._model = model
-        RouterHooks.of(model).add_edit(self)  # validates the combination with other active edits
+    def routing(self, layer):
+        return self.requests.get(layer)
 
-    def detach(self) -> None:
-        RouterHooks.of(self._model).remove(self)
+    def begin(self, session) -> None:
+        """Refuse, before the block runs, a combination with the other active edits that cannot route."""
+        from ..hooks import HookManager
+
+        active = [it for s in HookManager.of(self.model).sessions() for it in s.edits] + session.edits
+        for rs in self.model.spec.routers:
+            if rs.layer in self.requests:
+                combine(rs, [it for it in active if hasattr(it, "routing") and it.routing(rs.layer) is not None])
 
 
-@dataclass
-class ExpertMask(_RoutingEdit):
+@dataclass(frozen=True)
+class ExpertMask(Edit):
     """Deactivate experts: their router logits become −inf before top-k (they leave the softmax of
     ``softmax_topk`` routers, so the remaining probabilities renormalise; DeepSeek's biased choice
     score is −inf too). ``experts``: (layer, expert) pairs, e.g. from
@@ -64,23 +75,20 @@ class ExpertMask(_RoutingEdit):
 
     label = "expert-mask"
 
-    def bind(self, model) -> "ExpertMask":
-        self._by_layer = _experts(model, self.experts, "ExpertMask")
-        for layer, es in self._by_layer.items():
+    def bind(self, model) -> BoundRoutingEdit:
+        by_layer = _experts(model, self.experts, "ExpertMask")
+        for layer, es in by_layer.items():
             rs = moe_router(model, layer, "ExpertMask")
             if rs.n_experts - len(es) < rs.top_k:
                 raise ProbeError(
                     f"ExpertMask: deactivating {len(es)} of {rs.n_experts} experts in layer {layer} leaves fewer "
                     f"than the top-{rs.top_k} each token needs"
                 )
-        return self
-
-    def request(self, layer):
-        return {"mask": self._by_layer[layer]} if layer in self._by_layer else None
+        return BoundRoutingEdit(model, self.label, {l: {"mask": es} for l, es in by_layer.items()})
 
 
-@dataclass
-class ExpertForce(_RoutingEdit):
+@dataclass(frozen=True)
+class ExpertForce(Edit):
     """Force experts into every token's top-k; the remaining slots go to the rule's best other experts.
     Weights are what the rule gives the chosen set (e.g. their softmax probabilities, renormalised
     when ``norm_topk_prob``)."""
@@ -89,23 +97,20 @@ class ExpertForce(_RoutingEdit):
 
     label = "expert-force"
 
-    def bind(self, model) -> "ExpertForce":
-        self._by_layer = _experts(model, self.experts, "ExpertForce")
-        for layer, es in self._by_layer.items():
+    def bind(self, model) -> BoundRoutingEdit:
+        by_layer = _experts(model, self.experts, "ExpertForce")
+        for layer, es in by_layer.items():
             rs = moe_router(model, layer, "ExpertForce")
             if len(es) > rs.top_k:
                 raise ProbeError(
                     f"ExpertForce: forcing {len(es)} experts in layer {layer} but tokens use only top-{rs.top_k}; "
                     "raise k with TopK alongside, or force fewer"
                 )
-        return self
-
-    def request(self, layer):
-        return {"force": self._by_layer[layer]} if layer in self._by_layer else None
+        return BoundRoutingEdit(model, self.label, {l: {"force": es} for l, es in by_layer.items()})
 
 
-@dataclass
-class TopK(_RoutingEdit):
+@dataclass(frozen=True)
+class TopK(Edit):
     """Route each token to ``k`` experts instead of the model's top-k: one int for every MoE layer or
     ``{layer: k}``. Weights follow the rule for the new k (e.g. renormalised over k experts)."""
 
@@ -115,7 +120,7 @@ class TopK(_RoutingEdit):
     def label(self) -> str:
         return f"top-k:{self.k if isinstance(self.k, int) else dict(self.k)}"
 
-    def bind(self, model) -> "TopK":
+    def bind(self, model) -> BoundRoutingEdit:
         routers = require_moe(model, "TopK")
         if isinstance(self.k, Mapping):
             if not self.k:
@@ -123,7 +128,7 @@ class TopK(_RoutingEdit):
             wanted = {int(l): v for l, v in self.k.items()}
         else:
             wanted = {rs.layer: self.k for rs in routers}
-        self._k: dict[int, int] = {}
+        ks: dict[int, int] = {}
         for layer, k in wanted.items():
             rs = moe_router(model, layer, "TopK")
             if isinstance(k, bool) or not isinstance(k, int):
@@ -137,8 +142,5 @@ class TopK(_RoutingEdit):
                     f"TopK: k = {k} exceeds the experts in the {rs.topk_group} groups layer {layer} keeps "
                     f"({rs.n_experts // rs.n_group} each)"
                 )
-            self._k[layer] = k
-        return self
-
-    def request(self, layer):
-        return {"k": self._k[layer]} if layer in self._k else None
+            ks[rs.layer] = k
+        return BoundRoutingEdit(model, self.label, {l: {"k": k} for l, k in ks.items()})

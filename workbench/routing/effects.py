@@ -61,7 +61,7 @@ class EditEffect:
 def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = False) -> EditEffect:
     """Run ``text`` with and without ``edits`` (as in :func:`workbench.intervene`) and report the change.
     ``max_new_tokens=0`` skips generation."""
-    from ..capture import intervene
+    from ..capture import edit_labels, intervene
 
     if not edits:
         raise ProbeError("edit_effect needs at least one edit")
@@ -70,7 +70,7 @@ def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = Fals
         raise ProbeError("edit_effect needs at least two tokens to measure a next-token loss")
     before = model.hf(input_ids=ids).logits[0].float()
     gen_before = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
-    with intervene(model, *edits) as bound:
+    with intervene(model, *edits):
         after = model.hf(input_ids=ids).logits[0].float()
         gen_after = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
     target = ids[0, 1:]
@@ -83,7 +83,7 @@ def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = Fals
             d for d in difflib.ndiff(gen_before.split(), gen_after.split()) if d[:1] in "+-"
         )
     return EditEffect(
-        labels=tuple(getattr(e, "label", type(e).__name__) for e in bound),
+        labels=tuple(edit_labels(edits)),
         loss_before=loss(before),
         loss_after=loss(after),
         max_logit_change=float((after - before).abs().max()),

@@ -1,12 +1,7 @@
-"""One set of torch hooks per model, shared by every routing probe and edit that is active.
-
-Hook names (the vocabulary users see in records and errors): ``blocks.{l}.moe.router`` (the router's
-output: logits, weights, indices) and ``blocks.{l}.moe.experts`` (the indices the experts received).
-
-Per router call: the edits' constraints are combined and, if any apply, the router's returned
-``(weights, indices)`` are replaced by :func:`~workbench.routing.rules.route` on the unchanged
-logits; then recorders see the final output. A pre-hook on the model keeps the token ids and
-positions of the current forward call (prefill or decode step) so recorders can label rows.
+"""The MoE router site of the hook core: per router call, the active edits' constraints are combined
+and, if any apply (or a user :class:`~workbench.Hook` replaced ``mlp.router.logits``), the router's
+returned ``(weights, indices)`` are replaced by :func:`~workbench.routing.rules.route` on the (edited)
+logits; then probes see the final decision. The experts module's input tells what actually ran.
 """
 from __future__ import annotations
 
@@ -14,16 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import names as N
 from ..errors import ProbeError
 from ..spec import RouterSpec
 from .rules import RuleInputs, route, rule_inputs
 
-_ATTR = "_workbench_router_hooks"
-
 
 def hook_name(layer: int, part: str = "router") -> str:
-    """The stable name of a routing hook point, e.g. ``blocks.3.moe.router``."""
-    return f"blocks.{layer}.moe.{part}"
+    """The name of a routing hook point, e.g. ``blocks.3.mlp.router``."""
+    return N.name(layer, f"mlp.{part}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +37,18 @@ class Constraints:
         return route(logits, rs, inputs, k=self.k, allowed=self.allowed, forced=self.forced)
 
 
+@dataclass(frozen=True)
+class RouterOutput:
+    """One router call as the probes see it: logits ``[N, E]`` (after any edit), the experts and weights
+    the model used ``[N, k]``, the constraints that shaped them and the rule's inputs."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    constraints: Constraints
+    inputs: RuleInputs
+
+
 def unconstrained(rs: RouterSpec) -> Constraints:
     e = rs.n_experts
     return Constraints(rs.top_k, torch.ones(e, dtype=torch.bool), torch.zeros(e, dtype=torch.bool))
@@ -53,7 +59,7 @@ def combine(rs: RouterSpec, edits) -> Constraints:
     c = unconstrained(rs)
     k, allowed, forced, labels, k_from = c.k, c.allowed.clone(), c.forced.clone(), [], None
     for edit in edits:
-        req = edit.request(rs.layer)
+        req = edit.routing(rs.layer)
         if req is None:
             continue
         labels.append(edit.label)
@@ -72,9 +78,7 @@ def combine(rs: RouterSpec, edits) -> Constraints:
     if int(forced.sum()) > k:
         raise ProbeError(f"{where}: {int(forced.sum())} forced experts do not fit in top-{k}")
     if int(allowed.sum()) < k:
-        raise ProbeError(
-            f"{where}: only {int(allowed.sum())} of {rs.n_experts} experts remain active but each token needs {k}"
-        )
+        raise ProbeError(f"{where}: only {int(allowed.sum())} of {rs.n_experts} experts remain active but each token needs {k}")
     if rs.rule == "sigmoid_grouped" and rs.n_group:
         size = rs.n_experts // rs.n_group
         groups = set((forced.nonzero().flatten() // size).tolist())
@@ -85,101 +89,61 @@ def combine(rs: RouterSpec, edits) -> Constraints:
     return Constraints(k, allowed, forced, tuple(labels))
 
 
-class RouterHooks:
-    """The hooks of one model; created on first use, removed when the last client leaves."""
+def _router_spec(mgr, layer: int) -> RouterSpec:
+    return next(rs for rs in mgr.spec.routers if rs.layer == layer)
 
-    def __init__(self, model):
-        self.model = model
-        self.edits: list = []
-        self.recorders: list = []
-        self.constraints: dict[int, Constraints] = {}
-        self.call = -1
-        self.ids: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self._handles: list = []
 
-    @staticmethod
-    def of(model) -> "RouterHooks":
-        hooks = model.hf.__dict__.get(_ATTR)
-        if hooks is None:
-            hooks = RouterHooks(model)
-            model.hf.__dict__[_ATTR] = hooks
-        return hooks
+def install_router_site(mgr, site: str, layer: int) -> list:
+    """Torch hooks for the ``router`` (output) or ``experts`` (input indices) site of one MoE layer."""
+    rs = _router_spec(mgr, layer)
+    hf = mgr.model.hf
+    if site == "router":
+        router = hf.get_submodule(rs.router_path)
+        return [router.register_forward_hook(_router_hook(mgr, rs, router))]
+    if rs.experts_path is None:
+        return []
+    experts = hf.get_submodule(rs.experts_path)
+    return [experts.register_forward_pre_hook(_experts_hook(mgr, rs), with_kwargs=True)]
 
-    # --- clients ---------------------------------------------------------------------------------
-    def add_edit(self, edit) -> None:
-        new = {rs.layer: combine(rs, [*self.edits, edit]) for rs in self.model.spec.routers}  # raises before changing
-        self.edits.append(edit)
-        self.constraints = new
-        self._ensure_installed()
 
-    def add_recorder(self, rec) -> None:
-        self.recorders.append(rec)
-        self._ensure_installed()
+def _router_hook(mgr, rs: RouterSpec, router: torch.nn.Module):
+    def hook(module, args, output):
+        items = mgr._items("router", rs.layer)
+        if not items:
+            return None
+        logits, weights, indices = output[0], output[1], output[2]
+        edits = [it for _, it in items if it.is_edit]
+        new_logits = logits
+        for it in edits:
+            if hasattr(it, "edit_logits"):
+                r = it.edit_logits(rs.layer, new_logits)
+                if r is not None:
+                    from ..hooks import _checked_replacement
 
-    def remove(self, client) -> None:
-        if client in self.edits:
-            self.edits.remove(client)
-            self.constraints = {rs.layer: combine(rs, self.edits) for rs in self.model.spec.routers}
-        if client in self.recorders:
-            self.recorders.remove(client)
-        if not self.edits and not self.recorders:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+                    new_logits = _checked_replacement(r, new_logits, hook_name(rs.layer, "router.logits"), it)
+        c = combine(rs, [it for it in edits if it.routing(rs.layer) is not None])
+        inputs = rule_inputs(router)
+        if c.active or new_logits is not logits:
+            d = c.route(new_logits, rs, inputs)
+            weights, indices = d.weights.to(weights.dtype), d.indices.to(indices.dtype)
+            output = (new_logits, weights, indices, *output[3:])
+        out = RouterOutput(new_logits, weights, indices, c, inputs)
+        for s, it in items:
+            if not it.is_edit and s is not None and s.call is not None and s.call.recording:
+                it.routed(rs, s.call, out)
+        return output
 
-    # --- torch hooks -------------------------------------------------------------------------------
-    def _ensure_installed(self) -> None:
-        if self._handles:
-            return
-        hf = self.model.hf
-        self._handles.append(hf.register_forward_pre_hook(self._on_model, with_kwargs=True))
-        for rs in self.model.spec.routers:
-            router = hf.get_submodule(rs.router_path)
-            self._handles.append(router.register_forward_hook(self._router_hook(rs, router)))
-            if rs.experts_path is not None:
-                experts = hf.get_submodule(rs.experts_path)
-                self._handles.append(experts.register_forward_pre_hook(self._experts_hook(rs), with_kwargs=True))
+    return hook
 
-    def _on_model(self, module, args, kwargs) -> None:
-        self.call += 1
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:  # inputs_embeds: no token ids to label rows with
-            emb = kwargs.get("inputs_embeds")
-            shape = emb.shape[:2] if emb is not None else None
-            ids = torch.full(shape, -1, dtype=torch.long) if shape is not None else None
-        if ids is None:
-            self.ids = self.positions = None
-            return
-        ids = ids if ids.dim() == 2 else ids[None]
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            pos = past + torch.arange(ids.shape[1], device=ids.device)
-        self.ids = ids.detach().cpu()
-        self.positions = pos.detach().cpu().expand(ids.shape).clone()
 
-    def _router_hook(self, rs: RouterSpec, router: torch.nn.Module):
-        def hook(module, args, output):
-            logits, weights, indices = output[0], output[1], output[2]
-            c = self.constraints.get(rs.layer)
-            inputs = rule_inputs(router) if (c is not None and c.active) or self.recorders else None
-            if c is not None and c.active:
-                d = c.route(logits, rs, inputs)
-                weights, indices = d.weights.to(weights.dtype), d.indices.to(indices.dtype)
-                output = (logits, weights, indices, *output[3:])
-            for rec in self.recorders:
-                rec.on_router(rs, self.call, logits, weights, indices, c, inputs)
-            return output
+def _experts_hook(mgr, rs: RouterSpec):
+    def hook(module, args, kwargs):
+        idx = args[1] if len(args) > 1 else kwargs.get(rs.experts_index_arg)
+        if idx is None:
+            return None
+        for s, it in mgr._items("experts", rs.layer):
+            if not it.is_edit and s is not None and s.call is not None and s.call.recording:
+                it.experts_ran(rs, s.call, idx)
+        return None
 
-        return hook
-
-    def _experts_hook(self, rs: RouterSpec):
-        def hook(module, args, kwargs):
-            idx = args[1] if len(args) > 1 else kwargs.get(rs.experts_index_arg)
-            if idx is not None:
-                for rec in self.recorders:
-                    rec.on_experts(rs, self.call, idx)
-
-        return hook
+    return hook

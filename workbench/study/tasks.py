@@ -14,7 +14,8 @@ import torch
 
 from .. import niah, retrieval
 from ..attention import HeadAblation
-from ..capture import head_output_means, intervene
+from ..attention import head_output_means
+from ..capture import intervene
 from ..routing import ExpertMask
 from .config import Study, StudyError
 from .plan import Unit

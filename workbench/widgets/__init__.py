@@ -1,6 +1,6 @@
 """Notebook views (anywidget; the same ESM runs in Panel through :func:`to_panel`).
 
-    grid = wb.widgets.HeadGrid(cap.attention, model=m, prompt=text)   # click a head ...
+    grid = wb.widgets.HeadGrid(cap, prompt=text)   # click a head ...
     grid.view()                                                        # ... its attention below
 """
 from .attention_view import AttentionView

@@ -16,7 +16,7 @@ class HeadGrid(WorkbenchWidget):
     """Per-head scores as a layer × head heatmap.
 
     ``scores``: mapping name → ``[layer, head]`` tensor, or a ``RetrievalResult``, ``SinkResult``,
-    ``DuoResult`` or ``AttentionRecord`` (see :func:`head_scores`). Hover shows the value; the
+    ``DuoResult`` or a ``Capture`` (see :func:`head_scores`). Hover shows the value; the
     selector picks the metric; clicking a cell sets ``selected = [layer, head]``. With a ``model``
     and a ``prompt``: :attr:`attention` is an :class:`AttentionView` that follows the selection, and
     the ablation control ablates the heads in ``ablate`` (``HeadAblation``, ``mode`` zero / mean /
@@ -38,9 +38,9 @@ class HeadGrid(WorkbenchWidget):
 
     def __init__(self, scores, *, model=None, prompt=None, title: str | None = None,
                  reference: Sequence[str] | None = None, max_new_tokens: int = 16, **kwargs):  # fmt: skip
-        from ..attention.stats import AttentionRecord
+        from ..capture import Capture
 
-        if model is None and isinstance(scores, AttentionRecord):
+        if model is None and isinstance(scores, Capture):
             model = scores.model  # a capture knows its model
         self.scores = head_scores(scores, model)
         self.model, self.prompt, self.reference, self.max_new_tokens = model, prompt, reference, max_new_tokens

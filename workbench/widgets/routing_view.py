@@ -12,15 +12,15 @@ from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
 
 
 def route(model, ids: torch.Tensor, edits: Sequence = ()):
-    """The :class:`~workbench.routing.RoutingRecord` of one forward pass over ``ids``, under ``edits``."""
+    """The :class:`~workbench.routing.RoutingRows` of one forward pass over ``ids``, under ``edits``."""
     from contextlib import nullcontext
 
     from ..capture import capture, intervene
-    from ..routing import Routing
+    from ..routing import Routing, rows
 
     with intervene(model, *edits) if edits else nullcontext(), capture(model, Routing()) as cap, torch.no_grad():
         model.hf(input_ids=ids, use_cache=False)
-    return cap.routing
+    return rows(cap)
 
 
 class RoutingView(WorkbenchWidget):

@@ -20,6 +20,7 @@ def attention_rows(model, ids: torch.Tensor, layers: Sequence[int], queries: Seq
     tokens up to the last query, and only layers up to the last wanted one."""
     from ..attention import AttentionStats
     from ..capture import capture
+    from ..hooks import Hook
 
     layers = sorted({int(l) for l in layers})
     if not layers:
@@ -31,23 +32,18 @@ def attention_rows(model, ids: torch.Tensor, layers: Sequence[int], queries: Seq
     if not queries or queries[0] < 0 or queries[-1] >= T:
         raise ProbeError(f"AttentionView: query positions must lie in 0..{T - 1}, got {queries}")
     probe = AttentionStats(sink_keys=0, topk=1, layers=layers, tiles=[(q, q + 1, 0, q + 1) for q in queries])
-    last = model.hf.get_submodule(model.spec.attention_paths[layers[-1]])
-
-    def stop(module, args, output):
-        raise _Stop
-
-    hook = last.register_forward_hook(stop)
-    try:
-        with capture(model, probe) as cap:
-            try:
-                model.hf(input_ids=ids[:, : queries[-1] + 1].to(model.device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    rec = cap.attention
+    stop = Hook(f"blocks.{layers[-1]}.hook_attn_out", _stop)  # later layers cannot change these rows
+    with capture(model, probe, stop, names_filter="blocks.*.attn.tile.*") as cap:
+        try:
+            model.hf(input_ids=ids[:, : queries[-1] + 1].to(model.device), use_cache=False)
+        except _Stop:
+            pass
     out = {}
     for i, q in enumerate(queries):
-        tile = rec.tile(i)[1]  # [layer, batch, head, 1, q + 1]
-        out.update({(l, q): tile[j, 0, :, 0].clone() for j, l in enumerate(layers)})
+        for l in layers:
+            out[(l, q)] = cap[f"blocks.{l}.attn.tile.{i}"][0, :, 0].clone()  # [head, q + 1]
     return out
+
+
+def _stop(value, name):
+    raise _Stop

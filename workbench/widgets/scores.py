@@ -14,10 +14,10 @@ def head_scores(source, model=None) -> dict[str, torch.Tensor]:
     - ``RetrievalResult``: ``retrieval score`` (Wu et al.);
     - ``SinkResult``: ``α_k sink mass`` for the first keys (Gu et al., mean over texts);
     - ``DuoResult``: ``Duo gate`` per KV head (repeated over each KV head's query heads when ``model`` is given);
-    - ``AttentionRecord``: ``α_k sink mass`` of the tracked keys, mean ``entropy`` and ``top-1 prob``
-      over the captured rows (NaN in layers the capture skipped);
+    - a :class:`~workbench.Capture` with ``AttentionStats``: :func:`workbench.heads.summary` (α of the first
+      tracked keys, mean entropy, top-1 probability and head-output norm per head; NaN in layers not captured);
     - a mapping name → ``[layer, head]`` tensor or array."""
-    from ..attention.stats import AttentionRecord
+    from ..capture import Capture
     from ..duo import DuoResult
     from ..retrieval import RetrievalResult
     from ..sinks import SinkResult
@@ -32,34 +32,18 @@ def head_scores(source, model=None) -> dict[str, torch.Tensor]:
         if model is not None:
             gate = gate.repeat_interleave(model.spec.group_size, dim=1)
         out = {"Duo gate": gate}
-    elif isinstance(source, AttentionRecord):
-        out = _record_scores(source)
+    elif isinstance(source, Capture):
+        from ..heads import summary
+
+        out = summary(source)
     elif isinstance(source, Mapping):
         out = dict(source)
     else:
         raise ProbeError(
             f"HeadGrid: cannot read per-head scores from {type(source).__name__}; pass a mapping name -> [layer, head] "
-            "tensor, a RetrievalResult, SinkResult, DuoResult or AttentionRecord (capture.attention)"
+            "tensor, a RetrievalResult, SinkResult, DuoResult or a Capture with AttentionStats"
         )
     return _checked(out, model)
-
-
-def _record_scores(rec) -> dict[str, torch.Tensor]:
-    """Mean row statistics of a capture, placed at the recorded layers of a full ``[layer, head]`` grid."""
-    n_layers = rec.model.spec.n_layers
-    per_layer = {}
-    cols = rec.key_columns.tolist()
-    if cols:
-        alpha = rec.alpha()  # [layer, head, key]
-        per_layer.update({f"α_{k} sink mass": alpha[..., i] for i, k in enumerate(cols[:4])})
-    per_layer["entropy"] = rec.entropy.float().mean(dim=(1, 3))
-    per_layer["top-1 prob"] = rec.top1_prob.float().mean(dim=(1, 3))
-    out = {}
-    for name, v in per_layer.items():
-        full = torch.full((n_layers, v.shape[1]), float("nan"))
-        full[list(rec.layers)] = v.float()
-        out[name] = full
-    return out
 
 
 def _checked(scores: dict, model) -> dict[str, torch.Tensor]:

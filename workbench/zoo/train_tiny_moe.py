@@ -107,7 +107,9 @@ def evaluate(m, val: dict[str, torch.Tensor], seq: int, log) -> None:
             ids = torch.stack([torch.cat([torch.tensor([tok.bos_token_id]), s[i : i + seq - 1]]) for i in range(0, len(s) - seq, seq)][:8])
             hf(input_ids=ids)
             labels.append(torch.full((ids.numel(),), di))
-    rec = cap.routing
+    from ..routing import rows
+
+    rec = rows(cap)
     labels = torch.cat(labels)
     assert rec.verified, rec.check()
     log("per-domain expert load (% of top-2 assignments; 12.5 = uniform):")
