@@ -135,8 +135,8 @@ def test_head_grid_values_equal_the_results():
     assert ret.scores[l, h] == ret.scores.max()
     grid = HeadGrid(sink)
     for k in range(4):
-        torch.testing.assert_close(torch.tensor(grid.values[f"α_{k} sink mass"]), sink.alpha.mean(0)[..., k])
-    grid.metric = "α_2 sink mass"
+        torch.testing.assert_close(torch.tensor(grid.values[f"attn.alpha[{k}]"]), sink.alpha.mean(0)[..., k])
+    grid.metric = "attn.alpha[2]"
     assert grid.value(1, 2) == pytest.approx(float(sink.alpha[:, 1, 2, 2].mean()))
     torch.testing.assert_close(torch.tensor(HeadGrid(duo).values["Duo gate"]), duo.alpha)
     grid = HeadGrid({"a": [[1.0, float("nan")]], "b": torch.ones(1, 2)})

@@ -12,7 +12,7 @@ def head_scores(source, model=None) -> dict[str, torch.Tensor]:
     """Named ``[layer, head]`` score grids from a mapping or a result object.
 
     - ``RetrievalResult``: ``retrieval score`` (Wu et al.);
-    - ``SinkResult``: ``α_k sink mass`` for the first keys (Gu et al., mean over texts);
+    - ``SinkResult``: ``attn.alpha[k]`` for the first keys (Gu et al.'s α_k, mean over texts);
     - ``DuoResult``: ``Duo gate`` per KV head (repeated over each KV head's query heads when ``model`` is given);
     - a :class:`~workbench.Capture` with ``AttentionStats``: :func:`workbench.heads.summary` (α of the first
       tracked keys, mean entropy, top-1 probability and head-output norm per head; NaN in layers not captured);
@@ -26,7 +26,7 @@ def head_scores(source, model=None) -> dict[str, torch.Tensor]:
         out = {"retrieval score": source.scores}
     elif isinstance(source, SinkResult):
         a = source.mean_alpha
-        out = {f"α_{k} sink mass": a[..., k] for k in range(min(a.shape[-1], 4))}
+        out = {f"attn.alpha[{k}]": a[..., k] for k in range(min(a.shape[-1], 4))}
     elif isinstance(source, DuoResult):
         gate = source.alpha
         if model is not None:
