@@ -66,6 +66,7 @@ from typing import Sequence
 import torch
 
 from . import semantics
+from .capabilities import MAX_MASK_EDITS, MAX_SPANS, MAX_TOPK
 
 try:  # triton is optional: the library falls back to its torch path without it
     import triton
@@ -77,9 +78,6 @@ except Exception:  # pragma: no cover - depends on the environment
 __all__ = ["attention_stats_triton", "triton_available", "MAX_TOPK", "MAX_SPANS", "MAX_MASK_EDITS"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_TOPK = 8  # the running top-k list lives in registers ([BLOCK_M, 8])
-MAX_SPANS = 64  # span accumulators live in registers ([BLOCK_M, next_pow2(NS)])
-MAX_MASK_EDITS = 8  # mask_keys edits per head: one flag bit each
 MAX_HEAD_DIM = 256
 #: decode splitting: aim for this many programs per SM, each split covering at least this many key blocks
 _PROGRAMS_PER_SM = 2
@@ -209,7 +207,8 @@ if tl is not None:
         log_ms = tl.full(offs_m.shape, 0, dtype=tl.float32)
         log_mo = tl.full(offs_m.shape, 0, dtype=tl.float32)
         if HAS_CALIB:
-            other = tl.where(l > 0.0, l_o * tl.exp(m - lse), 0.0)  # O as a fraction of the row (incl. sink slot)
+            lse_s = tl.where(l > 0.0, lse, 0.0)  # finite everywhere: no inf·0 in lanes that where() drops
+            other = tl.where(l > 0.0, l_o * tl.exp(m - lse_s), 0.0)  # O as a fraction of the row (incl. sink slot)
             on = ((rowf & _CALIB_BIT_C) != 0) & (other > _CAL_MIN_OTHER_C)
             c = (l_o + (1.0 - beta) * l_s) / tl.maximum(l_o, 1e-30)
             log_ms = tl.where(on, tl.log(beta), 0.0)
@@ -302,12 +301,14 @@ if tl is not None:
             live = has | (sl > _NEG_C)
             mx = tl.maximum(m, sl)
             nrm = tl.where(live, mx + tl.log(l * tl.exp(m - mx) + tl.exp(sl - mx)), float("-inf"))
-            f = tl.where(has, 1.0 / (l_safe + tl.exp(sl - m)), 0.0)
-            p_sink = tl.where(live, tl.exp(sl - tl.where(live, nrm, 0.0)), 0.0)
-            ent = tl.where(has, l * f * ((nrm - m) - u / l_safe), 0.0)
-            ent += tl.where(p_sink > 0.0, p_sink * (nrm - sl), 0.0)
+            nrm_s = tl.where(live, nrm, 0.0)  # finite: no inf·0 in lanes that where() drops
+            f = tl.where(has, 1.0 / (l_safe + tl.exp(tl.minimum(sl - m, 80.0))), 0.0)  # e^-80: below fp32 probs
+            p_sink = tl.where(live, tl.exp(sl - nrm_s), 0.0)
+            ent = tl.where(has, l * f * ((nrm_s - m) - u / l_safe), 0.0)
+            ent += tl.where(p_sink > 0.0, p_sink * (nrm_s - sl), 0.0)
         else:
             nrm = tl.where(has, m + tl.log(l_safe), float("-inf"))
+            nrm_s = tl.where(has, nrm, 0.0)
             f = tl.where(has, 1.0 / l_safe, 0.0)
             ent = tl.where(has, tl.log(l_safe) - u / l_safe, 0.0)
 
@@ -316,7 +317,7 @@ if tl is not None:
                  (acc * f[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
         row_off = pid_bh.to(tl.int64) * M + offs_m
         if STORE_AUX:  # what passes D/E need to rebuild any probability: normaliser, calibration multipliers
-            tl.store(Aux + row_off, nrm, mask=row_ok)
+            tl.store(Aux + row_off, nrm_s, mask=row_ok)  # rows that see nothing never use it
             tl.store(Aux + BH * M + row_off, log_ms, mask=row_ok)
             tl.store(Aux + 2 * BH * M + row_off, log_mo, mask=row_ok)
         if STATS:
@@ -330,7 +331,7 @@ if tl is not None:
                 tv, bv, bi = _topk_pop(tv, ti, slot_ok)
                 ok = bv > float("-inf")
                 tl.store(TopIdx + row_off * TOPK + t, tl.where(ok, bi.to(tl.int64) + kv_off, -1), mask=row_ok)
-                tl.store(TopProb + row_off * TOPK + t, tl.where(ok, tl.exp(bv - tl.where(ok, nrm, 0.0)), 0.0),
+                tl.store(TopProb + row_off * TOPK + t, tl.where(ok, tl.exp(bv - nrm_s), 0.0),
                          mask=row_ok)
             if HAS_SPANS:
                 span_cols = tl.arange(0, NS_PAD)
