@@ -122,3 +122,65 @@ def reference_attention(
         tile = torch.where(inside, p[:, :, rows][..., kk.clamp(0, N - 1)], 0.0)
         res[f"tile{t}"] = (q_pos[rows], tile)
     return res
+
+
+def example_edits(n_heads: int, q_first: int, n_rows: int, *, key_first: int = 0, sink: int = 2, recent: int = 5) -> list:
+    """One edit of every probability kind on heads 0..3 (mod ``n_heads``), some limited to the later two
+    thirds of the query rows (absolute positions ``q_first…q_first+n_rows``): the set the kernel tests and
+    the GPU suite run. Keys are absolute positions from ``key_first``."""
+    pos = torch.arange(q_first + n_rows // 3, q_first + n_rows)
+    a = key_first
+    return [
+        semantics.Edit("uniform", 0 % n_heads, positions=pos),
+        semantics.Edit("calibrate", 1 % n_heads, keys=torch.tensor([a, a + 2]), beta=0.4),
+        semantics.Edit("mask_keys", 2 % n_heads, keys=torch.arange(a + 1, a + 4)),
+        semantics.Edit("mask_keys", 2 % n_heads, keys=torch.tensor([q_first + n_rows // 2]), positions=pos),
+        semantics.Edit("streaming", 3 % n_heads, sink=a + sink, recent=recent),
+    ]
+
+
+def max_errors(res: dict, ref: dict, *, tie_gap: float = 1e-5) -> dict[str, float]:
+    """How far a backend's results ``res`` are from this reference's ``ref``, per statistic present in both.
+
+    Largest absolute difference for ``out``, ``lse`` (``inf`` where finiteness differs), ``entropy``,
+    ``topk_prob``, ``col_prob``, ``span_mass``, ``key_mass`` and each ``tile{t}`` (``inf`` if its rows differ);
+    the number of mismatches for ``key_count`` and for ``topk_idx`` on the slots whose reference probability
+    is apart from its neighbours by more than ``tie_gap`` or exactly tied (exact ties follow the lower-
+    position rule everywhere); ``topk_idx_checked`` is the fraction of slots so compared."""
+    err: dict[str, float] = {}
+    d = lambda t: t.detach().double().to(ref["lse"].device)  # noqa: E731
+    for name in ("out", "entropy", "topk_prob", "col_prob", "span_mass", "key_mass"):
+        if name in res and name in ref:
+            a, r = d(res[name]), ref[name]
+            err[name] = float("inf") if a.shape != r.shape else float((a - r).abs().max()) if r.numel() else 0.0
+    if "lse" in res:
+        a, r = d(res["lse"]), ref["lse"]
+        fin = torch.isfinite(r)
+        same = torch.equal(torch.isfinite(a), fin) and torch.equal(a[~fin], r[~fin])
+        err["lse"] = float((a[fin] - r[fin]).abs().max()) if same and fin.any() else (0.0 if same else float("inf"))
+    if "topk_idx" in res:
+        p = ref["topk_prob"]
+        gaps = (p[..., :-1] - p[..., 1:]).abs()
+        sep = (gaps > tie_gap) | (gaps == 0)
+        ones = torch.ones_like(p[..., :1], dtype=torch.bool)
+        clear = torch.cat([ones, sep], -1) & torch.cat([sep, ones], -1)
+        a = res["topk_idx"].to(p.device)
+        err["topk_idx"] = float("inf") if a.shape != p.shape else float((a[clear] != ref["topk_idx"][clear]).sum())
+        err["topk_idx_checked"] = float(clear.double().mean()) if clear.numel() else 1.0
+    if "key_count" in res and "key_count" in ref:
+        err["key_count"] = float((res["key_count"].to(ref["key_count"].device) != ref["key_count"]).sum())
+    t = 0
+    while f"tile{t}" in ref:
+        rq, rp = ref[f"tile{t}"]
+        got = res.get(f"tile{t}")
+        if got is None:
+            err[f"tile{t}"] = float("inf")
+        elif not rq.numel():
+            err[f"tile{t}"] = 0.0 if got == [] else float("inf")
+        else:
+            kq = torch.cat([q for q, _ in got]).to(rq.device)  # a backend may return the rows in parts
+            kp = torch.cat([p for _, p in got], dim=2)
+            ok = torch.equal(kq, rq) and kp.shape == rp.shape
+            err[f"tile{t}"] = float((d(kp) - rp).abs().max()) if ok else float("inf")
+        t += 1
+    return err

@@ -47,6 +47,7 @@ head, the count is per sequence).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -58,6 +59,21 @@ OUTPUT_EDITS = ("zero", "mean")
 EDIT_KINDS = VISIBILITY_EDITS + PROBABILITY_EDITS + OUTPUT_EDITS
 #: calibration leaves a row alone when its non-sink mass is below this (nowhere to move mass)
 CALIBRATE_MIN_OTHER = 1e-12
+
+
+@dataclass
+class Edit:
+    """The fields the definitions read from an edit (``workbench.attention.plan.HeadEdit`` has the same
+    ones; this copy keeps ``kernels/`` importable without the rest of the library, e.g. on a GPU box)."""
+
+    kind: str
+    head: int
+    positions: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    beta: float = 1.0
+    sink: int = 0
+    recent: int = 0
+    mean: torch.Tensor | None = None
 
 
 def key_positions(n_keys: int, kv_offset: int = 0, device=None) -> torch.Tensor:
