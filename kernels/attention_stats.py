@@ -189,15 +189,16 @@ if tl is not None:
                   HAS_SINK: tl.constexpr, HAS_CALIB: tl.constexpr):
         """Merge pass A's split partials: the unedited lse of each row and calibration's log-multipliers."""
         base = pid_bh.to(tl.int64) * M + offs_m
+        plane = (BH * M).to(tl.int64)  # one split's [BH, M] plane; 64-bit: splits·BH·M may pass 2^31
         m = tl.full(offs_m.shape, _NEG_C, dtype=tl.float32)
         for s in range(S):
-            m = tl.maximum(m, tl.load(PreM + s * BH * M + base, mask=row_ok, other=_NEG_C))
+            m = tl.maximum(m, tl.load(PreM + s * plane + base, mask=row_ok, other=_NEG_C))
         l_s = tl.full(offs_m.shape, 0, dtype=tl.float32)
         l_o = tl.full(offs_m.shape, 0, dtype=tl.float32)
         for s in range(S):
-            w = tl.exp(tl.load(PreM + s * BH * M + base, mask=row_ok, other=_NEG_C) - m)
-            l_s += tl.load(PreLS + s * BH * M + base, mask=row_ok, other=0.0) * w
-            l_o += tl.load(PreLO + s * BH * M + base, mask=row_ok, other=0.0) * w
+            w = tl.exp(tl.load(PreM + s * plane + base, mask=row_ok, other=_NEG_C) - m)
+            l_s += tl.load(PreLS + s * plane + base, mask=row_ok, other=0.0) * w
+            l_o += tl.load(PreLO + s * plane + base, mask=row_ok, other=0.0) * w
         l = l_s + l_o
         if HAS_SINK:
             mx = tl.maximum(m, sink)
@@ -509,9 +510,10 @@ if tl is not None:
         slot = tl.arange(0, KPAD)
         slot_ok = (slot < TOPK)[None, :]
         base = pid_bh.to(tl.int64) * M + offs_m
+        plane = (BH * M).to(tl.int64)  # one split's [BH, M] plane
         m = tl.full([BLOCK_M], _NEG_C, dtype=tl.float32)
         for s in range(S):
-            m = tl.maximum(m, tl.load(PartM + s * BH * M + base, mask=row_ok, other=_NEG_C))
+            m = tl.maximum(m, tl.load(PartM + s * plane + base, mask=row_ok, other=_NEG_C))
         l = tl.full([BLOCK_M], 0, dtype=tl.float32)
         u = tl.full([BLOCK_M], 0, dtype=tl.float32)
         acc = tl.full([BLOCK_M, DV_PAD], 0, dtype=tl.float32)
@@ -519,7 +521,7 @@ if tl is not None:
         tv = tl.full([BLOCK_M, KPAD], float("-inf"), dtype=tl.float32)
         ti = tl.full([BLOCK_M, KPAD], 0, dtype=tl.int32) - 1 - slot[None, :]
         for s in range(S):
-            part = s * BH * M + base
+            part = s * plane + base
             m_s = tl.load(PartM + part, mask=row_ok, other=_NEG_C)
             l_s = tl.load(PartL + part, mask=row_ok, other=0.0)
             w = tl.exp(m_s - m)
