@@ -59,7 +59,6 @@ only has to be set before the first *call* (not before importing this module) to
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 

@@ -27,6 +27,7 @@ class Capability:
     notes: str
 
 
+# fmt: off
 CAPABILITIES: dict[str, Capability] = {
     # statistics (read off the probabilities actually used, i.e. after edits)
     "output": Capability("statistic", True, True, "attention output; fp16/bf16 inputs give input-dtype `out`, every statistic is fp32"),
@@ -64,6 +65,7 @@ CAPABILITIES: dict[str, Capability] = {
     "dtypes": Capability("input", True, True, "kernel: fp32 / fp16 / bf16 (bf16 only compiled, not under the interpreter); chunked also fp64"),
     "head dims": Capability("input", True, True, "kernel: any D, Dv ≤ 256 (padded to a power of two)"),
 }
+# fmt: on
 
 
 def requested(plan, *, structured_mask: bool) -> list[str]:
