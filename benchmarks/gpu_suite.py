@@ -139,7 +139,8 @@ def judge(err: dict, dtype_name: str) -> list[str]:
         elif name == "topk_idx_checked":
             ok = e > 0.5
         else:
-            ok = e <= (tol["out"] if name == "out" else tol["stats"] * (10 if name in ("entropy", "key_mass") else 1))
+            # entropy sums n terms, key mass up to 1024 rows of fp32 probabilities: wider absolute bands
+            ok = e <= (tol["out"] if name == "out" else tol["stats"] * {"entropy": 10, "key_mass": 30}.get(name, 1))
         if not ok:
             bad.append(name)
     return bad

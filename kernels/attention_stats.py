@@ -904,14 +904,16 @@ def _attention_stats(
     has_pre = bool(kinds & {"uniform", "calibrate"})
     dot_prec = "ieee" if fp32 else None
 
-    # key splits (flash-decoding): only when the row blocks alone cannot fill the machine
+    # key splits (flash-decoding): only when the row blocks alone leave SMs idle (decode steps, short
+    # chunks over a long cache); a causal prefill that fills the machine keeps one program per row block
     row_blocks = triton.cdiv(M, block_m)
     lo_key = max(0, q_off - window + 1) if window is not None else 0
     hi_key = min(N, q_off + M) if causal else N
     split_lo = (lo_key // block_n) * block_n
     n_blocks = max(1, triton.cdiv(hi_key - split_lo, block_n))
     if splits is None:
-        want = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(dev), row_blocks * BH)
+        sms, programs = _sm_count(dev), row_blocks * BH
+        want = triton.cdiv(_PROGRAMS_PER_SM * sms, programs) if programs < sms else 1
         splits = max(1, min(want, n_blocks // _MIN_BLOCKS_PER_SPLIT))
     splits = max(1, min(int(splits), n_blocks))
     chunk = triton.cdiv(n_blocks, splits) * block_n
