@@ -119,7 +119,7 @@ def assert_same(a, b, rows, skip_entropy=()):
         torch.testing.assert_close(ta[sel], tb[sel], atol=ATOL, rtol=0)
 
 
-def _batch(seed=4, T=21):
+def _batch(seed=4, T=18):
     ids = torch.randint(3, 250, (2, T), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
