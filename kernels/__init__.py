@@ -1,6 +1,10 @@
-"""Attention kernels. ``reference`` (float64 ground truth) and ``attention_stats`` (Triton).
+"""Attention kernels and their definitions.
 
-The Triton entry points are imported lazily so that ``import workbench.kernels.reference`` never imports triton.
+- ``semantics``: the definitions (visibility, spans, every edit, top-k tie-break), small torch functions;
+- ``reference``: float64 ground truth from the full matrix, built on ``semantics``;
+- ``attention_stats``: the Triton kernel (imported lazily: ``import workbench.kernels.reference`` never
+  imports triton);
+- ``capabilities``: which path supports which statistic / edit / input (the backend's routing table).
 """
 from __future__ import annotations
 

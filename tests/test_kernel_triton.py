@@ -1,4 +1,10 @@
-"""The Triton attention-statistics kernel against the float64 reference (CPU: Triton interpreter)."""
+"""The Triton attention-statistics kernel against the float64 reference (CPU: Triton interpreter).
+
+Every statistic (output, lse, entropy, top-k, key columns, spans, key mass/count, tiles) and every
+edit (uniform, calibrate, mask_keys, streaming, with and without query positions) is compared with
+``kernels/reference.py`` on small shapes: GQA/MQA, windows, padding, learned sinks, KV-cache offsets,
+decode rows split over keys, odd head dims, fp32 and fp16.
+"""
 from __future__ import annotations
 
 import os
@@ -19,163 +25,227 @@ try:
 except ImportError:  # plain `pytest` from elsewhere: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.attention.plan import HeadEdit  # noqa: E402
+from workbench.kernels import attention_stats as ats  # noqa: E402
 from workbench.kernels.attention_stats import _attention_stats, attention_stats_triton, triton_available  # noqa: E402
-from workbench.kernels.reference import BIG, reference_attention, standard_visibility  # noqa: E402
+from workbench.kernels.reference import BIG, example_edits, max_errors, reference_attention, standard_visibility  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-# (probabilities / entropy / lse, out) absolute tolerances. fp16 inputs still get fp32 scores and
-# statistics; only `out` sees fp16 rounding (P is cast to fp16 for P·V, the output is fp16).
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-4, 5e-3)}
+# absolute tolerances. fp16 inputs still get fp32 scores and statistics (fp16 products are exact in
+# fp32); only `out` sees fp16 rounding (P is cast to fp16 for P·V).
+TOL = {torch.float32: dict(stats=3e-6, out=1e-5), torch.float16: dict(stats=3e-6, out=4e-3)}
 
 
-def _inputs(B, Hq, Hkv, M, N, D, dtype, seed, hf_layout=False):
+def _inputs(B, Hq, Hkv, M, N, D, Dv, dtype, seed, hf_layout=False):
     g = torch.Generator().manual_seed(seed)
     if hf_layout:  # HF keeps [B, L, H, D] and hands the kernel transposed views
         q = torch.randn(B, M, Hq, D, generator=g).transpose(1, 2)
         k = torch.randn(B, N, Hkv, D, generator=g).transpose(1, 2)
-        v = torch.randn(B, N, Hkv, D, generator=g).transpose(1, 2)
+        v = torch.randn(B, N, Hkv, Dv, generator=g).transpose(1, 2)
     else:
-        q, k, v = (torch.randn(B, H, L, D, generator=g) for H, L in ((Hq, M), (Hkv, N), (Hkv, N)))
+        q = torch.randn(B, Hq, M, D, generator=g)
+        k = torch.randn(B, Hkv, N, D, generator=g)
+        v = torch.randn(B, Hkv, N, Dv, generator=g)
     # scores with a decent spread so the distributions are not flat
     return [t.mul(1.5).to(dtype).to(DEVICE) for t in (q, k, v)]
 
 
-def _check(res, ref, visible, dtype, n_cols=None, n_spans=None):
-    tp, to = TOL[dtype]
-    torch.testing.assert_close(res["out"].double().cpu(), ref["out"], atol=to, rtol=0)
-    torch.testing.assert_close(res["lse"].double().cpu(), ref["lse"], atol=tp, rtol=tp)
-    torch.testing.assert_close(res["entropy"].double().cpu(), ref["entropy"], atol=tp, rtol=0)
-    torch.testing.assert_close(res["top1_prob"].double().cpu(), ref["topk_prob"][..., 0], atol=tp, rtol=0)
-    # top-1 index: compare only where the reference top-2 gap is unambiguous
-    p = ref["probs"].masked_fill(~visible, -1.0)
-    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
-    gap = (top2[..., 0] - top2[..., 1]) if top2.shape[-1] > 1 else torch.ones_like(top2[..., 0])
-    clear = (gap > 1e-4) | (ref["topk_idx"][..., 0] < 0)
-    idx = res["top1_idx"].cpu()
-    assert idx.dtype == torch.int64
-    assert torch.equal(idx[clear], ref["topk_idx"][..., 0][clear])
-    assert clear.float().mean() > 0.9
-    if n_cols is None:
-        assert "col_prob" not in res
-    else:
-        assert res["col_prob"].shape[-1] == n_cols
-        torch.testing.assert_close(res["col_prob"].double().cpu(), ref["col_prob"], atol=tp, rtol=0)
-    if n_spans is None:
-        assert "span_mass" not in res
-    else:
-        assert res["span_mass"].shape[-1] == n_spans
-        torch.testing.assert_close(res["span_mass"].double().cpu(), ref["span_mass"], atol=tp, rtol=0)
+def check(res, ref, dtype, *, topk, n_cols=0, n_spans=0, tiles=(), key_mass=False):
+    """Every statistic the call returned is within tolerance of the reference, and exactly the requested ones."""
+    tol = TOL[dtype]
+    assert res["topk_idx"].shape[-1] == topk and res["topk_idx"].dtype == torch.int64
+    for name, n in (("col_prob", n_cols), ("span_mass", n_spans), ("key_mass", key_mass), ("key_count", key_mass)):
+        assert (name in res) == bool(n), name
+    assert {f"tile{t}" for t in range(len(tiles))} == {k for k in res if k.startswith("tile")}
+    for name, e in max_errors(res, ref).items():
+        if name in ("topk_idx", "key_count"):
+            assert e == 0, f"{name}: {e:.0f} mismatches"
+        elif name == "topk_idx_checked":
+            assert e > 0.8, "too many near-ties to compare top-k indices"
+        else:
+            limit = tol["out"] if name == "out" else tol["stats"] * (10 if name in ("entropy", "key_mass") else 1)
+            assert e <= limit, f"{name}: max error {e:.2e} > {limit:.0e}"
 
 
-def _run(B=1, Hq=2, Hkv=2, M=37, N=37, D=16, q_offset=0, causal=True, window=None, pad=None, sinks=False,
-         cols=True, spans=True, dtype=torch.float32, hf_layout=False, blocks=(16, 16), seed=0):
-    q, k, v = _inputs(B, Hq, Hkv, M, N, D, dtype, seed, hf_layout)
+def run_case(B=1, Hq=2, Hkv=2, M=37, N=37, D=16, Dv=None, q_offset=None, kv_offset=0, causal=True, window=None,
+             pad=None, sinks=False, topk=3, cols=True, spans=True, tiles=True, key_mass=True, edits=False,
+             dtype=torch.float32, hf_layout=False, blocks=None, splits=None, seed=0):
+    """Everything requested at once through the kernel and through the reference; returns both."""
+    Dv = Dv or D
+    q, k, v = _inputs(B, Hq, Hkv, M, N, D, Dv, dtype, seed, hf_layout)
+    if q_offset is None:
+        q_offset = kv_offset + N - M  # the cache layout: the last M keys are the queries'
     scale = D**-0.5
     key_valid = None
-    if pad is not None:  # left padding: batch row b has pad[b] padding keys at the front
+    if pad is not None:  # left padding: sequence b has pad[b] padding keys at the front
         key_valid = torch.ones(B, N, dtype=torch.bool)
         for b, n_pad in enumerate(pad):
             key_valid[b, :n_pad] = False
+    a = kv_offset  # absolute position of the first key
     sink_t = torch.linspace(-1.0, 2.0, Hq) if sinks else None
-    col_t = torch.tensor([0, 1, N // 2, N - 1]) if cols else None
-    w = 6
-    span_t = torch.tensor([[0, 1, BIG], [N // 3, N // 3 + 4, BIG], [0, N, w]]) if spans else None
-    kw = dict(scale=scale, q_offset=q_offset, causal=causal, window=window,
+    col_t = torch.tensor([a, a + 1, a + N // 2, a + N - 1, a + N + 3]) if cols else None  # the last: beyond the cache
+    span_t = torch.tensor([[a, a + 1, BIG], [a + N // 3, a + N // 3 + 4, BIG], [0, BIG, 6]]) if spans else None
+    tile_t = ((q_offset, q_offset + 5, a, a + 7), (q_offset + M - 3, q_offset + M + 9, a + N - 4, a + N + 2)) if tiles else ()
+    edit_l = example_edits(Hq, q_offset, M, key_first=kv_offset) if edits else []
+    kw = dict(scale=scale, q_offset=q_offset, kv_offset=kv_offset, causal=causal, window=window,
               key_valid=None if key_valid is None else key_valid.to(DEVICE),
               sinks=None if sink_t is None else sink_t.to(DEVICE),
               key_columns=None if col_t is None else col_t.to(DEVICE),
-              spans=None if span_t is None else span_t.to(DEVICE))
-    if blocks is None:
-        res = attention_stats_triton(q, k, v, **kw)
-    else:
-        res = _attention_stats(q, k, v, block_m=blocks[0], block_n=blocks[1], **kw)
+              spans=None if span_t is None else span_t.to(DEVICE), topk=topk, tiles=tile_t, key_mass=key_mass,
+              edits=edit_l)
+    bm, bn = blocks if blocks else (None, None)
+    res = _attention_stats(q, k, v, block_m=bm, block_n=bn, splits=splits, **kw)
     q_pos = q_offset + torch.arange(M)
-    vis = standard_visibility(q_pos, N, causal=causal, window=window, key_valid=key_valid)
-    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=scale, visible=vis, q_pos=q_pos, sinks=sink_t,
-                              key_columns=col_t, spans=span_t)
-    assert res["out"].dtype == dtype and res["out"].shape == (B, Hq, M, D)
-    for key in ("lse", "entropy", "top1_prob"):
-        assert res[key].dtype == torch.float32 and res[key].shape == (B, Hq, M)
-    _check(res, ref, vis.expand(B, Hq, M, N) if vis.dim() == 4 else vis[:, None].expand(B, Hq, M, N), dtype,
-           n_cols=None if col_t is None else len(col_t), n_spans=None if span_t is None else len(span_t))
-    return res
+    vis = standard_visibility(q_pos, N, causal=causal, window=window, key_valid=key_valid, kv_offset=kv_offset)
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=scale, visible=vis, q_pos=q_pos, kv_offset=kv_offset,
+                              sinks=sink_t, key_columns=col_t, spans=span_t, topk=topk, tiles=tile_t,
+                              key_mass=key_mass, edits=edit_l)
+    assert res["out"].dtype == dtype and res["out"].shape == (B, Hq, M, Dv)
+    for name in ("lse", "entropy"):
+        assert res[name].dtype == torch.float32 and res[name].shape == (B, Hq, M)
+    check(res, ref, dtype, topk=topk, n_cols=0 if col_t is None else len(col_t),
+          n_spans=0 if span_t is None else len(span_t), tiles=tile_t, key_mass=key_mass)
+    return res, ref
 
 
 CASES = {
-    # odd length, ragged last blocks, 3x3 blocks of 16, causal block skipping
-    "causal_37": dict(),
-    # non-causal, GQA 4:2, batch 2, no extras requested (keys must be absent)
-    "noncausal_gqa_50": dict(B=2, Hq=4, Hkv=2, M=50, N=50, causal=False, cols=False, spans=False, seed=1),
-    # MQA + sliding window (blocks before the window are skipped), D=32
-    "mqa_window": dict(Hq=4, Hkv=1, M=50, N=50, D=32, window=7, seed=2),
-    # non-causal sliding window (future keys visible)
-    "noncausal_window": dict(M=40, N=40, causal=False, window=9, seed=3),
-    # decode step with a KV cache + GQA + sinks, default (public) block sizes
-    "decode": dict(Hq=4, Hkv=2, M=1, N=45, q_offset=44, sinks=True, blocks=None, seed=4),
-    # prefill with a cache (M < N) + window, HF transposed (non-contiguous) layout
-    "prefill_cache_hf": dict(Hq=4, Hkv=2, M=20, N=53, q_offset=33, window=16, hf_layout=True, seed=5),
-    # left-padded batch of 2: rows 0..9 of batch 1 see no key at all (lse -inf, idx -1)
-    "padding": dict(B=2, M=33, N=33, pad=(0, 10), seed=6),
-    # same with sinks: fully padded rows put all mass on the sink (lse = sink, entropy 0)
-    "padding_sinks": dict(B=2, M=33, N=33, pad=(3, 10), sinks=True, seed=7),
-    # one multi-block run through the public entry point with its default blocks
-    "public_130": dict(M=130, N=130, D=64, Hq=1, Hkv=1, sinks=True, blocks=None, seed=8),
+    # odd length, ragged last blocks of 16, causal block skipping, top-3, every statistic
+    "causal_37": dict(blocks=(16, 16)),
+    # non-causal, GQA 4:2, batch 2 with left padding, top-2
+    "noncausal_gqa_pad": dict(B=2, Hq=4, Hkv=2, M=24, N=24, causal=False, pad=(0, 5), topk=2, seed=1),
+    # MQA + sliding window (blocks before the window skipped) + every edit, D=32
+    "mqa_window_edits": dict(Hq=4, Hkv=1, M=40, N=40, D=32, window=7, edits=True, blocks=(16, 16), seed=2),
+    # decode row over a cache, keys split over 3 programs and combined, GQA + sinks + every edit, top-4
+    "decode_split_edits": dict(Hq=4, Hkv=2, M=1, N=70, sinks=True, edits=True, topk=4, blocks=(16, 16), splits=3, seed=3),
+    # decode rows, split, padding + sinks, top-8 over 6 keys (slots past the keys: -1 / 0)
+    "decode_split_top8": dict(B=2, Hq=2, Hkv=1, M=2, N=6, pad=(0, 2), sinks=True, topk=8, blocks=(16, 16), splits=2, seed=4),
+    # prefill continuation (M < N) with a cache that starts at position 5 (absolute coordinates),
+    # window, HF transposed (non-contiguous) layout, every edit
+    "prefill_cache_offset": dict(Hq=4, Hkv=2, M=20, N=53, kv_offset=5, window=16, hf_layout=True, edits=True, seed=5),
+    # left-padded batch with sinks and every edit: fully padded rows put all mass on the sink, except
+    # under `uniform`, where such a row has nothing (lse keeps the sink, entropy 0, top-k -1)
+    "padding_sinks_edits": dict(B=2, Hq=4, Hkv=2, M=21, N=21, pad=(3, 10), sinks=True, edits=True, seed=6),
+    # head dims that are not powers of two, Dv ≠ D (DeepSeek-style), 3 query heads on 1 KV head
+    "odd_head_dims": dict(Hq=3, Hkv=1, M=19, N=19, D=24, Dv=40, seed=7),
+    # the public defaults over several 64-row blocks and key blocks, sinks, top-1 only
+    "public_130": dict(M=130, N=130, D=64, Hq=1, Hkv=1, sinks=True, topk=1, tiles=False, seed=8),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_fp32(name):
-    res = _run(**CASES[name])
-    if name == "noncausal_gqa_50":
-        assert set(res) == {"out", "lse", "entropy", "top1_idx", "top1_prob"}
-    if name == "padding":
-        assert torch.isneginf(res["lse"][1, :, :10]).all()
-        assert (res["top1_idx"][1, :, :10] == -1).all()
+    res, ref = run_case(**CASES[name])
+    if name == "padding_sinks_edits":  # rows of sequence 1 that see no key
+        assert torch.isfinite(res["lse"][1, :, :10]).all()  # the sink slot is always there...
+        assert (res["topk_idx"][1, :, :10] == -1).all()
         assert (res["out"][1, :, :10] == 0).all()
+        assert (res["entropy"][1, 0, 7:10] == 0).all()  # ...but not under uniform (rows 7.. are edited)
 
 
-@pytest.mark.parametrize("name", ["causal_37", "decode", "padding_sinks", "prefill_cache_hf"])
+@pytest.mark.parametrize("name", ["causal_37", "decode_split_edits", "padding_sinks_edits"])
 def test_matches_reference_fp16(name):
-    _run(**{**CASES[name], "dtype": torch.float16})
+    run_case(**{**CASES[name], "dtype": torch.float16})
 
 
-def test_many_columns_and_spans():
-    """> 64 key columns (several epilogue chunks, python-style negative index) and 5 spans."""
-    B, H, M, N, D = 1, 2, 70, 70, 16
-    q, k, v = _inputs(B, H, H, M, N, D, torch.float32, seed=10)
-    cols = torch.cat([torch.arange(N), torch.tensor([-1, 3])])
-    spans = torch.tensor([[0, 1, BIG], [5, 9, BIG], [0, N, 4], [20, 60, 10], [69, 70, BIG]])
-    res = attention_stats_triton(q, k, v, scale=0.25, q_offset=0, key_columns=cols.to(DEVICE), spans=spans.to(DEVICE))
-    q_pos = torch.arange(M)
-    vis = standard_visibility(q_pos, N)
-    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=0.25, visible=vis, q_pos=q_pos, key_columns=cols,
-                              spans=spans)
-    _check(res, ref, vis[:, None].expand(B, H, M, N), torch.float32, n_cols=len(cols), n_spans=len(spans))
-    torch.testing.assert_close(res["col_prob"][..., :N].double().cpu(), ref["probs"], atol=1e-6, rtol=0)
+def test_edits_change_what_they_should():
+    """The edits above are not no-ops: each edited head differs from the unedited reference, the others
+    do not (so the edit comparisons can fail)."""
+    B, Hq, M, N = 1, 4, 24, 24
+    q, k, v = _inputs(B, Hq, 2, M, N, 16, 16, torch.float32, 9)
+    vis = standard_visibility(torch.arange(M), N)
+    kw = dict(scale=0.25, visible=vis, q_pos=torch.arange(M))
+    plain = reference_attention(q, k, v, **kw)
+    edited = reference_attention(q, k, v, edits=example_edits(Hq, 0, M), **kw)
+    tri = attention_stats_triton(q, k, v, scale=0.25, q_offset=0, edits=example_edits(Hq, 0, M))
+    for h in range(Hq):
+        assert (edited["out"][:, h] - plain["out"][:, h]).abs().max() > 1e-2
+        torch.testing.assert_close(tri["out"][:, h].double(), edited["out"][:, h], atol=2e-6, rtol=0)
+    torch.testing.assert_close(edited["probs"].sum(-1), torch.ones(B, Hq, M, dtype=torch.float64))
+    rows = torch.arange(M) >= M // 3
+    assert torch.equal(edited["lse"][:, 0], plain["lse"][:, 0])  # uniform keeps the unedited lse
+    assert (edited["entropy"][:, 0, rows] - torch.arange(1, M + 1, dtype=torch.float64)[rows].log()).abs().max() < 1e-12
+
+
+def test_top_k_ties_go_to_the_lower_position():
+    """Identical keys give exactly tied scores; the lower key position wins, as in the reference."""
+    B, H, M, N, D = 1, 1, 6, 40, 16
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(B, H, M, D, generator=g)
+    k = torch.randn(B, H, N, D, generator=g)
+    k[:, :, 20:] = k[:, :, :20]  # key j+20 duplicates key j
+    v = torch.randn(B, H, N, D, generator=g)
+    res = _attention_stats(q, k, v, scale=0.25, q_offset=0, causal=False, topk=4, block_m=16, block_n=16)
+    ref = reference_attention(q, k, v, scale=0.25, visible=torch.ones(1, M, N, dtype=torch.bool), topk=4)
+    assert torch.equal(res["topk_idx"], ref["topk_idx"])
+    i = res["topk_idx"][0, 0]  # each duplicated pair is adjacent in rank, the lower copy first
+    assert torch.equal(i[:, 1], i[:, 0] + 20) and torch.equal(i[:, 3], i[:, 2] + 20)
+
+
+def test_decode_split_equals_unsplit():
+    """Flash-decoding's combine gives the unsplit results (same statistics, same top-k order)."""
+    kw = dict(Hq=4, Hkv=2, M=1, N=48, sinks=True, topk=3, edits=True, cols=False, tiles=False, key_mass=False,
+              blocks=(16, 16), seed=11)
+    one, _ = run_case(splits=1, **kw)
+    many, _ = run_case(splits=6, **kw)
+    for name in ("out", "lse", "entropy", "topk_prob", "span_mass"):
+        torch.testing.assert_close(one[name], many[name], atol=1e-6, rtol=0, msg=name)
+    assert torch.equal(one["topk_idx"], many["topk_idx"])
+
+
+def test_split_heuristic_uses_idle_programs(monkeypatch):
+    """Decode steps split over keys when the rows alone leave programs idle; long prefill does not."""
+    ats._build()
+    real, grids = ats._fwd_kernel, []
+
+    class Spy:  # records each launch grid (rows, batch·heads, splits)
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ats, "_fwd_kernel", Spy())
+    monkeypatch.setattr(ats, "INTERPRETER_SMS", 8)
+    q, k, v = _inputs(1, 2, 1, 1, 256, 16, 16, torch.float32, 12)
+    dec = attention_stats_triton(q, k, v, scale=0.25, q_offset=255, topk=2)
+    assert grids[-1][2] > 1  # keys split: 2 heads cannot fill 8 "SMs"
+    vis = standard_visibility(torch.tensor([255]), 256)
+    check(dec, reference_attention(q, k, v, scale=0.25, visible=vis, topk=2), torch.float32, topk=2)
+    monkeypatch.setattr(ats, "INTERPRETER_SMS", 1)
+    q2, k2, v2 = _inputs(1, 2, 1, 64, 64, 16, 16, torch.float32, 13)
+    attention_stats_triton(q2, k2, v2, scale=0.25, q_offset=0)
+    assert grids[-1][2] == 1
+
+
+def test_stats_off_returns_only_the_output():
+    q, k, v = _inputs(1, 2, 2, 12, 12, 16, 16, torch.float32, 14)
+    res = attention_stats_triton(q, k, v, scale=0.25, q_offset=0, key_columns=torch.tensor([0]), key_mass=True,
+                                 edits=[HeadEdit("uniform", 1)], stats=False)
+    assert set(res) == {"out"}
+    vis = standard_visibility(torch.arange(12), 12)
+    ref = reference_attention(q, k, v, scale=0.25, visible=vis, edits=[HeadEdit("uniform", 1)])
+    torch.testing.assert_close(res["out"].double(), ref["out"], atol=2e-6, rtol=0)
 
 
 def test_skips_invisible_key_blocks():
     """Key blocks wholly past the diagonal / before the window are never read (NaN there is harmless)."""
     B, Hq, M, N, D, q_offset, window = 1, 2, 8, 96, 16, 40, 10
-    q, k, v = _inputs(B, Hq, Hq, M, N, D, torch.float32, seed=9)
+    q, k, v = _inputs(B, Hq, Hq, M, N, D, D, torch.float32, seed=9)
     # visible keys for q_pos 40..47 with window 10: 31..47 -> blocks of 16 [16, 48) are the only ones read
-    k[:, :, 48:] = float("nan")
-    v[:, :, 48:] = float("nan")
-    k[:, :, :16] = float("nan")
-    v[:, :, :16] = float("nan")
-    res = _attention_stats(q, k, v, scale=0.25, q_offset=q_offset, causal=True, window=window, block_m=16, block_n=16)
+    for t in (k, v):
+        t[:, :, 48:] = float("nan")
+        t[:, :, :16] = float("nan")
+    res = _attention_stats(q, k, v, scale=0.25, q_offset=q_offset, window=window, topk=2, block_m=16, block_n=16)
     q_pos = q_offset + torch.arange(M)
     vis = standard_visibility(q_pos, N, window=window)
     clean = [t.nan_to_num(0.0).cpu() for t in (q, k, v)]
-    ref = reference_attention(*clean, scale=0.25, visible=vis, q_pos=q_pos)
-    _check(res, ref, vis[:, None].expand(B, Hq, M, N), torch.float32)
+    ref = reference_attention(*clean, scale=0.25, visible=vis, q_pos=q_pos, topk=2)
+    check(res, ref, torch.float32, topk=2)
 
 
 def test_entropy_extremes():
-    """Uniform attention has entropy log(#visible); a dominant key has ~0 entropy and top1_prob ~1."""
+    """Uniform attention has entropy log(#visible); a dominant key has ~0 entropy and top-1 prob ~1."""
     B, H, N, D = 1, 1, 24, 16
     q = torch.zeros(B, H, N, D, device=DEVICE)
     k = torch.randn(B, H, N, D, device=DEVICE)
@@ -189,8 +259,8 @@ def test_entropy_extremes():
     k2 = torch.zeros(B, H, N, D, device=DEVICE)
     k2[:, :, 17, 0] = 200.0
     res2 = attention_stats_triton(q2, k2, v, scale=1.0, q_offset=N - 1)
-    assert res2["top1_idx"].item() == 17
-    assert abs(res2["top1_prob"].item() - 1.0) < 1e-6 and abs(res2["entropy"].item()) < 1e-5
+    assert res2["topk_idx"].item() == 17
+    assert abs(res2["topk_prob"].item() - 1.0) < 1e-6 and abs(res2["entropy"].item()) < 1e-5
 
 
 def _bad(**over):
@@ -201,26 +271,35 @@ def _bad(**over):
     return args
 
 
-@pytest.mark.parametrize("args", [
-    _bad(q=torch.randn(1, 3, 8, 16, device=DEVICE)),  # Hq % Hkv != 0
-    _bad(q=torch.randn(1, 4, 8, 24, device=DEVICE), k=torch.randn(1, 2, 8, 24, device=DEVICE),
-         v=torch.randn(1, 2, 8, 24, device=DEVICE)),  # head dim not a power of two
-    _bad(q=torch.randn(1, 4, 8, 8, device=DEVICE), k=torch.randn(1, 2, 8, 8, device=DEVICE),
-         v=torch.randn(1, 2, 8, 8, device=DEVICE)),  # head dim < 16
-    _bad(q=torch.randn(1, 4, 8, 16, dtype=torch.float64, device=DEVICE)),  # dtype
-    _bad(v=torch.randn(1, 2, 9, 16, device=DEVICE)),  # k/v mismatch
-    _bad(q=torch.randn(4, 8, 16, device=DEVICE)),  # not 4-D
-    _bad(key_valid=torch.ones(1, 7, dtype=torch.bool, device=DEVICE)),
-    _bad(sinks=torch.zeros(2, device=DEVICE)),
-    _bad(spans=torch.zeros(2, 2, dtype=torch.long, device=DEVICE)),
-    _bad(spans=torch.zeros(65, 3, dtype=torch.long, device=DEVICE)),  # too many spans
-] + ([_bad(q=torch.randn(1, 4, 8, 16).bfloat16(), k=torch.randn(1, 2, 8, 16).bfloat16(),
-           v=torch.randn(1, 2, 8, 16).bfloat16())] if DEVICE == "cpu" else []),  # bf16 under the interpreter
-    ids=["heads", "dim24", "dim8", "float64", "kv_shape", "ndim", "key_valid", "sinks", "spans", "spans65"]
-    + (["bf16_interpreter"] if DEVICE == "cpu" else []))
-def test_bad_input_raises(args):
-    with pytest.raises(ValueError):
-        attention_stats_triton(**args)
+BAD = {
+    "heads": _bad(q=torch.randn(1, 3, 8, 16, device=DEVICE)),  # Hq % Hkv != 0
+    "dim300": _bad(q=torch.randn(1, 4, 8, 300, device=DEVICE), k=torch.randn(1, 2, 8, 300, device=DEVICE),
+                   v=torch.randn(1, 2, 8, 300, device=DEVICE)),  # head dim > 256
+    "float64": _bad(q=torch.randn(1, 4, 8, 16, dtype=torch.float64, device=DEVICE)),
+    "kv_shape": _bad(v=torch.randn(1, 2, 9, 16, device=DEVICE)),
+    "ndim": _bad(q=torch.randn(4, 8, 16, device=DEVICE)),
+    "key_valid": _bad(key_valid=torch.ones(1, 7, dtype=torch.bool, device=DEVICE)),
+    "sinks": _bad(sinks=torch.zeros(2, device=DEVICE)),
+    "spans": _bad(spans=torch.zeros(2, 2, dtype=torch.long, device=DEVICE)),
+    "spans65": _bad(spans=torch.zeros(65, 3, dtype=torch.long, device=DEVICE)),
+    "topk9": _bad(topk=9),
+    "tile": _bad(tiles=((3, 2, 0, 4),)),
+    "output_edit": _bad(edits=[HeadEdit("zero", 0)]),
+    "edit_head": _bad(edits=[HeadEdit("uniform", 4)]),
+    "two_streaming": _bad(edits=[HeadEdit("streaming", 0, sink=1, recent=2), HeadEdit("streaming", 0, sink=2, recent=2)]),
+    "uniform_calibrate": _bad(edits=[HeadEdit("uniform", 1), HeadEdit("calibrate", 1, keys=torch.tensor([0]), beta=0.5)]),
+    "nine_masks": _bad(edits=[HeadEdit("mask_keys", 0, keys=torch.tensor([i])) for i in range(9)]),
+    "beta0": _bad(edits=[HeadEdit("calibrate", 0, keys=torch.tensor([0]), beta=0.0)]),
+}
+if DEVICE == "cpu":
+    BAD["bf16_interpreter"] = _bad(q=torch.randn(1, 4, 8, 16).bfloat16(), k=torch.randn(1, 2, 8, 16).bfloat16(),
+                                   v=torch.randn(1, 2, 8, 16).bfloat16())
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises(name):
+    with pytest.raises(ValueError, match="attention_stats_triton"):
+        attention_stats_triton(**BAD[name])
 
 
 def test_triton_available():

@@ -105,6 +105,7 @@ def workbench_attention(
         )
     if plan.z_norm:
         stats["z_norm"] = out.float().norm(dim=-1)
+    stats["kv_offset"] = kv_offset  # cache index j holds key position kv_offset + j
     for receive in receivers:
         receive(stats)
     return out.transpose(1, 2).contiguous(), None

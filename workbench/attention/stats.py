@@ -132,13 +132,16 @@ class BoundAttention(Bound):
             cols = call.first_real[:, None] + torch.tensor(self.keys)[None, :]  # [B, K]
             union, index = torch.unique(cols, return_inverse=True)
             self._cols, self._index = union, index
+        # padding rows after a real token (right padding) see real keys: key mass must leave them out;
+        # left-padding rows see nothing and need no mask
+        real = call.real
+        self._query_valid = real if bool((~real & (real.cumsum(1) > 0)).any()) else None
 
     def attention(self, layer: int, call: Call) -> LayerPlan | None:
         if layer not in self._layer_set:
             return None
-        padded_rows = None if bool(call.real.all()) else call.real
         return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self.spans, topk=self.topk,
-                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=padded_rows)  # fmt: skip
+                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid)  # fmt: skip
 
     def attention_done(self, layer: int, st: dict, call: Call) -> None:
         emit = lambda suffix, value, pos=None: self.emit(N.name(layer, suffix), value, call, pos)  # noqa: E731
@@ -165,16 +168,21 @@ class BoundAttention(Bound):
             if parts:
                 emit(f"attn.tile.{i}", torch.cat([t for _, t in parts], dim=2).cpu(), torch.cat([q for q, _ in parts]).cpu())
         if self.key_mass:
-            emit("attn.key_mass", _from_first_real(st["key_mass"].cpu(), call.first_real))
-            emit("attn.key_count", _from_first_real(st["key_count"].cpu(), call.first_real))
+            emit("attn.key_mass", _from_first_real(st["key_mass"].cpu(), call.first_real, st["kv_offset"]))
+            emit("attn.key_count", _from_first_real(st["key_count"].cpu(), call.first_real, st["kv_offset"]))
 
 
-def _from_first_real(t: torch.Tensor, first_real: torch.Tensor) -> torch.Tensor:
-    """Shift each sequence's key axis so index 0 is its first real token (padding keys dropped)."""
-    if not bool(first_real.any()):
+def _from_first_real(t: torch.Tensor, first_real: torch.Tensor, kv_offset: int) -> torch.Tensor:
+    """Place each sequence's cached keys (cache index ``j`` is position ``kv_offset + j``: a sliding-window
+    layer keeps only its recent keys) on an axis where index 0 is the sequence's first real token."""
+    if not kv_offset and not bool(first_real.any()):
         return t
-    out = torch.zeros_like(t)
     n = t.shape[-1]
+    out = t.new_zeros(*t.shape[:-1], kv_offset + n)
     for b, f in enumerate(first_real.tolist()):
-        out[b, ..., : n - f] = t[b, ..., f:]
+        start = kv_offset - f
+        if start >= 0:
+            out[b, ..., start : start + n] = t[b]
+        else:
+            out[b, ..., : n + start] = t[b, ..., -start:]
     return out

@@ -1,10 +1,11 @@
 """The backend's route to the Triton kernel (``workbench.kernels.attention_stats``): which requests it
-covers on which inputs, and how its results map onto the statistics the chunked torch path returns."""
+covers (the capability table, ``workbench.kernels.capabilities``) and how its results map onto the
+statistics dict the chunked torch path returns (same keys, shapes, dtypes and absolute coordinates)."""
 from __future__ import annotations
 
 import torch
 
-from .chunked import apply_output_edits
+from ..kernels import capabilities, semantics
 from .masks import LazyMask
 from .plan import LayerPlan
 
@@ -16,57 +17,50 @@ def covers(use_triton: bool | None, plan: LayerPlan, q, v, mask, sliding_window)
         return False
     from ..kernels.attention_stats import triton_available
 
-    return (
-        triton_available()
-        and isinstance(mask, LazyMask)
-        and mask.structured(sliding_window)
-        and not plan.changes_probabilities
-        and plan.topk <= 1
-        and not plan.tiles
-        and not plan.key_mass
-        and not plan.record_outputs
-        and q.shape[-1] == v.shape[-1]
-    )
+    structured = isinstance(mask, LazyMask) and mask.structured(sliding_window)
+    return triton_available() and capabilities.triton_covers(capabilities.requested(plan, structured_mask=structured))
 
 
 def run(q, k, v, scale, mask: LazyMask, sliding_window, sinks, plan: LayerPlan, q_pos):
     """Attention output and statistics from the Triton kernel, or ``(None, None)`` for inputs it refuses."""
     from ..kernels.attention_stats import attention_stats_triton
 
+    rec = plan.record
     try:
         res = attention_stats_triton(
-            q, k, v, scale=scale, q_offset=mask.q_offset - mask.kv_offset, causal=True, window=sliding_window,
+            q, k, v, scale=scale, q_offset=mask.q_offset, kv_offset=mask.kv_offset, causal=True, window=sliding_window,
             key_valid=mask.padding, sinks=sinks,
-            key_columns=None if plan.key_columns is None else plan.key_columns.to(q.device) - mask.kv_offset,
-            spans=None if plan.spans is None else _local_spans(plan.spans.to(q.device), mask.kv_offset),
+            key_columns=plan.key_columns if rec else None, spans=plan.spans if rec else None,
+            topk=plan.topk if rec else 1, tiles=plan.tiles if rec else (), key_mass=rec and plan.key_mass,
+            edits=[e for e in plan.edits if e.kind not in semantics.OUTPUT_EDITS], stats=rec,
         )  # fmt: skip
     except ValueError:  # shape/dtype the kernel does not take: the torch path does
         return None, None
-    out = apply_output_edits(res["out"], plan, q_pos)
-    if not plan.record:
-        return out, {}
-    idx = res["top1_idx"]
-    stats = {
-        "lse": res["lse"], "entropy": res["entropy"],
-        "topk_idx": torch.where(idx >= 0, idx + mask.kv_offset, idx)[..., None], "topk_prob": res["top1_prob"][..., None],
-    }  # fmt: skip
-    if "col_prob" in res:
-        stats["col_prob"] = res["col_prob"]
-        kc = plan.key_columns.to(q.device)
-        j = (kc - mask.kv_offset)[None, None, :]
-        vis = (j <= (q_pos - mask.kv_offset)[None, :, None]) & (j >= 0) & (j < k.shape[2])
-        if sliding_window:
-            vis &= j > (q_pos - mask.kv_offset)[None, :, None] - sliding_window
-        pad = mask.padding
-        if pad is not None:
-            vis = vis & pad[:, None, :].gather(2, j.clamp(0, k.shape[2] - 1).expand(pad.shape[0], 1, -1)).expand(-1, len(q_pos), -1)
-        stats["col_visible"] = vis.expand(q.shape[0], -1, -1)
-    if "span_mass" in res:
-        stats["span_mass"] = res["span_mass"]
+    out = semantics.apply_output_edits(res["out"], plan.edits, q_pos)
+    stats: dict = {}
+    if rec:
+        stats = {name: res[name] for name in ("lse", "entropy", "topk_idx", "topk_prob")}
+        if plan.key_columns is not None:
+            stats["col_prob"] = res["col_prob"]
+            stats["col_visible"] = _col_visible(plan.key_columns.to(q.device), mask, sliding_window, q_pos, q.shape[0], k.shape[2])
+        if plan.spans is not None:
+            stats["span_mass"] = res["span_mass"]
+        if plan.key_mass:
+            stats["key_mass"], stats["key_count"] = res["key_mass"].double(), res["key_count"]
+        for t in range(len(plan.tiles)):
+            stats[f"tile{t}"] = res[f"tile{t}"]
+    if plan.record_outputs:
+        stats["output_sum"] = out.double().sum(dim=(0, 2))
+        stats["output_count"] = torch.tensor(q.shape[0] * q.shape[2], device=q.device)
     return out, stats
 
 
-def _local_spans(spans: torch.Tensor, kv_offset: int) -> torch.Tensor:
-    s = spans.clone()
-    s[:, :2] -= kv_offset
-    return s
+def _col_visible(cols: torch.Tensor, mask: LazyMask, sliding_window, q_pos, B: int, N: int) -> torch.Tensor:
+    """``[B, M, NK]``: which rows see each tracked key column (structured visibility; columns outside the
+    cache are never seen)."""
+    local = cols - mask.kv_offset
+    valid = ((local >= 0) & (local < N))[None].expand(B, -1)
+    pad = mask.padding
+    if pad is not None:
+        valid = valid & pad.to(cols.device).gather(1, local.clamp(0, N - 1)[None].expand(B, -1))
+    return semantics.visibility(q_pos, cols, causal=True, window=sliding_window, key_valid=valid)

@@ -1,0 +1,210 @@
+"""What the reducing attention *means*: one definition of visibility, spans and every edit (torch).
+
+Every backend — the float64 reference (:mod:`.reference`), the chunked torch path
+(``workbench.attention.chunked``) and the Triton kernel (:mod:`.attention_stats`, whose device code
+mirrors these functions and is tested against them) — follows the definitions below. The functions
+are small, work on any leading dimensions and take *positions as tensors*, so a backend can call them
+on a block of rows (``q_pos`` = the block's absolute query positions, ``key_pos`` = the keys it scored).
+
+Coordinates. Positions are absolute: a query row sits at ``q_pos`` (its own key's position); keys sit
+at ``key_pos`` (``kv_offset + arange(N)`` for a cache that starts at ``kv_offset``).
+
+Visibility (structured: what the kernel handles natively). Query ``i`` sees key ``j`` iff
+``(not causal or key_pos[j] <= q_pos[i])`` and ``(window is None or key_pos[j] > q_pos[i] - window)``
+and ``key_valid[b, j]`` (key padding; query rows are never masked: a padded query row still sees the
+real keys, and its statistics are simply ignored by the caller). This is transformers'
+``causal_mask_function`` + ``sliding_window_overlay`` + ``padding_mask_function``.
+
+Learned sinks (GPT-OSS ``s_aux``): one extra softmax slot per head with logit ``sinks[h]`` and no
+value. It takes probability mass, so real keys' probabilities sum to ``1 - p_sink``; ``lse`` and
+``entropy`` include the slot.
+
+Spans ``(start, end, window)``: key ``j`` is in the span for row ``i`` iff
+``start <= key_pos[j] < end`` and ``q_pos[i] - key_pos[j] < window`` (``window >= BIG`` = unlimited).
+
+Edits (``HeadEdit``-like objects with ``kind, head, positions, keys, beta, sink, recent``), each on one
+query head and, when ``positions`` is given, only on the rows whose ``q_pos`` is in it:
+
+- visibility edits, applied to the scores before the softmax (so ``lse`` reflects them):
+  ``mask_keys`` removes ``keys`` from view; ``streaming`` keeps only keys with
+  ``key_pos < sink`` or ``key_pos > q_pos - recent`` (the first ``sink`` positions and the last
+  ``recent`` keys up to the query);
+- probability edits, applied to the normalised probabilities (``lse`` keeps the unedited value):
+  ``uniform`` makes a row uniform over its visible keys (the learned-sink slot, if any, gets 0: the
+  row is a distribution over keys; its output is the mean value of the visible keys);
+  ``calibrate`` (ACT) scales the probabilities of ``keys`` by ``beta`` and gives the removed mass to
+  the other keys in proportion to their probability, ``p_j *= (O + (1-β)·S) / O`` with ``S``/``O`` the
+  row's mass on sink / other keys (the learned-sink slot is untouched; rows with ``O <= 1e-12`` have
+  nowhere to move mass and stay unchanged).
+  Visibility edits come first, then ``uniform``/``calibrate`` in list order.
+- output edits (``zero``, ``mean``) replace a head's output rows after attention.
+
+Statistics read off the *edited* probabilities ``p`` (what the model used): entropy (with the sink
+slot), top-k (ties broken towards the lower key position; rows that see fewer than k keys get index
+-1 and probability 0), key columns, span mass, tiles, ``key_mass[b, h, j] = Σ_i p[b, h, i, j]``.
+``key_count[b, j]`` counts the rows that see key ``j`` under the *structured* visibility (edits are per
+head, the count is per sequence).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+BIG = 2**30  # "unlimited" span window
+VISIBILITY_EDITS = ("mask_keys", "streaming")
+PROBABILITY_EDITS = ("uniform", "calibrate")
+OUTPUT_EDITS = ("zero", "mean")
+EDIT_KINDS = VISIBILITY_EDITS + PROBABILITY_EDITS + OUTPUT_EDITS
+#: calibration leaves a row alone when its non-sink mass is below this (nowhere to move mass)
+CALIBRATE_MIN_OTHER = 1e-12
+
+
+@dataclass
+class Edit:
+    """The fields the definitions read from an edit (``workbench.attention.plan.HeadEdit`` has the same
+    ones; this copy keeps ``kernels/`` importable without the rest of the library, e.g. on a GPU box)."""
+
+    kind: str
+    head: int
+    positions: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    beta: float = 1.0
+    sink: int = 0
+    recent: int = 0
+    mean: torch.Tensor | None = None
+
+
+def key_positions(n_keys: int, kv_offset: int = 0, device=None) -> torch.Tensor:
+    """Absolute positions of ``n_keys`` cached keys starting at ``kv_offset``."""
+    return torch.arange(n_keys, device=device) + kv_offset
+
+
+def visibility(
+    q_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Structured visibility: bool ``[M, N]``, or ``[B, M, N]`` with ``key_valid`` ``[B, N]`` (aligned with
+    ``key_pos``). ``q_pos`` ``[M]`` and ``key_pos`` ``[N]`` are absolute positions."""
+    i = q_pos[:, None]
+    j = key_pos.to(q_pos.device)[None, :]
+    vis = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        vis &= j <= i
+    if window is not None:
+        vis &= j > i - window
+    if key_valid is not None:
+        vis = vis[None] & key_valid.to(q_pos.device).bool()[:, None, :]
+    return vis
+
+
+def span_membership(spans: torch.Tensor, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """``[NS, M, N]`` bool: key ``key_pos[j]`` lies in span ``s = (start, end, window)`` for row ``q_pos[i]``."""
+    sp = spans.to(q_pos.device).long()
+    j = key_pos.to(q_pos.device)[None, None, :]
+    start, end, window = (sp[:, c, None, None] for c in range(3))
+    return (j >= start) & (j < end) & ((q_pos[None, :, None] - j) < window)
+
+
+def rows_in(q_pos: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``[M]`` bool: the rows an edit limited to ``positions`` (None = all rows) applies to."""
+    if positions is None:
+        return torch.ones_like(q_pos, dtype=torch.bool)
+    return torch.isin(q_pos, positions.to(q_pos.device))
+
+
+def edit_visibility(vis: torch.Tensor, edits: Sequence, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Apply the ``mask_keys`` / ``streaming`` edits to per-head visibility ``[..., Hq, M, N]`` (a new tensor;
+    other kinds are ignored)."""
+    vis = vis.clone()
+    kp = key_pos.to(q_pos.device)
+    for e in edits:
+        if e.kind not in VISIBILITY_EDITS:
+            continue
+        rows = rows_in(q_pos, e.positions)[:, None]
+        if e.kind == "mask_keys":
+            drop = torch.isin(kp, e.keys.to(kp.device))[None, :]
+        else:
+            drop = ~((kp[None, :] < e.sink) | (kp[None, :] > q_pos[:, None] - e.recent))
+        vis[..., e.head, :, :] &= ~(drop & rows)
+    return vis
+
+
+def edit_probabilities(
+    p: torch.Tensor,
+    vis: torch.Tensor,
+    edits: Sequence,
+    q_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    p_sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the ``uniform`` / ``calibrate`` edits to normalised probabilities ``p`` ``[..., Hq, M, N]``
+    (``vis``: the visibility they were computed under, after :func:`edit_visibility`; ``p_sink``
+    ``[..., Hq, M]``: the learned-sink slot's probability, if any). Returns new ``(p, p_sink)``."""
+    p = p.clone()
+    p_sink = None if p_sink is None else p_sink.clone()
+    kp = key_pos.to(q_pos.device)
+    for e in edits:
+        if e.kind not in PROBABILITY_EDITS:
+            continue
+        rows = rows_in(q_pos, e.positions)
+        ph = p[..., e.head, :, :]
+        if e.kind == "uniform":
+            v = vis[..., e.head, :, :].to(p.dtype)
+            new = v / v.sum(-1, keepdim=True).clamp_min(1.0)
+            if p_sink is not None:
+                p_sink[..., e.head, :] = torch.where(rows, 0.0, p_sink[..., e.head, :])
+        else:
+            is_sink = torch.isin(kp, e.keys.to(kp.device))
+            sink_mass = (ph * is_sink).sum(-1, keepdim=True)
+            other = (ph * ~is_sink).sum(-1, keepdim=True)  # summed, not 1 − S: exact when sinks dominate
+            factor = (other + (1.0 - e.beta) * sink_mass) / other.clamp_min(1e-30)
+            new = torch.where(is_sink, ph * e.beta, ph * factor)
+            new = torch.where(other > CALIBRATE_MIN_OTHER, new, ph)
+        p[..., e.head, :, :] = torch.where(rows[:, None], new, ph)
+    return p, p_sink
+
+
+def apply_output_edits(out: torch.Tensor, edits: Sequence, q_pos: torch.Tensor) -> torch.Tensor:
+    """``zero`` / ``mean`` edits on output rows ``out`` ``[B, Hq, M, Dv]`` (a new tensor when any applies)."""
+    edits = [e for e in edits if e.kind in OUTPUT_EDITS]
+    if not edits:
+        return out
+    out = out.clone()
+    for e in edits:
+        rows = rows_in(q_pos, e.positions)
+        value = 0.0 if e.kind == "zero" else e.mean.to(out.dtype).to(out.device)
+        out[:, e.head, rows] = value
+    return out
+
+
+def entropy(p: torch.Tensor, p_sink: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy (nats) of rows ``p`` ``[..., N]`` plus the learned-sink slot ``p_sink`` ``[...]``."""
+    tiny = torch.finfo(p.dtype).tiny
+    h = -(p * torch.log(p.clamp_min(tiny))).sum(-1)
+    if p_sink is not None:
+        h = h - p_sink * torch.log(p_sink.clamp_min(tiny))
+    return h
+
+
+def topk(p: torch.Tensor, vis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` keys of rows ``p`` ``[..., N]`` among the visible ones: ``(index [..., k], prob [..., k])``.
+    Ties go to the lower index (a stable sort: ``torch.topk`` leaves tie order unspecified); slots beyond
+    a row's visible keys hold index -1 and probability 0. Indices are into the last dimension."""
+    n = p.shape[-1]
+    masked = p.masked_fill(~vis.expand_as(p), -1.0)
+    val, idx = torch.sort(masked, dim=-1, descending=True, stable=True)
+    val, idx = val[..., :k], idx[..., :k]
+    ok = val >= 0
+    idx = torch.where(ok, idx, -1)
+    prob = torch.where(ok, val, 0.0)
+    if k > n:
+        pad = [0, k - n]
+        idx = torch.nn.functional.pad(idx, pad, value=-1)
+        prob = torch.nn.functional.pad(prob, pad, value=0.0)
+    return idx, prob
