@@ -33,8 +33,8 @@ def samples(rng: random.Random):
 
 def test_gates_keep_wide_heads_and_drop_local_ones():
     m = wide_readers()
-    r = duo.train_gates(m, steps=60, sink=1, recent=3, lr=0.1, samples=samples, progress=False)
-    a = r.alpha[0]  # [kv head]
+    r = duo.scan(m, steps=60, sink=1, recent=3, lr=0.1, length=64, samples=samples, progress=False)
+    a = r.gates[0]  # [kv head]
     assert a[2] > 0.5 and a[3] > 0.5, a
     assert a[0] < 0.1 and a[1] < 0.1, a
     assert r.losses[-1] < r.losses[0]
@@ -59,9 +59,9 @@ def test_gate_one_is_full_attention_gate_zero_is_streaming(tiny):
 
 
 def test_agreement_table():
-    r = duo.DuoResult(alpha=torch.tensor([[0.9, 0.1], [0.2, 0.7]]), losses=[], sink=1, recent=2, provenance=None)
+    r = duo.DuoResult(gates=torch.tensor([[0.9, 0.1], [0.2, 0.7]]), losses=[], sink=1, recent=2, provenance=None)
     wu = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.05]])  # 2 query heads per KV head
-    t = duo.agreement(r, wu, group=2)
+    t = r.agreement(wu, group=2)
     assert t["duo_retrieval"].tolist() == [True, False, False, True]
     assert t["wu_retrieval"].tolist() == [True, False, False, False]
     assert t["agree"].tolist() == [True, True, True, False]
@@ -69,8 +69,10 @@ def test_agreement_table():
 
 def test_bad_input(tiny):
     with pytest.raises(wb.ProbeError, match="learned attention sinks"):
-        duo.train_gates(tiny("gpt_oss"), steps=1)
-    with pytest.raises(wb.ProbeError, match="steps ≥ 1"):
-        duo.train_gates(tiny("llama"), steps=0)
+        duo.scan(tiny("gpt_oss"), steps=1)
+    with pytest.raises(wb.ProbeError, match="steps must be ≥ 1"):
+        duo.scan(tiny("llama"), steps=0)
     with pytest.raises(wb.ProbeError, match="exceeds the model's 512 positions"):
-        duo.train_gates(tiny("llama"), length=4096)
+        duo.scan(tiny("llama"), length=4096)
+    with pytest.raises(wb.ProbeError, match="sweep fractions must lie in"):
+        duo.scan(tiny("llama"), sweep=[1.5])

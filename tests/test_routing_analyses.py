@@ -155,11 +155,11 @@ def test_bad_analysis_input(rec):
     with pytest.raises(wb.ProbeError, match="same model"):
         A.risk_difference(rec, one)
     with pytest.raises(wb.ProbeError, match="non-empty list"):
-        A.route_texts(None, "just a string")
+        wb.routing.scan(tiny_model("granitemoe"), texts="just a string")
 
 
-def test_route_texts_on_a_real_model():
+def test_routing_scan_on_a_real_model():
     m = tiny_model("granitemoe")
-    rec = A.route_texts(m, ["abc", "hello"])
+    rec = wb.routing.scan(m, texts=["abc", "hello"], progress=False).rows
     assert rec.experts.shape[1] == 4 + 6 and rec.call.tolist() == [0] * 4 + [1] * 6 and rec.verified
     torch.testing.assert_close(A.expert_load(rec).sum(1), torch.ones(len(rec.layers)))

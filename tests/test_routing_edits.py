@@ -226,7 +226,7 @@ def test_scmoe_generate():
 def test_edit_effect_report():
     m = routing_model("qwen3_moe")
     text = "the cat sat on the mat"
-    eff = wb.routing.edit_effect(m, text, wb.ExpertMask([(0, 1), (1, 1)]), max_new_tokens=5)
+    eff = wb.effects.edit_effect(m, text, wb.ExpertMask([(0, 1), (1, 1)]), max_new_tokens=5)
     ids = m.encode(text)
     with torch.no_grad():
         with wb.intervene(m, wb.ExpertMask([(0, 1), (1, 1)])):
@@ -235,7 +235,7 @@ def test_edit_effect_report():
     assert eff.loss_after == pytest.approx(loss, rel=1e-5)
     assert eff.max_logit_change > 0 and eff.mean_kl > 0 and eff.labels == ("expert-mask",)
     assert "loss" in eff.summary()
-    same = wb.routing.edit_effect(m, text, wb.TopK(2), max_new_tokens=5)  # the model's own k: no change
+    same = wb.effects.edit_effect(m, text, wb.TopK(2), max_new_tokens=5)  # the model's own k: no change
     assert same.delta_loss == 0 and same.max_logit_change == 0 and same.text_before == same.text_after and not same.diff
 
 

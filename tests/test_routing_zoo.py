@@ -36,7 +36,7 @@ def tiny_moe():
 @pytest.fixture(scope="module")
 def capture(tiny_moe):
     """One capture of every text; ``labels`` gives each row's domain index."""
-    rec = wb.routing.route_texts(tiny_moe, [t for ts in TEXTS.values() for t in ts])
+    rec = wb.routing.scan(tiny_moe, texts=[t for ts in TEXTS.values() for t in ts], progress=False).rows
     sizes = [tiny_moe.encode(t).shape[1] for ts in TEXTS.values() for t in ts]
     labels = torch.cat([torch.full((n,), i // 2) for i, n in enumerate(sizes)])
     return rec, labels
@@ -89,7 +89,7 @@ def test_behaviour_experts_deactivation_hurts_that_domain_most(tiny_moe, records
     """MoTE-style: the experts that light up for Python over German, deactivated, cost Python more loss."""
     experts = wb.routing.behaviour_experts(records["python"], records["german"], n=4)
     effects = {
-        d: wb.routing.edit_effect(tiny_moe, TEXTS[d][0], wb.ExpertMask(experts), max_new_tokens=0).delta_loss
+        d: wb.effects.edit_effect(tiny_moe, TEXTS[d][0], wb.ExpertMask(experts), max_new_tokens=0).delta_loss
         for d in ("python", "german")
     }
     assert effects["python"] > 0 and effects["python"] > effects["german"], effects

@@ -18,7 +18,7 @@ def handbuilt():
 
 def test_known_sink_head_and_uniform_heads():
     m = handbuilt()
-    r = sinks.scan(m, [TEXT, TEXT[::-1]], T=64, progress=False)
+    r = sinks.scan(m, texts=[TEXT, TEXT[::-1]], T=64, progress=False)
     a = r.mean_alpha[0]  # [head, key]
     assert r.sink_heads(0) == [(0, SINK_HEAD)]
     assert r.sink_rate(0) == pytest.approx(25.0)  # one head of four
@@ -64,6 +64,9 @@ def test_calibration_experiment_runs_and_reports(smollm):
         (dict(eps=1.0), "ε must lie in \\(0, 1\\)"),
         (dict(eps=1.5), "ε must lie in \\(0, 1\\)"),
         (dict(T=1), "T must be ≥ 2"),
+        (dict(T=100_000), "T = 100000 exceeds the model's 512 positions"),
+        (dict(T="64"), "T must be an integer"),
+        (dict(texts="one string"), "non-empty list"),
     ],
 )
 def test_bad_input(tiny, kwargs, match):

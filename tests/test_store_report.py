@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import report
+from workbench import plots, report
 from workbench.store import ResultStore
 
 
@@ -31,12 +31,13 @@ def test_store_round_trip_with_provenance(tmp_path, tiny):
 
 
 def test_report_is_self_contained(tmp_path):
-    fig = report.head_grid(torch.rand(3, 4), "x")
+    fig = plots.head_grid(torch.rand(3, 4), "x")
     grid = pd.DataFrame([[1.0, 0.0]], index=[50.0], columns=[500, 1000])
-    page = report.write_html(tmp_path / "r.html", "t", [("a", fig), ("b", report.niah_grid(grid)), ("c", grid), ("d", "text")])
+    page = report.write_html(tmp_path / "r.html", "t", [("a", fig), ("b", plots.niah_grid(grid)), ("c", grid), ("d", "<b>text</b>")])
     text = page.read_text()
     assert text.count("plotly.js v") >= 1 and "<script src=\"http" not in text  # plotly.js inlined, no CDN script
     assert text.count('class="plotly-graph-div"') == 2
+    assert "<b>text</b>" not in text and "&lt;b&gt;text&lt;/b&gt;" in text  # page text is escaped
 
 
 def _cli(*args):

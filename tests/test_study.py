@@ -213,11 +213,14 @@ def test_expert_ranking_by_load_and_failed_units_are_recorded(tmp_path):
     fails = run.failures()
     assert len(fails) == 1 and "leaves fewer than the top-2" in fails["error"][0] and "Traceback" in fails["traceback"][0]
     assert run.status()["n_done"] == 3  # rank + two good units
-    from workbench.routing.analyses import expert_load, route_texts
+    from workbench.routing import expert_load
     from workbench.study.tasks import texts
 
     model = wb.load("tiny:mixtral")
-    load = expert_load(route_texts(model, [model.tokenizer.encode(t)[:32] for t in texts(run.study)]))
+    with wb.capture(model, wb.Routing()) as cap:
+        for t in texts(run.study):
+            model.forward_text(model.tokenizer.encode(t)[:32])
+    load = expert_load(cap)
     best = divmod(int(load.flatten().argmax()), load.shape[1])
     top = run.results().query("select == 'top'")
     assert json.loads(top["targets"].iloc[0]) == [list(best)]

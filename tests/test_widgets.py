@@ -120,17 +120,17 @@ def fake_results(L=3, H=4):
     tests = pd.DataFrame({"length": [100, 100, 200, 200], "depth": [0.1, 0.9, 0.1, 0.9], "counted": [True, False, True, True]})
     ret = RetrievalResult(scores=torch.rand(L, H, generator=g), tests=tests, per_test_scores=torch.rand(4, L, H, generator=g),
                           variant="set", provenance=None)  # fmt: skip
-    sink = SinkResult(alpha=torch.rand(2, L, H, 4, generator=g), token_ids=[[1]], tokens=[["a"]], eps=0.3, T=64,
+    sink = SinkResult(alpha=torch.rand(2, L, H, 4, generator=g), seen_by=torch.full((2, L, 4), 64), token_ids=[[1]], tokens=[["a"]], eps=0.3, T=64,
                       massive=pd.DataFrame(columns=["text", "layer", "position", "dim", "value"]), provenance=None)  # fmt: skip
-    duo = DuoResult(alpha=torch.rand(L, 2, generator=g), losses=[1.0, 0.5], sink=4, recent=8, provenance=None)
+    duo = DuoResult(gates=torch.rand(L, 2, generator=g), losses=[1.0, 0.5], sink=4, recent=8, provenance=None)
     return ret, sink, duo
 
 
 def test_head_grid_values_equal_the_results():
     ret, sink, duo = fake_results()
     grid = HeadGrid(ret)
-    assert grid.metrics == ["retrieval score"]
-    torch.testing.assert_close(torch.tensor(grid.values["retrieval score"]), ret.scores)
+    assert grid.metrics == ["retrieval_score"]
+    torch.testing.assert_close(torch.tensor(grid.values["retrieval_score"]), ret.scores)
     l, h = grid.selected  # starts on the best head
     assert ret.scores[l, h] == ret.scores.max()
     grid = HeadGrid(sink)
@@ -138,7 +138,7 @@ def test_head_grid_values_equal_the_results():
         torch.testing.assert_close(torch.tensor(grid.values[f"attn.alpha[{k}]"]), sink.alpha.mean(0)[..., k])
     grid.metric = "attn.alpha[2]"
     assert grid.value(1, 2) == pytest.approx(float(sink.alpha[:, 1, 2, 2].mean()))
-    torch.testing.assert_close(torch.tensor(HeadGrid(duo).values["Duo gate"]), duo.alpha)
+    torch.testing.assert_close(torch.tensor(HeadGrid(duo).values["duo_gate"]), duo.gates)
     grid = HeadGrid({"a": [[1.0, float("nan")]], "b": torch.ones(1, 2)})
     assert grid.values["a"] == [[1.0, None]]  # NaN travels as null
 
@@ -147,9 +147,9 @@ def test_head_grid_duo_gates_expand_to_query_heads(tiny):
     m = tiny("llama")  # 4 query heads, 2 KV heads
     from workbench.duo import DuoResult
 
-    duo = DuoResult(alpha=torch.tensor([[0.1, 0.9], [0.6, 0.2]]), losses=[], sink=4, recent=8, provenance=None)
-    gate = head_scores(duo, m)["Duo gate"]
-    assert torch.equal(gate, duo.alpha[:, [0, 0, 1, 1]])
+    duo = DuoResult(gates=torch.tensor([[0.1, 0.9], [0.6, 0.2]]), losses=[], sink=4, recent=8, provenance=None)
+    gate = head_scores(duo, m)["duo_gate"]
+    assert torch.equal(gate, duo.gates[:, [0, 0, 1, 1]])
 
 
 def test_head_grid_from_a_capture_equals_its_statistics(tiny):
@@ -188,7 +188,7 @@ def test_head_grid_ablation_reports_the_edit_effect(tiny):
     grid.mode = "uniform"
     grid.run += 1  # the view's "run ablation" button
     assert grid.error == ""
-    ref = wb.routing.edit_effect(m, TEXT, wb.HeadAblation([(0, 1), (1, 2)], mode="uniform"), max_new_tokens=3)
+    ref = wb.effects.edit_effect(m, TEXT, wb.HeadAblation([(0, 1), (1, 2)], mode="uniform"), max_new_tokens=3)
     assert grid.effect["loss_after"] == pytest.approx(ref.loss_after, abs=1e-6)
     assert grid.effect["max_logit_change"] == pytest.approx(ref.max_logit_change, abs=1e-5)
     assert grid.effect["text_after"] == ref.text_after and grid.effect["heads"] == [[0, 1], [1, 2]]
@@ -348,11 +348,11 @@ def test_results_display_their_figures(tmp_path, tiny_moe):
     assert duo.figure().layout.xaxis.title.text == "KV head"
     with pytest.raises(WorkbenchError, match="no figure 'x'"):
         ret.figure("x")
-    rec = wb.routing.route_texts(tiny_moe, ["the cat"])
-    torch.testing.assert_close(torch.tensor(rec.figure().data[0].z), wb.routing.expert_load(rec))
+    r = wb.routing.scan(tiny_moe, texts=["the cat"], progress=False)
+    torch.testing.assert_close(torch.tensor(r.figure().data[0].z), wb.routing.expert_load(r.rows))
     page = ret.write_html(tmp_path / "ret.html", "niah")
     assert page.stat().st_size > 1_000_000 and "cdn.plot.ly" not in page.read_text()[:2000]  # plotly.js inlined
-    eff = wb.routing.edit_effect(tiny_moe, "the cat", wb.ExpertMask([(0, 1)]), max_new_tokens=2)
+    eff = wb.effects.edit_effect(tiny_moe, "the cat", wb.ExpertMask([(0, 1)]), max_new_tokens=2)
     assert "<table" in eff._repr_html_() and "expert-mask" in eff._repr_html_()
 
 

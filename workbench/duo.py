@@ -1,29 +1,31 @@
 """Retrieval vs streaming heads (DuoAttention, Xiao et al. 2024).
 
-One gate α ∈ [0, 1] per KV head mixes full attention with streaming attention (the first ``sink``
-keys + the last ``recent`` keys): ``out = α·full + (1−α)·streaming``. Gates are trained by MSE
+One gate g ∈ [0, 1] per KV head mixes full attention with streaming attention (the first ``sink``
+keys + the last ``recent`` keys): ``out = g·full + (1−g)·streaming``. Gates are trained by MSE
 distillation of the final hidden states on the answer tokens of synthetic passkey data, plus
-``0.05 · Σ|α|``; KV heads with α ≥ 0.5 are retrieval heads. The paper's sink 64 + recent 256 at
-long contexts is scaled to the lengths used here (CPU: a few hundred tokens).
+``0.05 · Σ|g|``; KV heads with g ≥ 0.5 are retrieval heads. The paper's sink 64 + recent 256 at
+long contexts is scaled to the lengths used here (CPU: a few hundred tokens). (The paper calls the
+gate α; here α is Gu et al.'s sink measure only, so the gate is ``gates``.)
 """
 from __future__ import annotations
 
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from . import niah
+from . import niah, plots
 from .attention import StreamingHeads
 from .attention.plan import LayerPlan
-from .capture import intervene
-from .hooks import Bound, Edit
-from .display import Figures
+from .capture import edit_labels, intervene
 from .errors import ProbeError
+from .hooks import Bound, Edit
+from .result import Result, head_table
+from .scan import config_of, float_value, int_value, run_cases
 
 L1_WEIGHT = 0.05
 RETRIEVAL_GATE = 0.5
@@ -36,30 +38,30 @@ def streaming_visibility(q_pos: torch.Tensor, key_pos: torch.Tensor, sink: int, 
 
 @dataclass(frozen=True, eq=False)
 class GatedMix(Edit):
-    """Every layer's attention becomes ``α·full + (1−α)·streaming`` with a differentiable gate ``alpha``
-    ``[layer, kv_head]`` (DuoAttention's training-time mix; gradients flow into ``alpha``)."""
+    """Every layer's attention becomes ``g·full + (1−g)·streaming`` with a differentiable gate ``gates``
+    ``[layer, kv_head]`` (DuoAttention's training-time mix; gradients flow into ``gates``)."""
 
-    alpha: torch.Tensor
+    gates: torch.Tensor
     sink: int
     recent: int
     label = "duo-gated-mix"
 
     def bind(self, model) -> "_BoundGates":
-        if tuple(self.alpha.shape) != (model.spec.n_layers, model.spec.n_kv_heads):
-            raise ProbeError(f"GatedMix: alpha must be [layer, kv_head] = {(model.spec.n_layers, model.spec.n_kv_heads)}")
-        return _BoundGates(self.alpha, model.spec, self.sink, self.recent)
+        if tuple(self.gates.shape) != (model.spec.n_layers, model.spec.n_kv_heads):
+            raise ProbeError(f"GatedMix: gates must be [layer, kv_head] = {(model.spec.n_layers, model.spec.n_kv_heads)}")
+        return _BoundGates(self.gates, model.spec, self.sink, self.recent)
 
 
 class _BoundGates(Bound):
     is_edit = True
     label = GatedMix.label
 
-    def __init__(self, alpha: torch.Tensor, spec, sink: int, recent: int):
-        self.alpha, self.group, self.sink, self.recent = alpha, spec.group_size, sink, recent
+    def __init__(self, gates: torch.Tensor, spec, sink: int, recent: int):
+        self.gates, self.group, self.sink, self.recent = gates, spec.group_size, sink, recent
         self.sites = frozenset(("attn", l) for l in range(spec.n_layers))
 
     def attention(self, layer: int, call) -> LayerPlan:
-        a = self.alpha[layer].clamp(0, 1).repeat_interleave(self.group)  # per query head
+        a = self.gates[layer].clamp(0, 1).repeat_interleave(self.group)  # per query head
 
         def gated(q, k, v, scale, dense, q_pos, key_pos):
             rep = q.shape[1] // k.shape[1]
@@ -92,80 +94,168 @@ def passkey_sample(model, length: int, rng: random.Random) -> tuple[torch.Tensor
     return ids, case.input_ids.shape[1]
 
 
-@dataclass
-class DuoResult(Figures):
-    """Trained gates ``[layer, kv_head]`` and the training curve."""
+@dataclass(frozen=True)
+class DuoConfig:
+    """Gate training: ``steps`` passkey samples of ``length`` tokens (each one case), streaming heads keep
+    ``sink`` + ``recent`` keys; ``sweep``: streaming fractions to evaluate afterwards (passkey accuracy
+    over ``sweep_samples`` samples each, lowest gates first)."""
 
-    alpha: torch.Tensor
+    length: int = 384
+    steps: int = 24
+    sink: int = 16
+    recent: int = 64
+    lr: float = 0.05
+    l1: float = L1_WEIGHT
+    seed: int = 0
+    sweep: tuple[float, ...] = ()
+    sweep_samples: int = 8
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("length", int_value(self.length, "length", lo=64))
+        set_("steps", int_value(self.steps, "steps", lo=1))
+        set_("sink", int_value(self.sink, "sink", lo=0))
+        set_("recent", int_value(self.recent, "recent", lo=1))
+        set_("lr", float_value(self.lr, "lr", 0, 10, lo_open=True))
+        set_("l1", float_value(self.l1, "l1", 0, 10))
+        set_("seed", int_value(self.seed, "seed", lo=0, hi=2**63 - 1))
+        set_("sweep", tuple(float_value(f, "sweep fractions", 0, 1) for f in self.sweep))
+        set_("sweep_samples", int_value(self.sweep_samples, "sweep_samples", lo=1))
+
+    def check(self, model) -> None:
+        if model.spec.learned_sinks:
+            raise ProbeError("DuoAttention gates are not supported with learned attention sinks (GPT-OSS)")
+        if model.spec.max_positions and self.length > model.spec.max_positions:
+            raise ProbeError(f"length {self.length} exceeds the model's {model.spec.max_positions} positions")
+
+
+@dataclass(repr=False)
+class DuoResult(Result):
+    """Trained gates ``[layer, kv_head]``, the training curve and (optionally) the streaming sweep."""
+
+    gates: torch.Tensor
     losses: list[float]
     sink: int
     recent: int
     provenance: object
+    sweep: pd.DataFrame | None = None
+    complete: bool = True
+
+    kind: ClassVar[str] = "duo"
+    table_names: ClassVar[tuple[str, ...]] = ("gates", "losses", "sweep")
 
     def retrieval_kv_heads(self, threshold: float = RETRIEVAL_GATE) -> list[tuple[int, int]]:
-        return [tuple(x) for x in (self.alpha >= threshold).nonzero().tolist()]
+        return [tuple(x) for x in (self.gates >= threshold).nonzero().tolist()]
 
-    def _figures(self) -> dict:
-        from . import report
+    grid_unit: ClassVar[str] = "kv_head"
 
-        return {
-            "gates": lambda: report.head_grid(self.alpha, "DuoAttention gate α per KV head (≥ 0.5: retrieval)", colorbar="α",
-                                              zmax=1, heads="KV head"),
-            "losses": lambda: report.curve(self.losses, "DuoAttention gate training loss"),
+    def grids(self) -> dict[str, torch.Tensor]:
+        return {"duo_gate": self.gates}
+
+    def heads(self) -> pd.DataFrame:
+        """One row per KV head: its gate, best first, and whether it is a retrieval head (gate ≥ 0.5)."""
+        df = super().heads()
+        return df.assign(retrieval_head=df["duo_gate"] >= RETRIEVAL_GATE)
+
+    def agreement(self, wu, group: int, *, wu_threshold: float = 0.1) -> pd.DataFrame:
+        """Per KV head: DuoAttention says retrieval (gate ≥ 0.5) vs Wu says retrieval (a query head of the
+        group scores > ``wu_threshold``); ``wu`` is a RetrievalResult or its ``[layer, head]`` scores."""
+        scores = getattr(wu, "scores", wu)
+        wu_kv = scores.view(scores.shape[0], -1, group).nan_to_num(0).amax(-1)  # [L, Hkv]
+        rows = []
+        for l in range(self.gates.shape[0]):
+            for h in range(self.gates.shape[1]):
+                d, w = bool(self.gates[l, h] >= RETRIEVAL_GATE), bool(wu_kv[l, h] > wu_threshold)
+                rows.append({"layer": l, "kv_head": h, "gate": float(self.gates[l, h]), "wu_max_score": float(wu_kv[l, h]),
+                             "duo_retrieval": d, "wu_retrieval": w, "agree": d == w})  # fmt: skip
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        state = "" if self.complete else f" — cancelled after {len(self.losses)} step(s)"
+        first, last = (f"{self.losses[0]:.3f}", f"{self.losses[-1]:.3f}") if self.losses else ("—", "—")
+        lines = [f"DuoAttention gates: loss {first} → {last} over {len(self.losses)} steps{state}; "
+                 f"retrieval KV heads (gate ≥ 0.5): " + (", ".join(f"L{l}KV{h}" for l, h in self.retrieval_kv_heads()) or "none")]  # fmt: skip
+        if self.sweep is not None and len(self.sweep):
+            lines.append("passkey accuracy vs streaming fraction:\n" + self.sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        return "\n".join(lines)
+
+    def figures(self) -> dict:
+        figs = {
+            "gates": lambda: plots.head_grid(self.gates, "DuoAttention gate per KV head (≥ 0.5: retrieval)", colorbar="gate",
+                                             zmax=1, heads="KV head"),
+            "losses": lambda: plots.curve(self.losses, "DuoAttention gate training loss"),
         }  # fmt: skip
+        if self.sweep is not None and len(self.sweep):
+            figs["sweep"] = lambda: plots.bars(self.sweep, "streaming_fraction", "accuracy", "passkey accuracy vs streaming fraction")
+        return figs
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        gates = head_table(self.gates, "gate", unit="kv_head").sort_values(["layer", "kv_head"]).reset_index(drop=True)
+        losses = pd.DataFrame({"step": range(len(self.losses)), "loss": self.losses}).assign(sink=self.sink, recent=self.recent,
+                                                                                            complete=self.complete)  # fmt: skip
+        sweep = self.sweep if self.sweep is not None else pd.DataFrame(columns=["streaming_fraction", "streaming_kv_heads", "accuracy"])
+        return {"gates": gates, "losses": losses, "sweep": sweep}
 
     def to_frame(self) -> pd.DataFrame:
-        L, H = self.alpha.shape
-        return pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)], "kv_head": list(range(H)) * L,
-                             "alpha": self.alpha.flatten().tolist()})  # fmt: skip
+        return self.tables()["gates"]
+
+    @classmethod
+    def from_tables(cls, tables, provenance) -> "DuoResult":
+        g = tables["gates"].sort_values(["layer", "kv_head"])
+        L, H = int(g["layer"].max()) + 1, int(g["kv_head"].max()) + 1
+        losses = tables["losses"]
+        meta = losses.iloc[0] if len(losses) else None
+        sweep = tables["sweep"]
+        return cls(gates=torch.tensor(g["gate"].to_numpy(), dtype=torch.float32).view(L, H), losses=losses["loss"].tolist(),
+                   sink=int(meta["sink"]) if meta is not None else 0, recent=int(meta["recent"]) if meta is not None else 0,
+                   provenance=provenance, sweep=sweep if len(sweep) else None,
+                   complete=bool(meta["complete"]) if meta is not None else True)  # fmt: skip
 
 
-def train_gates(
-    model,
-    *,
-    length: int = 384,
-    steps: int = 24,
-    sink: int = 16,
-    recent: int = 64,
-    lr: float = 0.05,
-    l1: float = L1_WEIGHT,
-    seed: int = 0,
-    samples=None,
-    progress: bool = True,
-) -> DuoResult:
-    """Train one gate per KV head by distillation on synthetic passkey samples (CPU: minutes).
-    ``samples`` may replace the passkey data: a callable ``rng -> (ids [1, T], answer_start)``."""
+def scan(model, config: DuoConfig | None = None, *, edits=(), on_case=None, cancel=None, progress: bool = True,
+         samples: Callable | None = None, **fields) -> DuoResult:  # fmt: skip
+    """Train one gate per KV head by distillation on synthetic passkey samples (CPU: minutes), one case
+    per training step (``DuoConfig`` fields as keywords); then the streaming sweep if ``sweep`` is set.
+    ``samples`` may replace the passkey data: a callable ``rng -> (ids [1, T], answer_start)``.
+    ``edits`` stay active while gates train (e.g. to train with some heads ablated)."""
+    cfg = config_of(DuoConfig, config, fields)
+    cfg.check(model)
     spec = model.spec
-    if spec.learned_sinks:
-        raise ProbeError("DuoAttention gates are not supported with learned attention sinks (GPT-OSS)")
-    if steps < 1 or sink < 0 or recent < 1:
-        raise ProbeError(f"need steps ≥ 1, sink ≥ 0, recent ≥ 1 (got {steps}, {sink}, {recent})")
-    if spec.max_positions and length > spec.max_positions:
-        raise ProbeError(f"length {length} exceeds the model's {spec.max_positions} positions")
-    rng = random.Random(seed)
-    alpha = torch.ones(spec.n_layers, spec.n_kv_heads, requires_grad=True)
-    opt = torch.optim.Adam([alpha], lr=lr)
+    rng = random.Random(cfg.seed)
+    gates = torch.ones(spec.n_layers, spec.n_kv_heads, requires_grad=True)
+    opt = torch.optim.Adam([gates], lr=cfg.lr)
     for p in model.hf.parameters():
         p.requires_grad_(False)
-    gates = GatedMix(alpha, sink, recent)
-    losses = []
-    for _ in tqdm(range(steps), desc="DuoAttention gates", unit="step", disable=not progress):
-        ids, start = samples(rng) if samples is not None else passkey_sample(model, length, rng)
+    mix = GatedMix(gates, cfg.sink, cfg.recent)
+
+    def step(_):
+        ids, start = samples(rng) if samples is not None else passkey_sample(model, cfg.length, rng)
         ids = ids.to(model.device)
         with torch.no_grad():
             target = model.hf.model(input_ids=ids).last_hidden_state[:, start:]
-        with intervene(model, gates):
+        with intervene(model, mix):
             hidden = model.hf.model(input_ids=ids).last_hidden_state[:, start:]
-        loss = F.mse_loss(hidden.float(), target.float()) + l1 * alpha.clamp(0, 1).abs().sum()
+        loss = F.mse_loss(hidden.float(), target.float()) + cfg.l1 * gates.clamp(0, 1).abs().sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
-            alpha.clamp_(0, 1)
-        losses.append(float(loss.detach()))
-    prov = model.provenance.with_run(definition=f"DuoAttention gates: MSE(final hidden, answer tokens) + {l1}·L1; sink {sink} recent {recent}",
-                                     length=length, steps=steps, seed=seed)  # fmt: skip
-    return DuoResult(alpha=alpha.detach().clone(), losses=losses, sink=sink, recent=recent, provenance=prov)
+            gates.clamp_(0, 1)
+        return float(loss.detach())
+
+    with intervene(model, *edits) if edits else nullcontext():
+        losses, complete = run_cases(range(cfg.steps), step, on_case=on_case, cancel=cancel, progress=progress,
+                                     desc="DuoAttention gates", unit="step")  # fmt: skip
+    prov = model.provenance.with_run(definition=f"DuoAttention gates: MSE(final hidden, answer tokens) + {cfg.l1}·L1; "
+                                                f"sink {cfg.sink} recent {cfg.recent}",
+                                     length=cfg.length, steps=len(losses), seed=cfg.seed, edits=", ".join(edit_labels(edits)) or None,
+                                     complete=complete)  # fmt: skip
+    result = DuoResult(gates=gates.detach().clone(), losses=losses, sink=cfg.sink, recent=cfg.recent, provenance=prov, complete=complete)
+    if cfg.sweep and complete:
+        rows, done = run_cases(list(cfg.sweep), lambda f: _sweep_point(model, result, f, cfg), on_case=on_case, cancel=cancel,
+                               progress=progress, desc="streaming sweep", unit="fraction")  # fmt: skip
+        result.sweep, result.complete = pd.DataFrame(rows), done
+    return result
 
 
 @torch.no_grad()
@@ -184,27 +274,10 @@ def passkey_accuracy(model, *, length: int = 384, n: int = 8, seed: int = 1, edi
     return hits / n
 
 
-def streaming_sweep(model, duo: DuoResult, fractions=(0.0, 0.25, 0.5, 0.75, 1.0), **kw) -> pd.DataFrame:
-    """Passkey accuracy as the lowest-gate KV heads are made streaming (emulated), fraction by fraction."""
-    order = sorted(((float(duo.alpha[l, h]), l, h) for l in range(duo.alpha.shape[0]) for h in range(duo.alpha.shape[1])))
-    rows = []
-    for f in fractions:
-        if not 0 <= f <= 1:
-            raise ProbeError(f"fractions must lie in [0, 1], got {f}")
-        heads = [(l, h) for _, l, h in order[: round(f * len(order))]]
-        edits = (StreamingHeads(heads, sink=duo.sink, recent=duo.recent, unit="kv"),) if heads else ()
-        rows.append({"streaming_fraction": f, "streaming_kv_heads": len(heads), "accuracy": passkey_accuracy(model, edits=edits, **kw)})
-    return pd.DataFrame(rows)
-
-
-def agreement(duo: DuoResult, wu_scores: torch.Tensor, group: int, *, gate: float = RETRIEVAL_GATE, wu_threshold: float = 0.1) -> pd.DataFrame:
-    """Per KV head: DuoAttention says retrieval (α ≥ 0.5) vs Wu says retrieval (a query head of the
-    group scores > 0.1). One row per KV head, with a ``agree`` column; disagreements are the story."""
-    wu_kv = wu_scores.view(wu_scores.shape[0], -1, group).nan_to_num(0).amax(-1)  # [L, Hkv]
-    rows = []
-    for l in range(duo.alpha.shape[0]):
-        for h in range(duo.alpha.shape[1]):
-            d, w = bool(duo.alpha[l, h] >= gate), bool(wu_kv[l, h] > wu_threshold)
-            rows.append({"layer": l, "kv_head": h, "alpha": float(duo.alpha[l, h]), "wu_max_score": float(wu_kv[l, h]),
-                         "duo_retrieval": d, "wu_retrieval": w, "agree": d == w})  # fmt: skip
-    return pd.DataFrame(rows)
+def _sweep_point(model, duo: DuoResult, fraction: float, cfg: DuoConfig) -> dict:
+    """Passkey accuracy with the lowest-gate ``fraction`` of KV heads made streaming (emulated)."""
+    order = sorted(((float(duo.gates[l, h]), l, h) for l in range(duo.gates.shape[0]) for h in range(duo.gates.shape[1])))
+    heads = [(l, h) for _, l, h in order[: round(fraction * len(order))]]
+    edits = (StreamingHeads(heads, sink=duo.sink, recent=duo.recent, unit="kv"),) if heads else ()
+    acc = passkey_accuracy(model, length=cfg.length, n=cfg.sweep_samples, edits=edits)
+    return {"streaming_fraction": fraction, "streaming_kv_heads": len(heads), "accuracy": acc}

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import html
 from dataclasses import fields
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import pandas as pd
 
 from .display import Figures
 from .errors import WorkbenchError
 from .provenance import Provenance
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Result(Figures):
@@ -43,6 +46,25 @@ class Result(Figures):
 
     def figures(self) -> dict[str, Callable]:
         raise NotImplementedError
+
+    #: what the columns of :meth:`grids` index: ``head`` (query heads) or ``kv_head``
+    grid_unit: ClassVar[str] = "head"
+
+    def grids(self) -> dict[str, "torch.Tensor"]:
+        """Per-head values, name → ``[layer, head]`` (views such as HeadGrid draw these)."""
+        raise NotImplementedError
+
+    def heads(self) -> pd.DataFrame:
+        """One row per head with every grid as a column, sorted by the first grid (best first)."""
+        import torch
+
+        grids = self.grids()
+        first, *rest = grids
+        df = head_table(grids[first], first, unit=self.grid_unit)
+        for name in rest:
+            v = grids[name]
+            df[name] = v[torch.tensor(df["layer"].to_numpy()), torch.tensor(df[self.grid_unit].to_numpy())].float().numpy()
+        return df
 
     def summary(self) -> str:
         raise NotImplementedError
@@ -123,3 +145,13 @@ def head_table(values, name: str, *, unit: str = "head") -> pd.DataFrame:
     L, H = v.shape
     df = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)], unit: list(range(H)) * L, name: v.flatten().tolist()})
     return df.sort_values(name, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def top_cells(values, k: int) -> list[tuple[int, int, float]]:
+    """The ``k`` largest cells of a ``[layer, head]`` grid as (layer, head, value); NaN ranks last."""
+    import torch
+
+    flat = torch.nan_to_num(values.detach().float().cpu(), nan=-float("inf")).flatten()
+    idx = flat.topk(min(k, flat.numel())).indices
+    H = values.shape[1]
+    return [(int(i) // H, int(i) % H, float(values.flatten()[i])) for i in idx]

@@ -68,3 +68,44 @@ def config_of(cls, config, fields: dict):
     if not isinstance(config, cls):
         raise ProbeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
     return config
+
+
+# --- validation of config fields (one set of checks for the library, the CLI and the dashboard) ----------
+
+
+def int_value(value, what: str, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer (not a bool, not 2.5) within [lo, hi], or a clear error naming the field."""
+    import operator
+
+    if isinstance(value, bool):
+        raise ProbeError(f"{what} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ProbeError(f"{what} must be an integer, got {value!r}") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"≥ {lo}" if hi is None else (f"≤ {hi}" if lo is None else f"in {lo}..{hi}")
+        raise ProbeError(f"{what} must be {bounds}, got {v}")
+    return v
+
+
+def int_list(value, what: str, lo: int | None = None, hi: int | None = None) -> tuple[int, ...]:
+    """A non-empty list of integers (a lone int or a string like "500" is refused, not split into digits)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ProbeError(f"{what} must be a list of integers, e.g. [500, 1000], got {value!r}")
+    out = tuple(int_value(v, f"{what}: each value", lo, hi) for v in value)
+    if not out:
+        raise ProbeError(f"no {what} given")
+    return out
+
+
+def float_value(value, what: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """A real number within the given interval (open or closed ends)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        raise ProbeError(f"{what} must be a number, got {value!r}")
+    v = float(value)
+    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        raise ProbeError(f"{what} must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v:g}")
+    return v

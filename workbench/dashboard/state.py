@@ -485,7 +485,7 @@ class Workbench:
     def routing_effect(self, name: str, text: str, *, mask=(), force=(), max_new_tokens: int = 16):
         """Outputs with and without deactivated (``mask``) / forced (``force``) experts (:func:`edit_effect`)."""
         from ..routing import ExpertForce, ExpertMask
-        from ..routing.effects import edit_effect
+        from ..effects import edit_effect
 
         text = self._check_routing_text(text)
         if name not in self.moe_names:

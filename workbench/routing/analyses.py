@@ -20,19 +20,6 @@ def _routed(rec) -> tuple[torch.Tensor, torch.Tensor]:
     return ex, ex >= 0
 
 
-def route_texts(model, texts: Sequence[str], *, layers: Sequence[int] | None = None, chat: bool = False):
-    """Capture the routing of ``texts`` (one forward pass each) as :class:`RoutingRows`."""
-    from ..capture import capture
-    from .probe import Routing
-
-    if isinstance(texts, str) or not texts:
-        raise ProbeError("route_texts needs a non-empty list of texts")
-    with capture(model, Routing(layers=layers)) as cap:
-        for t in texts:
-            model.forward_text(t, chat=chat)
-    return _rows(cap)
-
-
 # --- load and entropy ------------------------------------------------------------------------------
 
 
@@ -289,6 +276,6 @@ def risk_table(rec_a, rec_b):
 
 __all__ = [
     "activation_rate", "behaviour_experts", "coactivation", "expert_load", "flip_risk", "load_entropy",
-    "margin_histogram", "position_dependence", "risk_difference", "risk_table", "route_texts", "router_entropy",
+    "margin_histogram", "position_dependence", "risk_difference", "risk_table", "router_entropy",
     "specialisation", "token_specialisation", "transitions",
 ]  # fmt: skip

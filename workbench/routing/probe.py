@@ -9,7 +9,6 @@ from typing import Sequence
 import torch
 
 from .. import names as N
-from ..display import Figures
 from ..errors import ProbeError
 from ..hooks import Bound, Call, Probe
 from ..spec import RouterSpec
@@ -137,7 +136,7 @@ class BoundRouting(Bound):
 
 
 @dataclass(frozen=True)
-class RoutingRows(Figures):
+class RoutingRows:
     """Routing per token as flat rows: ``[layer, row, ...]`` over the recorded MoE :attr:`layers`, rows =
     every recorded (sequence, token), sequence by sequence in call order. Build it with
     :func:`rows` (``workbench.routing.rows(cap)``); ``select`` takes subsets for the analyses."""
@@ -170,13 +169,6 @@ class RoutingRows(Figures):
         per_row = {f: getattr(self, f)[idx] for f in ("token_ids", "positions", "batch", "call")}
         per_layer = {f: getattr(self, f)[:, idx] for f in ("logits", "experts", "weights", "scores", "margin", "ran", "agrees")}
         return RoutingRows(self.layers, self.n_experts, **per_row, **per_layer)
-
-    def _figures(self) -> dict:
-        from .. import report
-        from .analyses import expert_load
-
-        title = f"expert load per layer ({self.token_ids.numel()} tokens)"
-        return {"load": lambda: report.layer_expert_grid(expert_load(self), self.layers, title)}
 
     def to_frame(self):
         """Long pandas table: one row per (layer, token row, rank) with token id, position, expert, weight

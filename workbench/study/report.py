@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import report as figures
+from .. import plots, report
 
 _METRIC = {"niah": "NIAH accuracy", "loss": "loss (nats)", "logit_diff": "logit difference", "generation_match": "generation match"}
 
@@ -34,7 +34,7 @@ def metric_vs_k(run, summary: pd.DataFrame):
 
 def _layer_bars(summary: pd.DataFrame, metric: str):
     layers = summary[summary["select"] == "layer"].rename(columns={"k": "layer", "metric_mean": metric})
-    return figures.layer_bars(layers, metric, f"{metric} with every head of one layer ablated") if len(layers) else None
+    return plots.bars(layers, "layer", metric, f"{metric} with every head of one layer ablated") if len(layers) else None
 
 
 def write_report(run, out: Path, *, png: bool = True) -> Path:
@@ -53,13 +53,13 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
             if k == res.loc[res["grid"] == grid, "k"].max():
                 grid_frame = part.pivot_table(index="depth", columns="length", values="metric", aggfunc="mean")
                 grid_frame.columns = [int(c) for c in grid_frame.columns]
-                figs[f"niah_{re.sub(r'[^A-Za-z0-9]+', '-', grid)}_k{k}"] = figures.niah_grid(grid_frame, f"NIAH accuracy, {grid} (k = {k})")
+                figs[f"niah_{re.sub(r'[^A-Za-z0-9]+', '-', grid)}_k{k}"] = plots.niah_grid(grid_frame, f"NIAH accuracy, {grid} (k = {k})")
     ranks = run.rankings()
     if len(ranks) and study.ablation.target == "heads":
         first = ranks[ranks.unit_id == ranks.unit_id.iloc[0]]
         grid = torch.zeros(int(first.layer.max()) + 1, int(first.unit.max()) + 1)
         grid[first.layer.tolist(), first.unit.tolist()] = torch.tensor(first.metric.tolist(), dtype=torch.float32)
-        figs["ranking"] = figures.head_grid(grid, "retrieval score of the ranking scan (Wu 2024, set)")
+        figs["ranking"] = plots.head_grid(grid, "retrieval score of the ranking scan (Wu 2024, set)")
     sections += [(name.replace("_", " "), fig) for name, fig in figs.items()]
     sections.append(("Summary", summary))
     fails = run.failures()
@@ -80,4 +80,4 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
             except Exception as e:  # noqa: BLE001 - PNG export needs a browser; the HTML report does not
                 warnings.warn(f"PNG export skipped ({type(e).__name__}: {e}); install chromium for PNGs")
                 break
-    return figures.write_html(out / "index.html", f"Study report: {study.name}", sections)
+    return report.write_html(out / "index.html", f"Study report: {study.name}", sections)

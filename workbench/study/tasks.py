@@ -74,15 +74,19 @@ class Evaluator:
     # --- rankings -----------------------------------------------------------------------------------
     def _rank(self, unit: Unit) -> pd.DataFrame:
         if self.study.ablation.target == "experts":
-            from ..routing.analyses import expert_load, route_texts
+            from ..capture import capture
+            from ..routing import Routing, expert_load
 
-            load = expert_load(route_texts(self.model, self._inputs()))
+            with capture(self.model, Routing()) as cap:
+                for ids in self._inputs():
+                    self.model.forward_text(ids)
+            load = expert_load(cap)
             layers = list(self.model.spec.moe_layers)
             scores = torch.full((self.model.spec.n_layers, load.shape[1]), float("nan"))
             scores[layers] = load[: len(layers)]
         else:
             r = json.loads(dict(unit.condition)["rank"])
-            res = retrieval.scan(self.model, r["lengths"], r["depths"], n_needles=r["needles"],
+            res = retrieval.scan(self.model, lengths=r["lengths"], depths=r["depths"], n_needles=r["needles"],
                                  max_new_tokens=r["max_new_tokens"], progress=False)  # fmt: skip
             scores = res.scores
         L, U = scores.shape

@@ -7,7 +7,7 @@ import traitlets
 
 from ..attention.edits import ABLATION_MODES
 from ..errors import ProbeError
-from ..report import top_cells
+from ..result import top_cells
 from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
 from .scores import head_scores
 
@@ -21,7 +21,7 @@ class HeadGrid(WorkbenchWidget):
     and a ``prompt``: :attr:`attention` is an :class:`AttentionView` that follows the selection, and
     the ablation control ablates the heads in ``ablate`` (``HeadAblation``, ``mode`` zero / mean /
     uniform; ``mean`` uses the prompt's own tokens unless ``reference`` texts are given), re-runs the
-    prompt and reports the effect (:func:`workbench.routing.edit_effect`: loss, logit and text change)."""
+    prompt and reports the effect (:func:`workbench.effects.edit_effect`: loss, logit and text change)."""
 
     _esm = esm("head_grid")
     heading = traitlets.Unicode("").tag(sync=True)
@@ -118,9 +118,9 @@ class HeadGrid(WorkbenchWidget):
 
     def run_ablation(self, heads: Sequence[Sequence[int]] | None = None, mode: str | None = None):
         """Ablate ``heads`` (default: ``ablate``, else the selected head) and report the effect on the
-        prompt; returns the :class:`~workbench.routing.EditEffect` and shows it in the view."""
+        prompt; returns the :class:`~workbench.effects.EditEffect` and shows it in the view."""
         from ..attention import HeadAblation
-        from ..routing.effects import edit_effect
+        from ..effects import edit_effect
 
         if not self.can_ablate:
             raise ProbeError("HeadGrid: ablation needs model= and prompt=")

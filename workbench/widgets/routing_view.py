@@ -93,7 +93,7 @@ class RoutingView(WorkbenchWidget):
     def apply(self):
         """Re-run the text with ``masked`` / ``forced``; returns the EditEffect (None when no edits: reset)."""
         from ..routing import ExpertForce, ExpertMask
-        from ..routing.effects import edit_effect
+        from ..effects import edit_effect
 
         edits = ([ExpertMask([tuple(p) for p in self.masked])] if self.masked else []) + (
             [ExpertForce([tuple(p) for p in self.forced])] if self.forced else []

@@ -11,27 +11,19 @@ from ..errors import ProbeError
 def head_scores(source, model=None) -> dict[str, torch.Tensor]:
     """Named ``[layer, head]`` score grids from a mapping or a result object.
 
-    - ``RetrievalResult``: ``retrieval score`` (Wu et al.);
-    - ``SinkResult``: ``attn.alpha[k]`` for the first keys (Gu et al.'s α_k, mean over texts);
-    - ``DuoResult``: ``Duo gate`` per KV head (repeated over each KV head's query heads when ``model`` is given);
+    - any result with per-head grids (``result.grids()``): ``retrieval_score`` (Wu et al.), ``attn.alpha[k]``
+      (Gu et al.'s α_k, mean over texts), ``duo_gate`` per KV head (repeated over each KV head's query heads
+      when ``model`` is given);
     - a :class:`~workbench.Capture` with ``AttentionStats``: :func:`workbench.heads.summary` (α of the first
       tracked keys, mean entropy, top-1 probability and head-output norm per head; NaN in layers not captured);
     - a mapping name → ``[layer, head]`` tensor or array."""
     from ..capture import Capture
-    from ..duo import DuoResult
-    from ..retrieval import RetrievalResult
-    from ..sinks import SinkResult
+    from ..result import Result
 
-    if isinstance(source, RetrievalResult):
-        out = {"retrieval score": source.scores}
-    elif isinstance(source, SinkResult):
-        a = source.mean_alpha
-        out = {f"attn.alpha[{k}]": a[..., k] for k in range(min(a.shape[-1], 4))}
-    elif isinstance(source, DuoResult):
-        gate = source.alpha
-        if model is not None:
-            gate = gate.repeat_interleave(model.spec.group_size, dim=1)
-        out = {"Duo gate": gate}
+    if isinstance(source, Result):
+        out = source.grids()
+        if source.grid_unit == "kv_head" and model is not None:
+            out = {k: v.repeat_interleave(model.spec.group_size, dim=1) for k, v in out.items()}
     elif isinstance(source, Capture):
         from ..heads import summary
 
@@ -41,7 +33,7 @@ def head_scores(source, model=None) -> dict[str, torch.Tensor]:
     else:
         raise ProbeError(
             f"HeadGrid: cannot read per-head scores from {type(source).__name__}; pass a mapping name -> [layer, head] "
-            "tensor, a RetrievalResult, SinkResult, DuoResult or a Capture with AttentionStats"
+            "tensor, a result with per-head grids (RetrievalResult, SinkResult, DuoResult) or a Capture with AttentionStats"
         )
     return _checked(out, model)
 

@@ -1,4 +1,5 @@
-"""What an intervention did: loss change, next-token logit change and the generated-text diff."""
+"""What an intervention did, for any edits (attention, routing, hooks): loss change, next-token logit
+change, KL and the generated-text diff."""
 from __future__ import annotations
 
 import difflib
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ProbeError
+from .errors import ProbeError
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class EditEffect:
 def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = False) -> EditEffect:
     """Run ``text`` with and without ``edits`` (as in :func:`workbench.intervene`) and report the change.
     ``max_new_tokens=0`` skips generation."""
-    from ..capture import edit_labels, intervene
+    from .capture import edit_labels, intervene
 
     if not edits:
         raise ProbeError("edit_effect needs at least one edit")

@@ -1,0 +1,74 @@
+"""Plotly figure builders shared by every result (pure functions of tensors and tables: no workbench
+imports). Every colour scale carries a colourbar with its unit; heads are labelled ``L{layer}H{head}``."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+
+def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax: float | None = None,
+              heads: str = "query head"):  # fmt: skip
+    """Layer × head heatmap of a per-head value ``[layer, head]`` (``heads`` names the columns' unit)."""
+    import plotly.graph_objects as go
+
+    v = values.detach().float().cpu()
+    unit = "KV" if heads.startswith("KV") else "H"
+    fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"{unit}{h}" for h in range(v.shape[1])], y=[f"L{l}" for l in range(v.shape[0])],
+                               colorscale="Viridis", zmin=0, zmax=zmax, colorbar={"title": colorbar},
+                               hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520)
+    return fig
+
+
+def niah_grid(grid: pd.DataFrame, title: str = "NIAH accuracy (ROUGE-1 recall > 0.5)"):
+    """Depth × context-length accuracy heatmap, the grid people plot for needle-in-a-haystack."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=[f"{d:g}%" for d in grid.index],
+                               colorscale="RdYlGn", zmin=0, zmax=1, colorbar={"title": "accuracy"},
+                               hovertemplate="length %{x}, depth %{y}: %{z:.2f}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth", height=360, width=520)
+    return fig
+
+
+def bars(frame: pd.DataFrame, x: str, y: str, title: str, *, color: str | None = None):
+    """Bars of ``y`` over ``x`` (grouped by ``color`` when given)."""
+    import plotly.express as px
+
+    fig = px.bar(frame, x=x, y=y, color=color, barmode="group", title=title)
+    fig.update_layout(height=320, width=620)
+    return fig
+
+
+def layer_expert_grid(load: torch.Tensor, layers, title: str = "expert load per layer"):
+    """MoE layer × expert heatmap (e.g. :func:`workbench.routing.expert_load`)."""
+    import plotly.graph_objects as go
+
+    v = load.detach().float().cpu()
+    fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"E{e}" for e in range(v.shape[1])], y=[f"L{l}" for l in layers],
+                               colorscale="Viridis", zmin=0, colorbar={"title": "share"},
+                               hovertemplate="layer %{y} expert %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer", height=max(300, 22 * v.shape[0] + 140), width=560)
+    return fig
+
+
+def curve(values, title: str, *, x: str = "step", y: str = "loss"):
+    """A line of values over steps (training curves)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(y=list(values), mode="lines"))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=320, width=620)
+    return fig
+
+
+def histogram(values: torch.Tensor, title: str, *, x: str, by: list[str] | None = None):
+    """Histograms of one row of values per trace (e.g. routing margins per layer)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    rows = values if values.dim() > 1 else values[None]
+    for i, row in enumerate(rows):
+        finite = row[torch.isfinite(row)].float().numpy()
+        fig.add_trace(go.Histogram(x=finite, name=(by[i] if by else None), opacity=0.6))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title="tokens", barmode="overlay", height=320, width=620)
+    return fig
