@@ -10,7 +10,7 @@ import torch
 
 from . import names as N
 from .errors import ProbeError
-from .hooks import SITE_OF, Bound, Call, Probe
+from .hooks import DEFAULT_PROBES, SITE_OF, Bound, Call, Probe
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,6 @@ def _width(model, site: str, layer: int) -> int:
     if site == "mlp_post":
         return model.hf.get_submodule(spec.mlp_down_paths[layer]).in_features
     return spec.hidden_size
+
+
+DEFAULT_PROBES["activation"] = lambda model, names: Activations(names=list(names)).bind(model)

@@ -16,7 +16,7 @@ import torch
 
 from . import names as N
 from .errors import ProbeError
-from .hooks import Bound, Edit, Hook, HookManager, Probe, attached
+from .hooks import DEFAULT_PROBES, Bound, Edit, Hook, HookManager, Probe, attached
 
 #: full (unreduced) module tensors one capture may keep, in elements (≈ 1 GiB of float32)
 MAX_ELEMENTS = 1 << 28
@@ -223,24 +223,10 @@ def _combine(full: str, parts: list):
 
 def _default_probes(model, wanted: list[str]) -> list[Bound]:
     """Probes that emit ``wanted`` names with default settings (for ``names_filter``-only captures and hooks)."""
-    from .activations import Activations
-    from .attention.stats import AttentionStats
-    from .routing.probe import Routing
-
-    fam: dict[str, list[tuple[int, str]]] = {}
+    fam: dict[str, list[str]] = {}
     for n in wanted:
-        layer, s = N.split(n)
-        fam.setdefault(N.point(s).family, []).append((layer, s))
-    out = []
-    if "attention" in fam:
-        layers = sorted({l for l, _ in fam["attention"]})
-        key_mass = any(s in ("attn.key_mass", "attn.key_count") for _, s in fam["attention"])
-        out.append(AttentionStats(layers=layers, key_mass=key_mass).bind(model))
-    if "activation" in fam:
-        out.append(Activations(names=[n for n in wanted if N.point(N.split(n)[1]).family == "activation"]).bind(model))
-    if "routing" in fam:
-        out.append(Routing(layers=sorted({l for l, _ in fam["routing"]})).bind(model))
-    return out
+        fam.setdefault(N.point(N.split(n)[1]).family, []).append(n)
+    return [DEFAULT_PROBES[f](model, names) for f, names in fam.items()]
 
 
 @contextmanager

@@ -36,6 +36,11 @@ TENSOR_SITES = {
     "mlp_out": "hook_mlp_out", "z": "attn.hook_z", "mlp_post": "mlp.hook_post",
 }  # fmt: skip
 SITE_OF = {v: k for k, v in TENSOR_SITES.items()}
+#: installers of sites other modules own (the MoE router and experts: workbench.routing.hooks)
+SITE_INSTALLERS: dict[str, Callable] = {}
+#: family (workbench.names Point.family) → factory(model, names) of the probe that emits those names with
+#: default settings (filled by the probe modules: attention stats, activations, routing)
+DEFAULT_PROBES: dict[str, Callable] = {}
 
 
 class HookName(str):
@@ -360,11 +365,9 @@ class HookManager:
             return [hf.get_submodule(spec.out_proj_paths[layer]).register_forward_pre_hook(self._pre_hook(site, layer), with_kwargs=True)]
         if site == "mlp_post":
             return [hf.get_submodule(spec.mlp_down_paths[layer]).register_forward_pre_hook(self._pre_hook(site, layer), with_kwargs=True)]
-        if site in ("router", "experts"):
-            from .routing.hooks import install_router_site
-
-            return install_router_site(self, site, layer)
-        raise ValueError(f"unknown site {site!r}")
+        if site in SITE_INSTALLERS:
+            return SITE_INSTALLERS[site](self, site, layer)
+        raise ProbeError(f"unknown hook site {site!r}")
 
     def _on_call(self, module, args, kwargs) -> None:
         sessions = self.sessions()

@@ -18,7 +18,7 @@ import torch
 
 from .. import names as N
 from ..errors import ProbeError
-from ..hooks import Bound, Call, Probe
+from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
 from .plan import BIG, LayerPlan
 
 
@@ -186,3 +186,12 @@ def _from_first_real(t: torch.Tensor, first_real: torch.Tensor, kv_offset: int) 
         else:
             out[b, ..., : n + start] = t[b, ..., -start:]
     return out
+
+
+def _default(model, names: list[str]) -> BoundAttention:
+    layers = sorted({N.split(n)[0] for n in names})
+    key_mass = any(N.split(n)[1] in ("attn.key_mass", "attn.key_count") for n in names)
+    return AttentionStats(layers=layers, key_mass=key_mass).bind(model)
+
+
+DEFAULT_PROBES["attention"] = _default

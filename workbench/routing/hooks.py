@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import names as N
+from ..hooks import SITE_INSTALLERS, _checked_replacement
 from ..errors import ProbeError
 from ..spec import RouterSpec
 from .rules import RuleInputs, route, rule_inputs
@@ -89,7 +90,7 @@ def combine(rs: RouterSpec, edits) -> Constraints:
     return Constraints(k, allowed, forced, tuple(labels))
 
 
-def _router_spec(mgr, layer: int) -> RouterSpec:
+def _router_spec(mgr, layer: int) -> RouterSpec:  # noqa: D401
     return next(rs for rs in mgr.spec.routers if rs.layer == layer)
 
 
@@ -118,8 +119,6 @@ def _router_hook(mgr, rs: RouterSpec, router: torch.nn.Module):
             if hasattr(it, "edit_logits"):
                 r = it.edit_logits(rs.layer, new_logits)
                 if r is not None:
-                    from ..hooks import _checked_replacement
-
                     new_logits = _checked_replacement(r, new_logits, hook_name(rs.layer, "router.logits"), it)
         c = combine(rs, [it for it in edits if it.routing(rs.layer) is not None])
         inputs = rule_inputs(router)
@@ -147,3 +146,6 @@ def _experts_hook(mgr, rs: RouterSpec):
         return None
 
     return hook
+
+
+SITE_INSTALLERS["router"] = SITE_INSTALLERS["experts"] = install_router_site

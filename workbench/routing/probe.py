@@ -10,7 +10,7 @@ import torch
 
 from .. import names as N
 from ..errors import ProbeError
-from ..hooks import Bound, Call, Probe
+from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
 from ..spec import RouterSpec
 from .hooks import RouterOutput, hook_name, unconstrained
 
@@ -242,3 +242,6 @@ def rows(cap) -> RoutingRows:
         call=meta(lambda c: torch.full((c.batch, c.q_pos.numel()), c.index)),
         **{p: flat(p) for p in _PARTS},
     )  # fmt: skip
+
+
+DEFAULT_PROBES["routing"] = lambda model, names: Routing(layers=sorted({N.split(n)[0] for n in names})).bind(model)
