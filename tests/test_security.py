@@ -1,0 +1,160 @@
+"""Issue 14, security rows: nothing user- or file-derived is rendered as HTML, run, or written outside its place.
+
+Plain-Python tests here; the served app in a real browser is in tests/test_dashboard_browser.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pandas as pd
+import pytest
+
+import workbench as wb
+from workbench.store import ResultStore
+
+
+# --- row 5: SQL injection through result file names -------------------------------------------------------
+
+
+def test_store_sql_file_names_cannot_inject(tmp_path, monkeypatch):
+    """A Parquet file whose name closes the quoted path and appends statements (``COPY ... TO``) is only a
+    view name: nothing runs, nothing is written."""
+    root = tmp_path / "store"
+    store = ResultStore(root)
+    store.save("ok", pd.DataFrame({"a": [1, 2]}))
+    shutil.copy(root / "ok.parquet", root / "x")  # makes the first, injected statement valid
+    evil = "x') ; COPY (SELECT 42 AS a) TO 'pwned.csv' ; SELECT 1 --"
+    shutil.copy(root / "ok.parquet", root / f"{evil}.parquet")
+    quote = 'q"uote'  # a double quote in the name must not end the view's identifier
+    shutil.copy(root / "ok.parquet", root / f"{quote}.parquet")
+    glob = "a[0-9]*"  # glob characters select only the file of that name
+    shutil.copy(root / "ok.parquet", root / f"{glob}.parquet")
+    monkeypatch.chdir(tmp_path)
+    assert store.sql("SELECT sum(a) AS s FROM ok")["s"][0] == 3
+    assert not (tmp_path / "pwned.csv").exists() and not (root / "pwned.csv").exists()
+    assert store.sql(f'SELECT count(*) AS n FROM "{evil}"')["n"][0] == 2
+    assert store.sql('SELECT count(*) AS n FROM "q""uote"')["n"][0] == 2
+    assert store.sql(f'SELECT count(*) AS n FROM "{glob}"')["n"][0] == 2
+
+
+# --- files the store writes: the user's umask, not mkstemp's 0600 ------------------------------------------
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_store_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ResultStore(tmp_path).save("r", pd.DataFrame({"a": [1]}))
+        assert _mode(path) == 0o644
+        os.umask(0o002)
+        path = ResultStore(tmp_path).save("g", pd.DataFrame({"a": [1]}))
+        assert _mode(path) == 0o664
+    finally:
+        os.umask(old)
+
+
+def test_run_results_read_only_unit_files(tmp_path):
+    """Unit files are read through DuckDB by their paths: a file whose name is a glob (``eval-*``) must not pull
+    in every other unit's rows (nor be read at all: it is not a unit id)."""
+    from workbench.study import Run
+
+    run = Run.create(tmp_path / "run", 'name = "x"\n[task]\nkind = "loss"\n[[grid]]\nselect = "none"\n', resume=False)
+    frame = pd.DataFrame({"metric": [1.0], "unit_id": ["eval-0123456789abcdef"]})
+    run.units.save("eval-0123456789abcdef", frame)
+    run.units.save("eval-*", frame.assign(unit_id="eval-*"))
+    assert run.completed() == {"eval-0123456789abcdef"}
+    assert len(run.results()) == 1
+
+
+# --- row 3: writes and deletes stay inside the runs directory ------------------------------------------------
+
+STUDY_TOML = 'name = "x"\n[model]\nsource = "tiny:llama"\n[task]\nkind = "loss"\n[[grid]]\nselect = "none"\n'
+
+
+def _outside(tmp_path):
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "precious.png").write_bytes(b"not yours")
+    (out / "secret.csv").write_text("keep me")
+    return out
+
+
+def test_report_symlinked_out_of_the_run_is_refused(tmp_path):
+    from workbench.study import Run, StudyError
+
+    outside = _outside(tmp_path)
+    run = Run.create(tmp_path / "runs" / "r", STUDY_TOML, resume=False)
+    (run.path / "report").symlink_to(outside)
+    with pytest.raises(StudyError, match="outside the run directory"):
+        run.report(png=False)
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.png", "secret.csv"]
+
+
+def test_report_files_that_are_links_are_replaced_not_written_through(tmp_path):
+    from workbench.study import Run
+
+    outside = _outside(tmp_path)
+    run = Run.create(tmp_path / "runs" / "r", STUDY_TOML, resume=False)
+    (run.path / "report").mkdir()
+    (run.path / "report" / "summary.csv").symlink_to(outside / "secret.csv")
+    (run.path / "report" / "index.html").symlink_to(outside / "index.html")
+    (run.path / "report" / "old.png").symlink_to(outside / "precious.png")
+    page = run.report(png=False)
+    assert page.is_file() and not page.is_symlink() and not (run.path / "report" / "summary.csv").is_symlink()
+    assert (outside / "secret.csv").read_text() == "keep me" and not (outside / "index.html").exists()
+    assert (outside / "precious.png").read_bytes() == b"not yours"
+
+
+def test_listing_runs_writes_nothing_and_does_not_open_links_out(tmp_path):
+    from workbench.study import Run, list_runs
+
+    elsewhere = Run.create(tmp_path / "elsewhere", STUDY_TOML, resume=False).path
+    (elsewhere / "units").rmdir()
+    before = sorted(p.name for p in elsewhere.iterdir())
+    root = tmp_path / "runs"
+    Run.create(root / "mine", STUDY_TOML, resume=False)
+    (root / "sneaky").symlink_to(elsewhere)
+    runs = list_runs(root).set_index("run_id")
+    assert sorted(p.name for p in elsewhere.iterdir()) == before  # no failures/ or units/ made over there
+    assert runs.loc["sneaky", "status"].startswith("not opened") and runs.loc["mine", "name"] == "x"
+    Run(root / "mine")  # opening a run creates nothing either
+    assert not (root / "mine" / "failures").exists()
+
+
+def test_failure_and_unit_folders_linked_out_are_refused(tmp_path):
+    from workbench.study import Run, StudyError, load_study
+    from workbench.study.plan import Shape, eval_units
+
+    outside = _outside(tmp_path)
+    run = Run.create(tmp_path / "runs" / "r", STUDY_TOML, resume=False)
+    (run.path / "failures").symlink_to(outside)
+    (unit,) = eval_units(load_study(STUDY_TOML), Shape(2, 4, 0), {})
+    with pytest.raises(StudyError, match="outside the run directory"):
+        run.write_failure(unit, "Traceback ...\nValueError: x", worker="w")
+    with pytest.raises(StudyError, match="outside the run directory"):
+        run.write_unit(unit, pd.DataFrame({"metric": [1.0]}), _provenance(), seconds=0.0, worker="w")
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.png", "secret.csv"]
+
+
+def _provenance() -> dict:
+    return {"model_source": "s", "model_id": None, "revision": None, "weights_hash": "h", "dtype": "float32",
+            "bos_policy": "b", "versions": {}}  # fmt: skip
+
+
+def test_dashboard_report_of_a_linked_report_writes_nothing_outside(tmp_path):
+    pytest.importorskip("panel")
+    from workbench.dashboard.state import DashboardError, RunsStore
+    from workbench.study import Run
+
+    outside = _outside(tmp_path)
+    root = tmp_path / "runs"
+    run = Run.create(root / "r", STUDY_TOML, resume=False)
+    (run.path / "report").symlink_to(outside)
+    with pytest.raises(wb.WorkbenchError, match="outside"):
+        RunsStore(root).report_html("r")
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.png", "secret.csv"]
+    assert DashboardError  # the store's own refusals are DashboardErrors (imported for the reader)
