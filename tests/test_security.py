@@ -158,3 +158,59 @@ def test_dashboard_report_of_a_linked_report_writes_nothing_outside(tmp_path):
         RunsStore(root).report_html("r")
     assert sorted(p.name for p in outside.iterdir()) == ["precious.png", "secret.csv"]
     assert DashboardError  # the store's own refusals are DashboardErrors (imported for the reader)
+
+
+# --- row 1: nothing user- or file-derived reaches the page as HTML or Markdown ---------------------------------
+
+XSS = "<img src=x onerror=alert(document.domain)>"
+
+
+def _no_markup(text: str) -> None:
+    """No tag but the line breaks the escaping itself adds."""
+    assert "<" not in text.replace("<br>", ""), text
+
+
+def test_md_escape_shows_text_as_text():
+    pytest.importorskip("panel")
+    from workbench.dashboard.common import html_text, md_escape
+
+    _no_markup(md_escape(XSS))
+    assert md_escape("__bold__ [x](javascript:1) `c`") == r"\_\_bold\_\_ \[x\]\(javascript:1\) \`c\`"
+    assert md_escape("a\nb") == "a<br>\nb" and html_text("<b>\n") == "&lt;b&gt;<br>"
+
+
+def test_runs_page_escapes_run_names_files_and_errors(tmp_path):
+    pytest.importorskip("panel")
+    import json
+
+    from workbench.dashboard.runs_page import RunsPage
+    from workbench.dashboard.state import RunsStore, Workbench
+    from workbench.study import Run
+
+    root = tmp_path / "runs"
+    Run.create(root / XSS, STUDY_TOML, resume=False)
+    bad = root / "bad_toml"
+    bad.mkdir(parents=True)
+    (bad / "study.toml").write_text(f'"{XSS}" = 1\n' + STUDY_TOML)
+    failed = Run.create(root / "failed", STUDY_TOML, resume=False).path
+    (failed / "failures").mkdir(exist_ok=True)
+    (failed / "failures" / "eval-0000000000000000.json").write_text(json.dumps({"unit_id": "x", "unit": XSS, "error": XSS}))
+    (root / "..link").symlink_to(tmp_path)  # a refused entry: its name goes into the status line
+    page = RunsPage(Workbench("tiny:llama", runs=root), store=RunsStore(root))
+    _no_markup(page.status.object)
+    for rid in page.run_select.options:
+        page.run_select.value = rid
+        page.guarded(page.open)()
+        _no_markup(page.alert.object)
+        for part in page.detail.objects:
+            if isinstance(part.object, str):
+                _no_markup(part.object)
+            else:
+                assert part.escape  # DataFrame panes escape their cells
+        page.show_report()
+        page.wait()
+        _no_markup(page.alert.object)
+    assert XSS in page.run_select.options and page.table.escape
+    page.fail(wb.WorkbenchError(f"no run {XSS!r}"))
+    _no_markup(page.alert.object)
+    assert XSS in page.last_error  # the text itself is kept, only its rendering is escaped

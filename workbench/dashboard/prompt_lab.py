@@ -8,7 +8,7 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page
+from .common import Page, md_escape
 from .state import HeadEdits, PromptOutcome, head_name, parse_heads
 from .views import HeadGridView, locked_attention_view
 
@@ -243,7 +243,7 @@ class PromptLab(Page):
         spec_line = ""
         try:
             m = self.wb.model()
-            spec_line = f"model **{m.source}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to {self.wb.caps.prompt_tokens(m)} tokens"
+            spec_line = f"model **{md_escape(m.source)}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to {self.wb.caps.prompt_tokens(m)} tokens"
         except Exception:  # noqa: BLE001 — shown in the alert by _configure_bounds
             pass
         edits_box = pn.Column(
