@@ -14,7 +14,6 @@ import pytest
 from browser import CHROMIUM_ARGS, artifacts, free_port, served
 
 CHROMIUM = shutil.which("chromium")
-BIN = Path(sys.executable).parent
 XSS = "<img src=x onerror=alert(document.domain)>"  # the payload; a dialog is the proof
 STUDY = 'name = "tiny_loss"\n[model]\nsource = "tiny:llama"\n[task]\nkind = "loss"\n[[grid]]\nselect = "none"\n'
 
