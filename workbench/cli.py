@@ -265,7 +265,7 @@ def study_report(
 @app.command()
 @_guard
 def serve(
-    address: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0 exposes the dashboard to the network: add auth)"),
+    address: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback (e.g. 0.0.0.0) is refused without --basic-auth or --oauth-provider"),
     port: int = typer.Option(5006, min=1, max=65535, help="port"),
     model: str = typer.Option(None, help="main model source (default: embedded SmolLM2)"),
     moe: list[str] = typer.Option(["tiny-moe"], help="MoE model(s) the Routing tab offers (repeat the option)"),
@@ -283,12 +283,11 @@ def serve(
     show: bool = typer.Option(False, help="open a browser tab"),
 ) -> None:
     """Serve the Panel dashboard (prompt lab, retrieval, sinks, routing, runs) on 127.0.0.1; /liveness answers when up."""
-    from .dashboard.serve import serve as serve_dashboard
+    from .dashboard.serve import check_address, serve as serve_dashboard
     from .dashboard.state import Caps
 
     caps = Caps(max_prompt_tokens=max_prompt_tokens, max_scan_tests=max_scan_tests)
-    if address not in ("127.0.0.1", "localhost", "::1") and not (basic_auth or oauth_provider):
-        typer.echo(f"warning: serving on {address} without --basic-auth or --oauth-provider: anyone who can reach it can run the model", err=True)
+    check_address(address, port, auth=bool(basic_auth or oauth_provider))  # before the model loads
     typer.echo(f"loading {model or 'the embedded model'} ...; dashboard: http://{address}:{port}/  (liveness: /liveness; Ctrl-C stops)")
     serve_dashboard(address, port, model=model, moe_models=moe or ["tiny-moe"], runs=runs, caps=caps, show=show,
                     allow_websocket_origin=allow_websocket_origin or None, basic_auth=basic_auth, cookie_secret=cookie_secret,
