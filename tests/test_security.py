@@ -214,3 +214,98 @@ def test_runs_page_escapes_run_names_files_and_errors(tmp_path):
     page.fail(wb.WorkbenchError(f"no run {XSS!r}"))
     _no_markup(page.alert.object)
     assert XSS in page.last_error  # the text itself is kept, only its rendering is escaped
+
+
+# --- row 4: every list, string and number a browser can send is capped server-side ----------------------------
+
+LONG_TEXT = "The lighthouse keeper climbed the stairs every evening to light the lamp. " * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return wb.load("tiny:llama")
+
+
+def test_attention_view_caps_queries_from_the_page(tiny_llama):
+    import time
+
+    pytest.importorskip("panel")
+    from workbench.widgets import AttentionView, to_panel
+
+    view = AttentionView(tiny_llama, LONG_TEXT, max_queries=8)
+    T = view.ids.shape[-1]
+    assert T > 100
+    comp = to_panel(view)
+    t = time.perf_counter()
+    comp.queries = list(range(T)) * 1000  # the whole prompt, many times over, from the page
+    assert time.perf_counter() - t < 2
+    assert "at most 8 queries" in view.error and view.queries == [T - 1] and comp.queries == [T - 1]
+    comp.queries = [1, 2, 3]
+    assert view.queries == [1, 2, 3] and view.error == ""
+    with pytest.raises(wb.WorkbenchError, match="at most 8 queries"):
+        view.queries = list(range(9))
+
+
+def test_page_may_set_only_a_widgets_inputs(tiny_llama):
+    pytest.importorskip("panel")
+    from workbench.widgets import AttentionView, to_panel
+
+    view = AttentionView(tiny_llama, "hello there friend")
+    comp = to_panel(view)
+    tokens = list(view.tokens)
+    comp.tokens = ["x"] * 100_000  # an output trait: the page has no business setting it
+    assert view.tokens == tokens and comp.tokens == tokens and "tokens" in view.error
+    comp.rows = [{"query": 0, "weights": [1.0] * 100_000}]
+    assert len(view.rows[0]["weights"]) <= view.ids.shape[-1]
+    view.set_state({"tokens": ["y"], "n_layers": 10**9})  # the Jupyter host's path from the browser
+    assert view.tokens == tokens and view.n_layers == tiny_llama.spec.n_layers
+
+
+def test_head_grid_and_routing_view_cap_their_lists(tiny_llama, tiny):
+    import time
+
+    pytest.importorskip("panel")
+    import torch
+
+    from workbench.widgets import HeadGrid, RoutingView, to_panel
+
+    grid = HeadGrid({"x": torch.rand(2, 4)})
+    comp = to_panel(grid)
+    t = time.perf_counter()
+    comp.ablate = [[0, 1]] * 200_000
+    assert time.perf_counter() - t < 2 and "at most 8" in grid.error and grid.ablate == []
+    comp.selected = list(range(100_000))
+    assert grid.selected != comp.selected[:2] or grid.error
+    moe = tiny("mixtral")
+    rv = RoutingView(moe, "the cat sat", max_new_tokens=1)
+    rcomp = to_panel(rv)
+    n = len(rv.layers) * rv.n_experts
+    rcomp.masked = [[rv.layers[0], 0]] * (n + 1)
+    assert f"at most {n}" in rv.error and rv.masked == []
+
+
+def test_dashboard_params_cap_lists_and_strings(tiny_llama):
+    pytest.importorskip("panel")
+    from workbench.dashboard.state import DashboardError, parse_experts, parse_heads
+
+    spec = tiny_llama.spec
+    with pytest.raises(DashboardError, match="at most 8 heads"):
+        parse_heads(["L0H1"] * 100_000, spec)
+    with pytest.raises(DashboardError, match="not a head"):
+        parse_heads(["L0H1" + "0" * 10_000], spec)
+    moe = wb.load("tiny:mixtral")
+    with pytest.raises(DashboardError, match="at most"):
+        parse_experts(["L0E1"] * 100_000, moe.spec)
+
+
+def test_prompt_lab_sink_keys_are_capped(tiny_llama):
+    pytest.importorskip("panel")
+    from workbench.dashboard.prompt_lab import PromptLab
+    from workbench.dashboard.state import Workbench
+
+    lab = PromptLab(Workbench("tiny:llama", loader=lambda s: tiny_llama))
+    lab.sink_keys = ",".join(["1"] * 100_000)
+    with pytest.raises(wb.WorkbenchError, match="sink keys"):
+        lab.edits()
+    lab.sink_keys = "0, 3"
+    assert lab.edits().sink_keys == (0, 3)
