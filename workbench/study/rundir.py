@@ -249,11 +249,11 @@ class Run:
         return pd.DataFrame(rows, columns=_FAILURE_COLUMNS)
 
     def status(self) -> dict:
-        plan = self.plan()
-        done = self.completed() & {u["id"] for u in plan}
+        planned = {u["id"] for u in self.plan()}  # unique ids: a plan listing one twice can still complete
+        done = self.completed() & planned
         failed = len(self.failures())
-        return {"n_units": len(plan), "n_done": len(done), "n_failed": failed,
-                "status": "complete" if plan and len(done) == len(plan) else ("failed units" if failed else "incomplete")}  # fmt: skip
+        return {"n_units": len(planned), "n_done": len(done), "n_failed": failed,
+                "status": "complete" if planned and len(done) == len(planned) else ("failed units" if failed else "incomplete")}  # fmt: skip
 
     def summary(self, results: pd.DataFrame | None = None) -> pd.DataFrame:
         """Metric per ablation set size: mean over units (seeds, conditions, repetitions), its standard
