@@ -152,6 +152,40 @@ def _cases(model, lengths, depths, n_needles: int, max_new_tokens: int):
     return cases
 
 
+def _whole(x, what: str, low: int) -> int:
+    """``x`` as an int ≥ ``low`` (a float with no fraction is fine; bools, strings and 2.5 are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not x.is_integer()):
+        raise ProbeError(f"{what} must be a whole number, got {x!r}"[:200])
+    if int(x) < low:
+        raise ProbeError(f"{what} must be ≥ {low}, got {int(x)}")
+    return int(x)
+
+
+def _checked_grid(lengths, depths, n_needles, max_new_tokens):
+    """The scan's grid arguments validated up front (a string of digits is not a list of lengths)."""
+    if isinstance(lengths, (int, float)) and not isinstance(lengths, bool):
+        lengths = [lengths]  # one length
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+        raise ProbeError(f"lengths must be a list of context lengths in tokens, e.g. [500, 1000]; got {lengths!r}"[:200])
+    lengths = [_whole(n, "a context length", 1) for n in lengths]
+    if isinstance(depths, (str, bytes)) or not (isinstance(depths, (int, float)) or hasattr(depths, "__iter__")):
+        raise ProbeError(f"depths must be a number of depths or a list of percentages, got {depths!r}"[:200])
+    if isinstance(depths, (int, float)) and not isinstance(depths, bool):
+        if isinstance(depths, float) and not depths.is_integer():
+            raise ProbeError(f"depths must be a whole number of depths (e.g. 5) or a list of percentages (e.g. [2.5]); got {depths}")
+        depths = _whole(depths, "the number of depths", 1)
+    elif isinstance(depths, bool):
+        raise ProbeError(f"depths must be a number of depths or a list of percentages, got {depths!r}")
+    else:
+        depths = list(depths)
+        for d in depths:
+            if isinstance(d, bool) or not isinstance(d, (int, float)):
+                raise ProbeError(f"depths must be percentages (numbers in [0, 100]), got {d!r}"[:200])
+    n_needles = _whole(n_needles, "n_needles", 1)
+    max_new_tokens = _whole(max_new_tokens, "max_new_tokens", 2)  # the first token is not scored: at least 2
+    return lengths, depths, n_needles, max_new_tokens
+
+
 def scan(
     model,
     lengths=(500, 1000, 2000),
@@ -165,6 +199,7 @@ def scan(
 ) -> RetrievalResult:
     """Wu et al.'s retrieval score for every (layer, query head) over a NIAH grid. All cases are built
     (and every bad input rejected) before the model runs."""
+    lengths, depths, n_needles, max_new_tokens = _checked_grid(lengths, depths, n_needles, max_new_tokens)
     if variant not in VARIANTS:
         raise ProbeError(f"variant must be one of {VARIANTS}, got {variant!r}")
     cases = _cases(model, lengths, depths, n_needles, max_new_tokens)
@@ -220,6 +255,12 @@ def ablation_check(
 ) -> pd.DataFrame:
     """Wu's causal test: NIAH accuracy with the top-``k`` retrieval heads ablated vs ``k`` random heads
     (one run per seed; random heads exclude the top ones). ``mode`` labels the ablation used."""
+    from .attention.edits import ABLATION_MODES
+
+    if mode not in ABLATION_MODES:  # checked before the first scan, not after it
+        raise ProbeError(f"ablation mode must be one of {ABLATION_MODES}, got {mode!r}")
+    _whole(k, "k", 1)
+    _whole(max_new_tokens, "max_new_tokens", 2)
     lengths = sorted(result.tests["length"].unique().tolist()) if lengths is None else lengths
     depths = sorted(result.tests["depth"].unique().tolist()) if depths is None else depths
     runs = [("none", None, [])] + ablation_sets(model.spec, result, k, seeds)
