@@ -60,13 +60,11 @@ class Model:
             if text.dim() not in (1, 2) or (text.dim() == 2 and text.shape[0] != 1):
                 raise ProbeError(f"token ids must have shape [T] or [1, T], got {list(text.shape)}")
             ids = (text if text.dim() == 2 else text[None]).long()
-            self._check_ids(ids)
         elif isinstance(text, (list, tuple)):
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in text):
                 bad = next(i for i in text if not isinstance(i, int) or isinstance(i, bool))
                 raise ProbeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})"[:300])
             ids = torch.tensor([list(text)], dtype=torch.long) if text else torch.empty(1, 0, dtype=torch.long)
-            self._check_ids(ids)
         else:
             if not isinstance(text, str):
                 raise ProbeError(f"a prompt is text (str) or token ids (list of int / tensor), got {type(text).__name__}")
@@ -87,6 +85,7 @@ class Model:
             raise ProbeError("empty prompt: no tokens to run")
         if self.spec.max_positions and ids.shape[-1] > self.spec.max_positions:
             raise ProbeError(f"prompt has {ids.shape[-1]} tokens; the model supports at most {self.spec.max_positions}")
+        self._check_ids(ids)
         return ids.to(self.device)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
