@@ -38,8 +38,10 @@ def texts_for(T: int) -> list[str]:
     """Natural texts of at least ``T`` tokens: the essay paragraphs for the paper's T ≤ 64, else up to four
     equal slices of the haystack, 6,000 characters each or 6 per token when T needs more (English prose
     runs ≈ 4–5 characters per token; :func:`scan` says so if a text is still too short)."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-        raise ProbeError(f"T must be a whole number ≥ 2, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise ProbeError(f"T must be a whole number of tokens, got {T!r}")
+    if T < 2:
+        raise ProbeError(f"T must be ≥ 2, got {T}")
     if 6 * T > len(niah.haystack()):
         raise ProbeError(f"T = {T} needs texts of about {6 * T:,} characters; the shipped prose has {len(niah.haystack()):,} "
                          f"(enough for T ≤ {len(niah.haystack()) // 6:,}). Pass your own texts to sinks.scan")  # fmt: skip
@@ -140,8 +142,10 @@ def scan(model, texts: list[str] | None = None, *, T: int = 64, eps: float = 0.3
     """α_k for every key of the first ``T`` tokens of each text, Sink_k^ε, hidden sinks and massive
     activations, in one forward pass per text (no N×N matrix: column sums come from the kernel)."""
     _check_eps(eps)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-        raise ProbeError(f"T must be a whole number ≥ 2, got {T!r}")
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise ProbeError(f"T must be a whole number of tokens, got {T!r}")
+    if T < 2:
+        raise ProbeError(f"T must be ≥ 2, got {T}")
     if model.spec.max_positions and T > model.spec.max_positions:
         raise ProbeError(f"T = {T} exceeds the model's {model.spec.max_positions} positions")
     if isinstance(texts, (str, bytes)):
