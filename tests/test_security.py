@@ -309,3 +309,19 @@ def test_prompt_lab_sink_keys_are_capped(tiny_llama):
         lab.edits()
     lab.sink_keys = "0, 3"
     assert lab.edits().sink_keys == (0, 3)
+
+
+def test_run_directories_given_as_relative_paths(tmp_path, monkeypatch):
+    """Confinement resolves relative paths from the working directory (``study run s.toml --out runs/x``)."""
+    from workbench.study import Run, list_runs
+    from workbench.study.plan import Shape, eval_units
+    from workbench.study import load_study
+
+    monkeypatch.chdir(tmp_path)
+    run = Run.create("runs/x", STUDY_TOML, resume=False)
+    (unit,) = eval_units(load_study(STUDY_TOML), Shape(2, 4, 0), {})
+    run.write_unit(unit, pd.DataFrame({"metric": [1.0]}), _provenance(), seconds=0.0, worker="w")
+    run.write_failure(unit, "Traceback\nValueError: x", worker="w")
+    assert sorted(p.name for p in (tmp_path / "runs" / "x").iterdir()) == ["failures", "run.json", "study.toml", "units"]
+    assert run.completed() == {unit.id} and list_runs("runs")["status"].tolist() == ["failed units"]
+    assert run.report(png=False) == (tmp_path / "runs" / "x" / "report" / "index.html").resolve()

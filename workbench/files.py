@@ -49,11 +49,10 @@ def dir_mode() -> int:
 
 
 def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """``path`` (relative paths are taken inside ``root``) resolved through every symlink, if it lies inside
-    ``root`` (resolved too); otherwise :class:`OutsideRootError`."""
+    """``path`` resolved through every symlink, if it lies inside ``root`` (resolved too); otherwise
+    :class:`OutsideRootError`. Relative paths are relative to the working directory, as everywhere."""
     base = Path(root).resolve()
-    p = Path(path)
-    resolved = (p if p.is_absolute() else base / p).resolve()
+    resolved = Path(path).resolve()
     if resolved != base and base not in resolved.parents:
         raise OutsideRootError(f"refused: {path} resolves to {resolved}, outside {base}")
     return resolved

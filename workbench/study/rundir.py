@@ -77,7 +77,7 @@ class Run:
     def _subdir(self, name: str) -> Path:
         """``RUN_DIR/name`` for writing: created if missing, refused if it resolves outside the run directory."""
         try:
-            return confined_dir(self.path, name)
+            return confined_dir(self.path, self.path / name)
         except OutsideRootError:
             raise StudyError(f"{self.path / name} points outside the run directory {self.path.resolve()}: "
                              "remove that link; workbench writes only inside the run") from None  # fmt: skip
