@@ -48,7 +48,8 @@ def _hostile_runs(root: Path) -> Path:
 
 def _panel_cmd(port: int, runs: Path, *, address: bool = True) -> list[str]:
     return [sys.executable, "-m", "panel", "serve", "apps/dashboard.py", "--port", str(port), *(["--address", "127.0.0.1"] if address else []),
-            f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness", "--args", "--model", "tiny:llama", "--runs", str(runs)]  # fmt: skip
+            f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness", "--args", "--model", "tiny:llama", "--moe", "tiny-moe",
+            "--runs", str(runs), "--max-prompt-chars", "4000"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,17 @@ def test_no_script_from_run_names_or_files_runs_in_the_app(browser, hostile_serv
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(f"http://127.0.0.1:{port}/dashboard")
         page.wait_for_selector(".wb-run button", timeout=60_000)
+        # typed text: a prompt made of HTML runs, its output and tokens are drawn as text
+        page.fill(".wb-prompt textarea", f"{XSS} {XSS}")
+        page.click(".wb-run button")
+        page.wait_for_selector(".wb-output .wb-loss", timeout=60_000)
+        page.fill(".wb-prompt textarea", XSS * 2000)  # over the character cap: the error quotes nothing raw
+        page.click(".wb-run button")
+        page.wait_for_timeout(1000)
+        page.locator(".bk-tab", has_text="Routing").first.click()
+        page.fill(".wb-routing-text textarea", XSS)
+        page.click(".wb-route button")
+        page.wait_for_selector("rect.wb-load-cell", timeout=60_000)
         page.locator(".bk-tab", has_text="Runs").first.click()
         page.wait_for_selector(".wb-open button", timeout=30_000)
         select = page.locator(".wb-run-select select")
