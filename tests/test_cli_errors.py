@@ -185,3 +185,30 @@ def test_sink_scan_arguments(llama):
         sinks.scan(llama, ["x " * 2000], T=1000)
     with pytest.raises(workbench.ProbeError, match="a list of strings"):
         sinks.scan(llama, "one text", T=8)
+
+
+def test_doctor_reports_an_empty_cache_without_repairing(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    result = _run("doctor", "--no-repair")
+    assert result.exit_code == 1 and "GGUF: not downloaded; conversion: not converted yet" in result.output
+
+
+def test_exposure_rules(monkeypatch):
+    pytest.importorskip("panel")
+    from workbench.dashboard import serve
+
+    def situation(hosts, auth, argv=("panel", "serve", "apps/dashboard.py")):
+        monkeypatch.setattr(serve, "listening_addresses", lambda: hosts)
+        monkeypatch.setattr(serve, "_auth_configured", lambda: auth)
+        monkeypatch.setattr(sys, "orig_argv", list(argv), raising=False)
+        return serve.exposure_problem()
+
+    assert "every interface" in situation(["0.0.0.0", "::"], False)
+    assert "10.1.2.3" in situation(["127.0.0.1", "10.1.2.3"], False)
+    assert situation(["0.0.0.0"], True) is None
+    assert situation(["127.0.0.1", "::1"], False) is None
+    assert situation(["unix"], False) is None
+    assert "every interface" in situation(None, False)  # --warm: no socket yet, no --address: all interfaces
+    assert situation(None, False, ("panel", "serve", "app.py", "--address", "127.0.0.1", "--args", "--address", "0.0.0.0")) is None
+    assert "0.0.0.0" not in (situation(None, False, ("panel", "serve", "app.py", "--address=localhost")) or "")
+    assert situation(None, False, ("panel", "serve", "app.py", "--unix-socket", "/tmp/s")) is None

@@ -326,8 +326,9 @@ def scan_duo(
     from .store import ResultStore
 
     positions = _positions(model)
-    if positions and 2 * length > positions:
-        raise WorkbenchError(f"--length {length}: the comparison scan uses up to {2 * length} tokens; the model has {positions} positions")
+    if positions and length > positions:
+        raise WorkbenchError(f"--length {length} exceeds the model's {positions} positions")
+    _check_lengths([min(1000, length * 2)], 32, positions)  # the comparison with Wu's heads scans at this length
     _out_dir(out)
     m = _load(model)
     d = duo.train_gates(m, length=length, steps=steps, sink=sink, recent=recent)
