@@ -116,9 +116,11 @@ def test_listing_runs_writes_nothing_and_does_not_open_links_out(tmp_path):
     (elsewhere / "units").rmdir()
     before = sorted(p.name for p in elsewhere.iterdir())
     root = tmp_path / "runs"
-    Run.create(root / "mine", STUDY_TOML, resume=False)
+    mine = Run.create(root / "mine", STUDY_TOML, resume=False)
+    (mine.path / "units" / "eval-0123456789abcdef.parquet").write_bytes(b"PAR1 half a file")
     (root / "sneaky").symlink_to(elsewhere)
     runs = list_runs(root).set_index("run_id")
+    assert sorted(p.name for p in (mine.path / "units").iterdir()) == ["eval-0123456789abcdef.parquet"]  # not moved
     assert sorted(p.name for p in elsewhere.iterdir()) == before  # no failures/ or units/ made over there
     assert runs.loc["sneaky", "status"].startswith("not opened") and runs.loc["mine", "name"] == "x"
     Run(root / "mine")  # opening a run creates nothing either

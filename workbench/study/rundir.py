@@ -187,9 +187,10 @@ class Run:
                      "finished_at": time.time()}, self.path)  # fmt: skip
 
     # --- reading ------------------------------------------------------------------------------------
-    def completed(self) -> set[str]:
+    def completed(self, *, quarantine: bool = True) -> set[str]:
         """Ids of units whose Parquet file is whole and belongs to its name. A corrupt or partial file is
-        moved to ``units/corrupt/`` with a warning, so the unit runs again and is never read."""
+        never counted; with ``quarantine`` (what a resumed run does) it is also moved to ``units/corrupt/``
+        with a warning, so the unit runs again. Reading a run (status, results, listing) only skips it."""
         import pyarrow.parquet as pq
 
         done = set()
@@ -209,6 +210,8 @@ class Run:
                     raise ValueError(f"holds unit ids {ids[:3]}")
                 pq.read_table(path)  # every column chunk decodes
             except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
+                if not quarantine:
+                    continue
                 bad = confined_dir(self.path, self.units.root / "corrupt")
                 os.replace(path, bad / f"{path.name}.{int(time.time() * 1000)}")
                 warnings.warn(f"{path.name}: corrupt or partial result ({type(e).__name__}: {e}); moved to {bad}, will re-run")
@@ -218,7 +221,8 @@ class Run:
 
     def _frames(self, kind: str) -> pd.DataFrame:
         planned = [u["id"] for u in self.plan() if u["kind"] == kind] or None
-        ids = sorted(self.completed() & set(planned)) if planned is not None else sorted(i for i in self.completed() if i.startswith(kind))
+        done = self.completed(quarantine=False)
+        ids = sorted(done & set(planned)) if planned is not None else sorted(i for i in done if i.startswith(kind))
         if not ids:
             return pd.DataFrame()
         import duckdb
@@ -250,7 +254,7 @@ class Run:
 
     def status(self) -> dict:
         planned = {u["id"] for u in self.plan()}  # unique ids: a plan listing one twice can still complete
-        done = self.completed() & planned
+        done = self.completed(quarantine=False) & planned
         failed = len(self.failures())
         return {"n_units": len(planned), "n_done": len(done), "n_failed": failed,
                 "status": "complete" if planned and len(done) == len(planned) else ("failed units" if failed else "incomplete")}  # fmt: skip
