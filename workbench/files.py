@@ -12,11 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import WorkbenchError
+from .errors import OutsideRootError
 
-
-class OutsideRootError(WorkbenchError):
-    """A path that resolves (through symlinks) outside the directory it must stay in."""
+__all__ = ["OutsideRootError", "atomic_path", "confined", "confined_dir", "dir_mode", "file_mode", "umask", "write_bytes", "write_text"]
 
 
 _UMASK: int | None = None
