@@ -17,13 +17,11 @@ from .errors import OutsideRootError
 __all__ = ["OutsideRootError", "atomic_path", "confined", "confined_dir", "dir_mode", "file_mode", "umask", "write_bytes", "write_text"]
 
 
-_UMASK: int | None = None
 _UMASK_LOCK = threading.Lock()
 
 
 def umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
-    global _UMASK
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -33,7 +31,6 @@ def umask() -> int:
     with _UMASK_LOCK:  # elsewhere: set and restore at once (the only portable way to read it)
         current = os.umask(0o022)
         os.umask(current)
-        _UMASK = current
     return current
 
 
