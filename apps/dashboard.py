@@ -5,11 +5,23 @@
 
 The options after --args are those of `workbench serve` (see apps/README.md); all sessions of the
 server share one workbench: the loaded models and one lock per model.
+
+Served beyond loopback (no --address, or a public one) without --basic-auth/--oauth-provider, every
+visitor gets a refusal instead of the dashboard, and the model is never loaded; websocket handshakes
+without an Origin header are refused.
 """
 
+import logging
 import sys
 
-from workbench.dashboard.app import build
-from workbench.dashboard.serve import workbench_from_argv
+from workbench.dashboard.serve import exposure_problem, refusal_page, require_websocket_origin, workbench_from_argv
 
-build(workbench_from_argv(sys.argv[1:])).servable(title="workbench dashboard")
+require_websocket_origin()
+problem = exposure_problem()
+if problem:
+    logging.getLogger("workbench.dashboard").error(problem)
+    refusal_page(problem).servable(title="workbench dashboard: refused")
+else:
+    from workbench.dashboard.app import build
+
+    build(workbench_from_argv(sys.argv[1:])).servable(title="workbench dashboard")

@@ -18,7 +18,6 @@ import pytest
 from browser import CHROMIUM_ARGS, artifacts, free_port, served  # shared with the widgets' browser tests
 
 CHROMIUM = shutil.which("chromium")
-BIN = Path(sys.executable).parent
 
 
 def _get(url: str, timeout: float = 2.0):
@@ -66,7 +65,7 @@ def dashboard_url(tmp_path_factory):
     (tmp / "tiny.toml").write_text(TINY_STUDY)
     study.run_study(tmp / "tiny.toml", tmp / "runs" / "tiny_loss", executor="local", resume=False)  # one run to browse
     port = free_port()
-    cmd = [str(BIN / "panel"), "serve", "apps/dashboard.py", "--address", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "panel", "serve", "apps/dashboard.py", "--address", "127.0.0.1", "--port", str(port),
            f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness", "--warm",
            "--args", "--model", "tiny:llama", "--moe", "tiny-moe", "--runs", str(tmp / "runs")]  # fmt: skip
     with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "dashboard-server.log"):
@@ -186,7 +185,7 @@ def test_two_browser_sessions_at_once(browser, dashboard_url):
 def test_workbench_serve_binds_loopback_and_asks_for_login(tmp_path):
     """`workbench serve` (no browser needed): 127.0.0.1 only, /liveness up, basic auth guards the page."""
     port = free_port()
-    cmd = [str(BIN / "workbench"), "serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path),
+    cmd = [sys.executable, "-m", "workbench", "serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path),
            "--basic-auth", "s3cret-pass", "--cookie-secret", "test-cookie-secret"]  # fmt: skip
     with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "workbench-serve.log"):
         assert listening_addresses(port) == {"127.0.0.1"}

@@ -1,4 +1,5 @@
 """Every loader path, the ModelSpec per architecture, provenance, and the bad-input matrix."""
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,3 +245,118 @@ def test_embedded_config_snapshot_matches_the_converted_model(smollm):
     keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
             "max_position_embeddings", "vocab_size", "model_type")  # fmt: skip
     assert {k: snap[k] for k in keys} == {k: real[k] for k in keys}
+
+
+# --- issue 14: the cached conversion is verified and heals itself; killed work leaves nothing -------------------
+
+SHARED_CACHE = embedded.cache_dir()  # read before any test points WORKBENCH_CACHE elsewhere
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch, smollm):
+    """A private cache holding the pinned GGUF and a verified conversion (copied from the shared cache, which
+    the ``smollm`` fixture has already made valid): corrupt it freely."""
+    src = SHARED_CACHE / embedded.SMOLLM2.name
+    dst = tmp_path / "cache" / embedded.SMOLLM2.name
+    dst.mkdir(parents=True)
+    shutil.copy2(src / Path(embedded.SMOLLM2.member).name, dst)
+    shutil.copytree(src / "safetensors", dst / "safetensors", ignore=shutil.ignore_patterns(".workbench-verified.json"))
+    embedded.write_stamp(dst / "safetensors")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    return dst
+
+
+def _answer(m) -> str:
+    return m.generate("What is the capital of France?", max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_corrupted_conversion_is_detected_and_converted_again(own_cache):
+    import time
+
+    weights = own_cache / "safetensors" / "model.safetensors"
+    t = time.perf_counter()
+    assert embedded.check_conversion(own_cache / "safetensors", full=False) is None
+    fast = time.perf_counter() - t
+    t = time.perf_counter()
+    assert embedded.check_conversion(own_cache / "safetensors", full=True) is None
+    full = time.perf_counter() - t
+    print(f"verification per load: {fast * 1000:.1f} ms (stat fingerprints); full hash: {full:.2f} s")
+    assert fast < 0.05
+    with open(weights, "r+b") as f:  # flipped bytes in the middle of the weights: same size, same name
+        f.seek(weights.stat().st_size // 2)
+        chunk = f.read(4096)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with pytest.warns(UserWarning, match="does not match the SHA-256 recorded at conversion"):
+        m = wb.load()
+    assert "Paris" in _answer(m)
+    assert m.provenance.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert embedded.check_conversion(own_cache / "safetensors", full=True) is None
+
+
+@pytest.mark.slow
+def test_truncated_weights_and_garbage_tokenizer_are_converted_again(own_cache):
+    weights = own_cache / "safetensors" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+    (own_cache / "safetensors" / "tokenizer.json").write_text("{ this is not a tokenizer")
+    with pytest.warns(UserWarning, match="unusable"):
+        m = wb.load()
+    assert m.tokenizer is not None and "Paris" in _answer(m)
+    report = embedded.verify()
+    assert report["conversion"] == "ok" and report["gguf"] == "ok" and "repaired" not in report
+
+
+@pytest.mark.slow
+def test_kill_9_mid_conversion_leaves_no_temp_folder(own_cache):
+    import os
+    import signal
+    import time
+
+    code = "from workbench import embedded; embedded.convert()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    work = []
+    while time.time() < deadline and proc.poll() is None:
+        work = [p for p in own_cache.glob(".convert-*") if any(p.iterdir())]
+        if work:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert work, "the conversion must be killed while it writes its folder"
+    # a download killed by an older workbench (no pid in the name), an hour ago, and a fresh one that may be running
+    old, fresh = own_cache / "tmpold", own_cache / "tmpfresh"
+    for p in (old, fresh):
+        p.mkdir()
+        (p / "part.whl").write_bytes(b"x" * 1000)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    dead = own_cache / f".download-{proc.pid}-abc"
+    dead.mkdir()
+    assert embedded.converted_dir() == own_cache / "safetensors"  # the load after the kill: verified, swept
+    left = sorted(p.name for p in own_cache.iterdir() if p.is_dir())
+    assert left == ["safetensors", "tmpfresh"], left
+
+
+def test_unreadable_model_directories_say_what_is_wrong(tmp_path):
+    hf = tiny_hf_model("llama")
+    d = tmp_path / "m"
+    hf.config.save_pretrained(d)
+    with pytest.raises(wb.ModelLoadError, match="has a config.json but no readable weights"):
+        wb.load(str(d))
+    hf.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    (d / "tokenizer.json").write_text("{ garbage")
+    with pytest.raises(wb.ModelLoadError, match="tokenizer files are unreadable"):
+        wb.load(str(d))
+    byte_tokenizer().save_pretrained(d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(wb.ModelLoadError, match="weights could not be read"):
+        wb.load(str(d))
+    with pytest.raises(wb.ModelLoadError, match="model not found: .* is not a file or directory"):
+        wb.load(str(tmp_path / "missing"))
+    with pytest.raises(wb.ModelLoadError, match="device 'gpu0' is not a torch device"):
+        wb.load("tiny:llama", device="gpu0")

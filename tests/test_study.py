@@ -119,7 +119,7 @@ def test_units_are_stable_unique_and_random_sets_avoid_the_top():
             assert sorted(u.targets) == sorted(top)
         else:
             assert len(u.targets) == u.k and not set(u.targets) & set(top)
-    renamed = load_study(study.model_dump() | {"grid": [g.model_dump() | {"name": "x"} for g in study.grid]})
+    renamed = load_study(study.model_dump() | {"grid": [g.model_dump() | {"name": f"x{i}"} for i, g in enumerate(study.grid)]})
     assert {u.id for u in eval_units(renamed, shape, ranking)} == {u.id for u in units}  # names are labels only
     other = load_study(study.model_dump() | {"ablation": {"mode": "uniform"}})
     assert not {u.id for u in eval_units(other, shape, ranking)} & {u.id for u in units}
@@ -321,3 +321,130 @@ def test_a_model_that_fails_to_load_leaves_no_run_directory(tmp_path, monkeypatc
     with pytest.raises(wb.ModelLoadError, match="weights unreadable"):
         run_study(_write(tmp_path, LOSS_STUDY), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # so the same command works again without --resume
+
+
+# --- issue 14: studies that cannot finish, or cannot run, are refused before any model loads ------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the study was validated")
+
+    monkeypatch.setattr("workbench.loading.load", no_load)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("seeds = [0, 1]", "seeds = [0, 0]"), r"grid\[1\].*`seeds` lists 0 twice"),
+        (("k = [1, 2]", "k = [2, 2]"), r"grid\[1\].*`k` lists 2 twice"),
+        (("layers = [0]", "layers = [1, 1]"), r"`layers` lists 1 twice"),
+        (("sets = [[[0, 1], [1, 2]]]", "sets = [[[0, 1], [1, 2]], [[1, 2], [0, 1]]]"), r"`sets` lists \[\[0, 1\], \[1, 2\]\] twice"),
+        (('[[grid]]\nselect = "none"', '[[grid]]\nselect = "none"\n[[grid]]\nselect = "none"'), r"grid\[0\] and grid\[1\] are both labelled 'none'"),
+        (("seeds = [0, 1]", "seeds = [-1]"), r"seeds\[0\].*greater than or equal to 0"),
+        (("seeds = [0, 1]", f"seeds = [{2**63}]"), r"seeds\[0\].*less than or equal to 9223372036854775807"),
+        (('name = "tiny-loss"', 'name = "tiny-loss"\nrepetitions = 1e9'), r"repetitions.*less than or equal to 100000"),
+        (('name = "tiny-loss"', 'name = "tiny-loss"\nrepetitions = 20000'), r"plans 140,000 units \(1 conditions × 20000 repetitions × 7 ablation sets\); at most 100,000"),
+        (('source = "tiny:llama"', 'source = "tiny:llama"\ndevice = "gpu0"'), r"model \(line 3\): device 'gpu0' is not a torch device"),
+        (("max_tokens = 48", "max_tokens = 100000"),
+         r"task.max_tokens: 100000 exceeds the model's 512 positions"),
+        (('[[grid]]\nselect = "random"', '[[grid]]\nselect = "top"\nk = [5]\nrank = { lengths = [500] }\n[[grid]]\nselect = "random"'),
+         r"grid\[1\] \(top\).rank.lengths: 500 \+ 24 new tokens exceeds the model's 512 positions"),
+        (('[[grid]]\nselect = "random"\nk = [1, 2]', '[[grid]]\nselect = "top"\nk = [5]\nrank = { lengths = [200] }\n[[grid]]\nselect = "random"\nk = [5]'),
+         r"5 random heads drawn outside the top-5 need 10 heads; the model has 8"),
+    ],
+)
+def test_studies_that_could_never_finish_are_refused_first(tmp_path, no_model, edit, message):
+    with pytest.raises(StudyError, match=message):
+        run_study(_write(tmp_path, LOSS_STUDY.replace(*edit)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_niah_lengths_beyond_the_models_positions(tmp_path, no_model):
+    study = {"name": "n", "model": {"source": "tiny:llama"}, "task": {"kind": "niah", "lengths": [500], "depths": [50]},
+             "grid": [{"select": "none"}]}  # fmt: skip
+    with pytest.raises(StudyError, match=r"task.lengths: 500 \+ 24 new tokens exceeds the model's 512 positions; use lengths ≤ 488"):
+        run_study(study, tmp_path / "run", progress=False)
+
+
+def test_families_planning_the_same_set_each_get_their_results(tmp_path):
+    study = LOSS_STUDY.replace('[[grid]]\nselect = "layer"', '[[grid]]\nselect = "random"\nname = "again"\nk = [1]\nseeds = [1]\n[[grid]]\nselect = "layer"')
+    run = run_study(_write(tmp_path, study), tmp_path / "run", progress=False)
+    plan = [u["id"] for u in run.plan()]
+    assert len(plan) == len(set(plan)) == 8
+    assert run.status() == {"n_units": 8, "n_done": 8, "n_failed": 0, "status": "complete"}
+    summary = run.summary()
+    assert set(summary["grid"]) == {"none", "random", "again", "layer", "explicit"}
+    same = summary.set_index(["grid", "k"])["metric_mean"]
+    assert same[("again", 1)] == pytest.approx(run.results().query("grid == 'random' and k == 1 and seed == 1")["metric"].mean())
+
+
+def test_resume_with_another_study_is_refused_naming_the_difference(tmp_path, monkeypatch):
+    path = _write(tmp_path, LOSS_STUDY)
+    run_study(path, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "study.toml").read_text()
+    monkeypatch.setattr("workbench.loading.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    other = _write(tmp_path, LOSS_STUDY.replace("n_texts = 2", "n_texts = 3").replace("seeds = [0, 1]", "seeds = [0, 2]"), "other.toml")
+    with pytest.raises(StudyError, match=r"cannot resume .*task.n_texts: 2 in the run, 3 in the file; grid\[1\].seeds: \[0, 1\] in the run, \[0, 2\] in the file"):
+        run_study(other, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "study.toml").read_text() == before
+
+
+def test_garbage_run_files_do_not_break_listing(tmp_path):
+    root = tmp_path / "runs"
+    good = run_study(_write(tmp_path, LOSS_STUDY), root / "good", progress=False)
+    for name, target in (("plan", "plan.json"), ("meta", "run.json"), ("fail", "failures/eval-0000000000000000.json")):
+        bad = root / name
+        bad.mkdir(parents=True)
+        (bad / "study.toml").write_text(LOSS_STUDY)
+        (bad / target).parent.mkdir(exist_ok=True)
+        (bad / target).write_bytes(b"\xff{not json")
+    (root / "list").mkdir()
+    (root / "list" / "study.toml").write_text(LOSS_STUDY)
+    (root / "list" / "plan.json").write_text('{"a": 1}')
+    with pytest.warns(UserWarning):
+        runs = list_runs(root).set_index("run_id")
+    assert runs.loc["good", "status"] == "complete" and good.status()["n_done"] == 7
+    assert "plan.json unreadable" in runs.loc["plan", "status"] and "plan.json unreadable" in runs.loc["list", "status"]
+    assert runs.loc["meta", "name"] == "tiny-loss" and pd.isna(runs.loc["meta", "created"])
+    assert runs.loc["fail", "n_failed"] == 1
+    fails = Run(root / "fail").failures()
+    assert "failure record is unreadable" in fails["error"][0]
+
+
+def test_an_unwritable_run_directory_is_refused_before_the_model_loads(tmp_path, no_model, monkeypatch):
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits: make the write fail as a read-only mount would
+        import tempfile
+
+        def refuse(*a, dir=None, **k):
+            if dir is not None and Path(dir) == target:
+                raise PermissionError(13, "Permission denied")
+            return real(*a, dir=dir, **k)
+
+        real = tempfile.mkstemp
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    else:
+        target.chmod(0o555)
+    with pytest.raises(StudyError, match=r"cannot write to .*ro \(Permission denied\); choose a writable --out"):
+        run_study(_write(tmp_path, LOSS_STUDY), target, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"name = \"x\"\n\xff\xfe", r"is not UTF-8 text \(byte 0xff at offset 11\)"),
+        (b"a = " + b"[" * 5000 + b"]" * 5000, r"nested too deeply"),
+    ],
+)
+def test_unreadable_study_files(tmp_path, content, message):
+    path = tmp_path / "s.toml"
+    path.write_bytes(content)
+    with pytest.raises(StudyError, match=message):
+        load_study(path)
+    with pytest.raises(StudyError, match=r"is a directory; give the study file"):
+        load_study(tmp_path)
+    with pytest.raises(StudyError, match=r"is a directory"):
+        load_study(str(tmp_path))

@@ -1,6 +1,9 @@
-"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo``, ``study run|report``."""
+"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo``, ``study run|report``, ``serve``,
+``doctor``. Every option is checked before a model loads; failures print a message and exit non-zero
+(see :func:`_guard`)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,17 +29,71 @@ def _ints(text: str, what: str) -> list[int]:
     return out
 
 
+EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _cli_exceptions() -> tuple[type[BaseException], ...]:
+    import click
+    from typer.exceptions import TyperException  # typer vendors click: its BadParameter is not click's
+
+    return (typer.Exit, typer.Abort, TyperException, click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
+
+
+_CLI_EXCEPTIONS = _cli_exceptions()
+
+
+def _crash_log(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback to a log file (the cache's ``logs/``, else the temp folder); its path."""
+    import tempfile
+    import traceback
+
+    from .embedded import cache_dir
+
+    text = f"workbench {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))
+    name = f"workbench-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    return Path("(could not write a log file)")
+
+
 def _guard(fn):
-    """Turn workbench errors into a one-line message and exit code 2 (never a traceback)."""
+    """Errors become a message and a non-zero exit code, never a bare traceback:
+
+    - :class:`WorkbenchError` (bad input, a model that cannot load, ...): ``error: <message>``, exit 2;
+    - ``OSError`` (disk full, permission denied, ...) and ``MemoryError``: what the system said, exit 2;
+    - Ctrl-C: exit 130;
+    - anything else is a bug: ``internal error, please report`` with the traceback written to a log file
+      whose path is printed, exit 3."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*a, **k):
         try:
             return fn(*a, **k)
+        except _CLI_EXCEPTIONS:  # usage errors and exits: the CLI framework reports them itself
+            raise
         except WorkbenchError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:
+            typer.echo("error: out of memory; try smaller inputs (shorter lengths, fewer texts) or a machine with more memory", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        except OSError as e:
+            log = _crash_log(e)
+            typer.echo(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (details: {log})", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        except Exception as e:  # noqa: BLE001 - a bug: say so, keep the traceback
+            log = _crash_log(e)
+            typer.echo(f"internal error, please report: {type(e).__name__}: {e}\ntraceback written to {log}", err=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 
@@ -49,6 +106,59 @@ def _load(model: str | None):
     m = load(model)
     typer.echo(f"loaded {m!r} in {time.perf_counter() - t0:.1f} s")
     return m
+
+
+# --- checks made before any model loads -----------------------------------------------------------------------
+
+
+def _positions(model: str | None) -> int | None:
+    """The model's context (positions) from its config, read without weights; ``None`` when only a load
+    can tell (a .gguf file). A source that does not exist fails here, before anything loads."""
+    from .loading import load_config
+
+    if model and str(model).endswith(".gguf"):
+        if not Path(model).is_file():
+            raise WorkbenchError(f"GGUF file not found: {model}")
+        return None
+    cfg = load_config(model)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _heads(model: str | None) -> int | None:
+    from .loading import load_config
+
+    if model and str(model).endswith(".gguf"):
+        return None
+    cfg = load_config(model)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(text.num_hidden_layers) * int(text.num_attention_heads)
+
+
+def _out_dir(out: Path) -> Path:
+    """``--out``: a directory (made if missing) this process can write to; refused now, not after the scan."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} is an existing file; give a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".workbench-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to --out {out} ({e.strerror or e}); choose another directory") from None
+    return out
+
+
+def _check_lengths(lengths: list[int], max_new_tokens: int, positions: int | None) -> None:
+    for n in lengths:
+        if n < 64:
+            raise WorkbenchError(f"context length {n} is too short for a needle-in-a-haystack test (at least 64)")
+        if positions and n + max_new_tokens > positions:
+            raise WorkbenchError(f"context length {n} + {max_new_tokens} new tokens exceeds the model's {positions} positions; "
+                                 f"use lengths ≤ {positions - max_new_tokens}")  # fmt: skip
 
 
 def _print_retrieval(r) -> None:
@@ -91,6 +201,13 @@ def demo(
     from .store import ResultStore
 
     lens = _ints(lengths, "lengths")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise WorkbenchError(f"--prompt is not valid text: a lone surrogate at position {e.start} (the shell passed bytes "
+                             "that are not UTF-8); re-type the prompt or fix the terminal's encoding") from None  # fmt: skip
+    _check_lengths(lens, 32, _positions(model))
+    _out_dir(out)
     m = _load(model)
     typer.echo("\n" + m.spec.summary() + "\n")
     typer.echo(f"prompt: {prompt}")
@@ -128,10 +245,21 @@ def scan_retrieval(
     out: Path = typer.Option(Path("results/retrieval"), help="results directory"),
 ) -> None:
     """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
-    from . import report, retrieval
+    from . import niah, report, retrieval
+    from .attention.edits import ABLATION_MODES
     from .store import ResultStore
 
     lens = _ints(lengths, "lengths")
+    if variant not in retrieval.VARIANTS:
+        raise WorkbenchError(f"--variant must be one of {', '.join(retrieval.VARIANTS)}, got {variant!r}")
+    if mode not in ABLATION_MODES:
+        raise WorkbenchError(f"--mode must be one of {', '.join(ABLATION_MODES)}, got {mode!r}")
+    if needles > len(niah.needles()):
+        raise WorkbenchError(f"--needles: the shipped set has {len(niah.needles())} needles, got {needles}")
+    _check_lengths(lens, max_new_tokens, _positions(model))
+    if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
+        raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
+    _out_dir(out)
     m = _load(model)
     r = retrieval.scan(m, lengths=lens, depths=depths, n_needles=needles, variant=variant, max_new_tokens=max_new_tokens)
     _print_retrieval(r)
@@ -160,8 +288,15 @@ def scan_sinks(
     from . import report, sinks
     from .store import ResultStore
 
+    if not 0 < eps < 1:
+        raise WorkbenchError(f"ε must lie in (0, 1), got {eps}")
+    positions = _positions(model)
+    if positions and T > positions:
+        raise WorkbenchError(f"--T {T} exceeds the model's {positions} positions")
+    texts = sinks.texts_for(T)  # says so when the shipped prose is too short for T
+    _out_dir(out)
     m = _load(model)
-    s = sinks.scan(m, sinks.texts_for(T), T=T, eps=eps)
+    s = sinks.scan(m, texts, T=T, eps=eps)
     _print_sinks(s)
     store = ResultStore(out)
     s.save(store)
@@ -190,6 +325,11 @@ def scan_duo(
     from . import duo, report, retrieval
     from .store import ResultStore
 
+    positions = _positions(model)
+    if positions and length > positions:
+        raise WorkbenchError(f"--length {length} exceeds the model's {positions} positions")
+    _check_lengths([min(1000, length * 2)], 32, positions)  # the comparison with Wu's heads scans at this length
+    _out_dir(out)
     m = _load(model)
     d = duo.train_gates(m, length=length, steps=steps, sink=sink, recent=recent)
     typer.echo(f"loss {d.losses[0]:.3f} → {d.losses[-1]:.3f}; retrieval KV heads (α ≥ 0.5): {d.retrieval_kv_heads()}")
@@ -225,7 +365,7 @@ def study_run(
     out: Path = typer.Option(None, help="run directory (default runs/<study name>)"),
     executor: str = typer.Option("local", help="local (in-process) or ray"),
     address: str = typer.Option(None, help="Ray cluster address (e.g. auto or ray://head:10001); default: a local Ray"),
-    workers: int = typer.Option(None, help="Ray actors (default: one per GPU, or per CPU)"),
+    workers: int = typer.Option(None, min=1, help="Ray actors (default: one per GPU, or per CPU)"),
     resume: bool = typer.Option(False, "--resume", help="continue an existing run directory: only missing units run"),
     report: bool = typer.Option(True, help="write the report when the sweep ends"),
 ) -> None:
@@ -252,6 +392,8 @@ def study_report(
     """Write RUN_DIR/report/index.html (figures, summary table, failures), summary.csv and PNGs."""
     from .study import Run
 
+    if not run_dir.is_dir():
+        raise WorkbenchError(f"{run_dir} is not a directory; give a run directory written by `workbench study run`")
     run = Run(run_dir)
     typer.echo(run.summary().to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     fails = run.failures()
@@ -265,7 +407,7 @@ def study_report(
 @app.command()
 @_guard
 def serve(
-    address: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0 exposes the dashboard to the network: add auth)"),
+    address: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback (e.g. 0.0.0.0) is refused without --basic-auth or --oauth-provider"),
     port: int = typer.Option(5006, min=1, max=65535, help="port"),
     model: str = typer.Option(None, help="main model source (default: embedded SmolLM2)"),
     moe: list[str] = typer.Option(["tiny-moe"], help="MoE model(s) the Routing tab offers (repeat the option)"),
@@ -283,17 +425,40 @@ def serve(
     show: bool = typer.Option(False, help="open a browser tab"),
 ) -> None:
     """Serve the Panel dashboard (prompt lab, retrieval, sinks, routing, runs) on 127.0.0.1; /liveness answers when up."""
-    from .dashboard.serve import serve as serve_dashboard
+    from .dashboard.serve import check_address, serve as serve_dashboard
     from .dashboard.state import Caps
 
     caps = Caps(max_prompt_tokens=max_prompt_tokens, max_scan_tests=max_scan_tests)
-    if address not in ("127.0.0.1", "localhost", "::1") and not (basic_auth or oauth_provider):
-        typer.echo(f"warning: serving on {address} without --basic-auth or --oauth-provider: anyone who can reach it can run the model", err=True)
+    check_address(address, port, auth=bool(basic_auth or oauth_provider))  # before the model loads
+    if runs.exists() and not runs.is_dir():
+        raise WorkbenchError(f"--runs {runs} is a file; give the directory holding study runs")
+    _positions(model)  # a model source that does not exist fails now
     typer.echo(f"loading {model or 'the embedded model'} ...; dashboard: http://{address}:{port}/  (liveness: /liveness; Ctrl-C stops)")
     serve_dashboard(address, port, model=model, moe_models=moe or ["tiny-moe"], runs=runs, caps=caps, show=show,
                     allow_websocket_origin=allow_websocket_origin or None, basic_auth=basic_auth, cookie_secret=cookie_secret,
                     oauth_provider=oauth_provider, oauth_key=oauth_key, oauth_secret=oauth_secret,
                     oauth_redirect_uri=oauth_redirect_uri, oauth_encryption_key=oauth_encryption_key)  # fmt: skip
+
+
+@app.command()
+@_guard
+def doctor(
+    repair: bool = typer.Option(True, help="re-convert a corrupt conversion (re-fetch a corrupt GGUF)"),
+) -> None:
+    """Check the embedded model's cache in full: the GGUF against its pinned SHA-256, every converted file
+    against the SHA-256 recorded at conversion, stale temp folders swept. (Each load checks only the
+    files' stat fingerprints — microseconds — and hashes a file whose fingerprint changed.)"""
+    from . import embedded
+
+    r = embedded.verify(repair=repair)
+    typer.echo(f"cache: {r['cache']}")
+    typer.echo(f"GGUF: {r['gguf']}; conversion: {r['conversion']} (hashed in {r['hash_seconds']} s)")
+    if r["swept"]:
+        typer.echo("swept stale temp folders: " + ", ".join(r["swept"]))
+    if r.get("repaired"):
+        typer.echo(f"repaired: conversion now {r['conversion_after']}")
+    elif r["conversion"] != "ok" or r["gguf"] not in ("ok", "not downloaded"):
+        raise typer.Exit(1)
 
 
 def main() -> None:

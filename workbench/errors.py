@@ -15,3 +15,7 @@ class UnsupportedModelError(WorkbenchError):
 
 class ProbeError(WorkbenchError, ValueError):
     """A probe or intervention asks for something the model or input does not have."""
+
+
+class OutsideRootError(WorkbenchError):
+    """A file or folder that resolves (through symlinks) outside the directory it must stay in."""

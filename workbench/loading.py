@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
 DEFAULT_NAMES = ("default", "smollm2", "smollm2-135m-instruct", embedded.SMOLLM2.hf_id)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # `name` or `org/name`
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def load(
@@ -45,8 +49,7 @@ def load(
     dev = _resolve_device(device, torch_dtype)
     kw: dict[str, Any] = {}
     if source is None or (isinstance(source, str) and source in DEFAULT_NAMES):
-        path = embedded.converted_dir()
-        hf, tok = _from_pretrained(str(path), torch_dtype, local_only=True)
+        hf, tok = _load_embedded(torch_dtype)
         kw = dict(
             source="embedded:" + embedded.SMOLLM2.name,
             model_id=embedded.SMOLLM2.hf_id,
@@ -84,6 +87,9 @@ def load(
             kw = dict(source=f"dir:{Path(s).resolve()}", model_id=getattr(hf.config, "name_or_path", None))
         elif Path(s).exists():
             raise ModelLoadError(f"{s} is a file but not a .gguf; give a model directory, a .gguf file or a hub id")
+        elif not HUB_ID.match(s):
+            raise ModelLoadError(f"model not found: {s} is not a file or directory on this machine (and not a Hugging Face "
+                                 "hub id, which looks like `org/name`); check the path")  # fmt: skip
         else:
             hf, tok = _from_pretrained(s, torch_dtype, local_only=False, device_map=device_map)
             kw = dict(source=f"hub:{s}", model_id=s, revision=getattr(hf.config, "_commit_hash", None))
@@ -117,7 +123,10 @@ def _resolve_dtype(dtype) -> torch.dtype:
 
 
 def _resolve_device(device, dtype: torch.dtype) -> torch.device:
-    dev = torch.device(device or "cpu")
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {dev} requested but CUDA is not available on this machine; use device='cpu'")
     try:  # the ops a transformer needs, in this dtype, on this device
@@ -157,13 +166,27 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_map=None):
+def _load_embedded(dtype: torch.dtype):
+    """The embedded model from its verified conversion; a conversion that verifies but still fails to load
+    (e.g. written by another transformers version) is rebuilt once from the GGUF."""
+    path = embedded.converted_dir()
+    try:
+        return _from_pretrained(str(path), dtype, local_only=True, need_tokenizer=True)
+    except ModelLoadError as e:
+        warnings.warn(f"the cached conversion failed to load ({e}); converting the GGUF again")
+        with embedded._lock(path.parent):
+            path = embedded.convert()
+        return _from_pretrained(str(path), dtype, local_only=True, need_tokenizer=True)
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_map=None, need_tokenizer: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not local_only and (why := _hub_unreachable()):
         raise ModelLoadError(
             f"cannot fetch {name!r}: this machine is offline ({why}). Download the model elsewhere and pass its "
-            "local directory (workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2."
+            "local directory (workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2. "
+            f"(If {name!r} was meant as a local path: it does not exist.)"
         )
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_only)
@@ -180,10 +203,23 @@ def _from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **extra)
     except ValueError as e:
         raise UnsupportedModelError(f"{name}: {config.model_type!r} has no causal-LM class in transformers ({e})") from e
+    except OSError as e:
+        if local_only:
+            raise ModelLoadError(f"{name}: has a config.json but no readable weights (model.safetensors or "
+                                 f"pytorch_model.bin, possibly sharded): {e}") from None  # fmt: skip
+        raise ModelLoadError(f"could not fetch the weights of {name!r} ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - safetensors/torch report unreadable weights in many exception types
+        raise ModelLoadError(f"{name}: the weights could not be read ({type(e).__name__}: {e}); the files are "
+                             "truncated or corrupt") from None  # fmt: skip
+    has_tokenizer = local_only and any((Path(name) / f).is_file() for f in TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-    except (OSError, ValueError):
+    except Exception as e:  # noqa: BLE001 - tokenizers reports a garbage file as a bare Exception
+        if has_tokenizer or need_tokenizer:
+            raise ModelLoadError(f"{name}: the tokenizer files are unreadable ({type(e).__name__}: {e})") from None
         tok = None
+    if tok is None and need_tokenizer:
+        raise ModelLoadError(f"{name}: no tokenizer")
     return hf, tok
 
 
@@ -213,6 +249,10 @@ def load_config(source: str | None = None):
             return AutoConfig.from_pretrained(s, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{s}: not a loadable model directory ({e})") from e
+    if Path(s).exists():
+        raise ModelLoadError(f"{s} is a file but not a model directory; give a model directory or a hub id")
+    if not HUB_ID.match(s):
+        raise ModelLoadError(f"model not found: {s} is not a directory on this machine (and not a hub id `org/name`)")
     if why := _hub_unreachable():
         raise ModelLoadError(f"cannot fetch the config of {s!r}: this machine is offline ({why}); pass a local directory")
     try:

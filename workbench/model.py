@@ -45,15 +45,36 @@ class Model:
         )
 
     # --- text helpers -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the token ids this model can take."""
+        emb = self.hf.get_input_embeddings()
+        return int(emb.num_embeddings if hasattr(emb, "num_embeddings") else emb.weight.shape[0])
+
     def encode(self, text: str | list[int] | torch.Tensor, *, chat: bool = False) -> torch.Tensor:
-        """Token ids ``[1, T]`` on the model's device. ``chat=True`` applies the chat template as a user turn."""
+        """Token ids ``[1, T]`` on the model's device. ``chat=True`` applies the chat template as a user turn.
+        Ids are checked against the vocabulary and text against Unicode (a lone surrogate cannot be encoded)."""
         if isinstance(text, torch.Tensor):
-            ids = text if text.dim() == 2 else text[None]
+            if text.dtype.is_floating_point or text.dtype.is_complex or text.dtype == torch.bool:
+                raise ProbeError(f"token ids must be an integer tensor, got {text.dtype}")
+            if text.dim() not in (1, 2) or (text.dim() == 2 and text.shape[0] != 1):
+                raise ProbeError(f"token ids must have shape [T] or [1, T], got {list(text.shape)}")
+            ids = (text if text.dim() == 2 else text[None]).long()
         elif isinstance(text, (list, tuple)):
-            ids = torch.tensor([list(text)], dtype=torch.long)
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in text):
+                bad = next(i for i in text if not isinstance(i, int) or isinstance(i, bool))
+                raise ProbeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})"[:300])
+            ids = torch.tensor([list(text)], dtype=torch.long) if text else torch.empty(1, 0, dtype=torch.long)
         else:
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                raise ProbeError(f"a prompt is text (str) or token ids (list of int / tensor), got {type(text).__name__}")
+            if not text.strip():
                 raise ProbeError("empty prompt: give some text (or token ids) to run")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ProbeError(f"the prompt is not valid Unicode: {text[e.start]!r} at position {e.start} is a lone "
+                                 "surrogate (half of a character); remove it or decode the text properly") from None  # fmt: skip
             if chat and getattr(self.tokenizer, "chat_template", None):
                 ids = self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -64,7 +85,13 @@ class Model:
             raise ProbeError("empty prompt: no tokens to run")
         if self.spec.max_positions and ids.shape[-1] > self.spec.max_positions:
             raise ProbeError(f"prompt has {ids.shape[-1]} tokens; the model supports at most {self.spec.max_positions}")
+        self._check_ids(ids)
         return ids.to(self.device)
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ProbeError(f"token id {bad} is outside the model's vocabulary (ids 0..{self.vocab_size - 1})")
 
     @torch.no_grad()
     def forward_text(self, text, *, chat: bool = False, **kwargs):
@@ -74,8 +101,15 @@ class Model:
 
     @torch.no_grad()
     def generate(self, text, *, max_new_tokens: int = 32, chat: bool = True, **kwargs) -> str:
-        """Greedy generation (unless sampling kwargs say otherwise); returns only the new text."""
+        """Greedy generation (unless sampling kwargs say otherwise); returns only the new text. The prompt and
+        the new tokens must fit the model's positions (checked before generating)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ProbeError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
         ids = self.encode(text, chat=chat)
+        limit = self.spec.max_positions
+        if limit and ids.shape[-1] + max_new_tokens > limit:
+            raise ProbeError(f"prompt ({ids.shape[-1]} tokens) + {max_new_tokens} new tokens exceeds the model's {limit} "
+                             f"positions; ask for at most {max(limit - ids.shape[-1], 0)} new tokens or shorten the prompt")  # fmt: skip
         kwargs.setdefault("do_sample", False)
         pad = getattr(self.tokenizer, "pad_token_id", None) or getattr(self.tokenizer, "eos_token_id", None)
         out = self.hf.generate(

@@ -19,7 +19,6 @@ from typing import ClassVar
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import niah, plots
 from .attention import AttentionStats, SinkCalibration
@@ -71,6 +70,13 @@ def texts_for(T: int) -> list[str]:
     """Natural texts of at least ``T`` tokens: the essay paragraphs for the paper's T ≤ 64, else up to four
     equal slices of the haystack, 6,000 characters each or 6 per token when T needs more (English prose
     runs ≈ 4–5 characters per token; :func:`scan` says so if a text is still too short)."""
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise ProbeError(f"T must be a whole number of tokens, got {T!r}")
+    if T < 2:
+        raise ProbeError(f"T must be ≥ 2, got {T}")
+    if 6 * T > len(niah.haystack()):
+        raise ProbeError(f"T = {T} needs texts of about {6 * T:,} characters; the shipped prose has {len(niah.haystack()):,} "
+                         f"(enough for T ≤ {len(niah.haystack()) // 6:,}). Pass your own texts to sinks.scan")  # fmt: skip
     if T <= 64:
         return default_texts()
     hay = niah.haystack()

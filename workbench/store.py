@@ -1,16 +1,17 @@
 """Results store: one Parquet file per result in a directory, provenance in the file's metadata,
-DuckDB for queries across them. Writes are atomic (temp file + rename)."""
+DuckDB for queries across them. Writes are atomic (temp file + rename) and get the umask's usual file
+mode (0644 under umask 022), so a shared results directory stays readable by others."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import WorkbenchError
+from .files import atomic_path
 
 _META_KEY = b"workbench.provenance"
 
@@ -19,9 +20,10 @@ class ResultStore:
     """A directory of Parquet results. ``save(name, frame, provenance)``; ``load(name)``; ``sql(query)``
     where each result is a DuckDB view named after its file stem."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -36,14 +38,8 @@ class ResultStore:
         prov = asdict(provenance) if is_dataclass(provenance) else (provenance or {})
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(prov, default=str).encode()})
         target = self.path(name)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:  # the umask's mode; a symlink named like the result is replaced
             pq.write_table(table, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return target
 
     def load(self, name: str) -> tuple[pd.DataFrame, dict]:
@@ -57,15 +53,20 @@ class ResultStore:
         return table.to_pandas(), json.loads(meta)
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.parquet"))
+        return sorted(p.stem for p in self.root.glob("*.parquet")) if self.root.is_dir() else []
 
     def sql(self, query: str) -> pd.DataFrame:
-        """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``)."""
+        """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``; a name with
+        odd characters is quoted as usual: ``SELECT * FROM "my result"``).
+
+        File names never become SQL text: each file is opened as a pyarrow dataset (no glob expansion)
+        and registered under its name through DuckDB's API, so a crafted name is only a view name."""
         import duckdb
+        import pyarrow.dataset as ds
 
         con = duckdb.connect()
         for n in self.names():
-            con.execute(f"CREATE VIEW \"{n}\" AS SELECT * FROM read_parquet('{self.path(n).as_posix()}')")
+            con.register(n, ds.dataset(str(self.path(n)), format="parquet"))
         return con.execute(query).df()
 
 

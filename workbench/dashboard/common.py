@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 import threading
 from typing import Callable
 
@@ -30,6 +32,28 @@ def _in_session(doc, fn: Callable, *args) -> None:
         except Exception:  # the session went away: nobody is watching
             return
     fn(*args)
+
+
+_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>])")
+
+
+def md_escape(text) -> str:
+    """``text`` for a Markdown pane, shown as text: HTML tags escaped (Panel's Markdown passes raw HTML
+    through, so ``<img onerror=...>`` would run) and Markdown punctuation backslash-escaped (``__x__``,
+    links, code spans); line breaks kept. Everything user- or file-derived (run ids, paths, error texts,
+    model names) goes through this or :func:`html_text` before it reaches the page."""
+    lines = str(text).splitlines() or [""]
+    return "<br>\n".join(_MD_PUNCT.sub(r"\\\1", html.escape(line, quote=True)) for line in lines)
+
+
+def html_text(text) -> str:
+    """``text`` for an HTML pane: escaped, line breaks kept."""
+    return html.escape(str(text), quote=True).replace("\n", "<br>")
+
+
+def table(frame, **kwargs) -> pn.pane.DataFrame:
+    """A DataFrame pane whose cells are always escaped (run files, tokens and texts are data, never HTML)."""
+    return pn.pane.DataFrame(frame, escape=True, **kwargs)
 
 
 def message(err: BaseException) -> str:
@@ -65,7 +89,7 @@ class Page(pn.viewable.Viewer):
     def fail(self, err: BaseException | str) -> None:
         text = err if isinstance(err, str) else message(err)
         self.last_error = text
-        self.alert.object = text
+        self.alert.object = md_escape(text)  # error texts quote run ids, file contents and prompts
         self.alert.visible = True
 
     def clear(self) -> None:
@@ -98,7 +122,7 @@ class Page(pn.viewable.Viewer):
         doc = pn.state.curdoc
         self.clear()
         self.busy = True
-        self.status.object = f"running: {label} …"
+        self.status.object = f"running: {md_escape(label)} …"
         self.progress = progress
         if progress is not None and on_progress is not None:
             progress.callback = lambda p: _in_session(doc, on_progress, p)
@@ -106,14 +130,14 @@ class Page(pn.viewable.Viewer):
         def finish(result, err):
             self.busy = False
             if err is not None:
-                self.status.object = f"{label}: stopped" if isinstance(err, Cancelled) else f"{label}: failed"
+                self.status.object = f"{md_escape(label)}: {'stopped' if isinstance(err, Cancelled) else 'failed'}"
                 self.fail(err)
             else:
                 try:
                     done(result)
-                    self.status.object = f"{label}: done"
+                    self.status.object = f"{md_escape(label)}: done"
                 except Exception as e:  # noqa: BLE001
-                    self.status.object = f"{label}: failed"
+                    self.status.object = f"{md_escape(label)}: failed"
                     self.fail(e)
             queued, self._queued = self._queued, None
             if queued is not None and not self.busy:

@@ -8,7 +8,7 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page
+from .common import Page, md_escape
 from .state import HeadEdits, PromptOutcome, head_name, parse_heads
 from .views import HeadGridView, locked_attention_view
 
@@ -104,12 +104,21 @@ class PromptLab(Page):
     # --- actions ------------------------------------------------------------------------------------------
     def edits(self) -> HeadEdits:
         spec = self.wb.model().spec
-        try:
-            keys = tuple(int(x) for x in self.sink_keys.split(",") if x.strip())
-        except ValueError:
-            from .state import DashboardError
+        from .state import DashboardError
 
-            raise DashboardError(f"sink keys must be comma-separated integers, got {self.sink_keys!r}") from None
+        cap = self.wb.caps.max_sink_keys
+        text = self.sink_keys
+        if len(text) > 8 * cap:
+            raise DashboardError(f"sink keys: at most {cap} comma-separated positions, got {len(text)} characters")
+        try:
+            keys = tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise DashboardError(f"sink keys must be comma-separated integers, got {text[:40]!r}") from None
+        if len(keys) > cap:
+            raise DashboardError(f"sink keys: at most {cap} positions, got {len(keys)}")
+        limit = self.wb.caps.prompt_tokens(self.wb.model())
+        if any(not 0 <= k < limit for k in keys):
+            raise DashboardError(f"sink keys must be token positions in 0..{limit - 1}")
         return HeadEdits(ablate=parse_heads(self.ablate, spec), mode=self.mode, calibrate=parse_heads(self.calibrate, spec),
                          sink_keys=keys or (0,), beta=float(self.beta))  # fmt: skip
 
@@ -243,7 +252,7 @@ class PromptLab(Page):
         spec_line = ""
         try:
             m = self.wb.model()
-            spec_line = f"model **{m.source}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to {self.wb.caps.prompt_tokens(m)} tokens"
+            spec_line = f"model **{md_escape(m.source)}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to {self.wb.caps.prompt_tokens(m)} tokens"
         except Exception:  # noqa: BLE001 — shown in the alert by _configure_bounds
             pass
         edits_box = pn.Column(

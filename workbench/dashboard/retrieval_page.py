@@ -8,7 +8,7 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page
+from .common import Page, md_escape, table
 from .state import Progress
 from .views import HeadGridView, niah_view
 
@@ -95,8 +95,8 @@ class RetrievalPage(Page):
             ),  # fmt: skip
             pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)").panel),
             pn.pane.Markdown("### Top retrieval heads"),
-            pn.pane.DataFrame(top, index=False, css_classes=["wb-top-heads"]),
-            pn.pane.DataFrame(
+            table(top, index=False, css_classes=["wb-top-heads"]),
+            table(
                 r.tests[["length", "depth", "needle", "rouge1_recall", "counted", "response"]],
                 index=False,
                 max_rows=50,
@@ -115,12 +115,12 @@ class RetrievalPage(Page):
                    progress=prog, on_progress=self._on_progress)  # fmt: skip
 
     def _show_ablation(self, out) -> None:
-        table, top_result = out
-        self.ablation = table
+        frame, top_result = out
+        self.ablation = frame
         self.ablation_area.objects = [
-            pn.pane.Markdown(f"### Causal test ({table['mode'].iloc[0]} ablation, k = {int(table['k'].max())})"),
-            pn.pane.DataFrame(
-                table[["ablated", "seed", "k", "mode", "accuracy", "mean_rouge1_recall"]],
+            pn.pane.Markdown(f"### Causal test ({md_escape(frame['mode'].iloc[0])} ablation, k = {int(frame['k'].max())})"),
+            table(
+                frame[["ablated", "seed", "k", "mode", "accuracy", "mean_rouge1_recall"]],
                 index=False,
                 css_classes=["wb-ablation-table"],
             ),  # fmt: skip

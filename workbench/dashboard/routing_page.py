@@ -7,7 +7,7 @@ import html
 import panel as pn
 import param
 
-from .common import Page
+from .common import Page, md_escape, table
 from .state import expert_name
 from .views import locked_routing_view
 
@@ -82,15 +82,15 @@ class RoutingPage(Page):
             view.observe(lambda c: setattr(self.force_input, "value", names(c["new"])), names="forced")
         self.view_area.objects = [
             pn.pane.Markdown(
-                f"**{outcome.model}**: {len(outcome.tokens)} tokens, MoE layers {list(rec.layers)}, "
+                f"**{md_escape(outcome.model)}**: {len(outcome.tokens)} tokens, MoE layers {list(rec.layers)}, "
                 f"{rec.n_experts} experts; routing {'verified' if rec.verified else 'NOT verified'} against the experts that ran",
                 css_classes=["wb-routing-summary"],
             ),  # fmt: skip
             main,
             pn.pane.Markdown("### Token specialisation (OpenMoE: I(expert; token id), per layer)"),
-            pn.pane.DataFrame(outcome.specialisation.round(3), index=False),
+            table(outcome.specialisation.round(3), index=False),
             pn.pane.Markdown("### Top-1 expert per token"),
-            pn.pane.DataFrame(outcome.per_token(), index=False, max_rows=60),
+            table(outcome.per_token(), index=False, max_rows=60),
         ]
 
     def compare(self) -> None:

@@ -7,7 +7,7 @@ import html
 import pandas as pd
 import panel as pn
 
-from .common import Page
+from .common import Page, md_escape, table
 
 
 class RunsPage(Page):
@@ -16,9 +16,7 @@ class RunsPage(Page):
     def __init__(self, wb, store=None, **params):
         super().__init__(wb, **params)
         self.store = store or wb.runs_store()
-        self.table = pn.pane.DataFrame(
-            pd.DataFrame(), index=False, sizing_mode="stretch_width", css_classes=["wb-runs-table"]
-        )
+        self.table = table(pd.DataFrame(), index=False, sizing_mode="stretch_width", css_classes=["wb-runs-table"])
         self.refresh_button = pn.widgets.Button(label="Refresh", css_classes=["wb-refresh"], width=100)
         self.run_select = pn.widgets.Select(label="run", options=[], width=320, css_classes=["wb-run-select"])
         self.open_button = pn.widgets.Button(label="Open", color="primary", css_classes=["wb-open"], width=100)
@@ -47,7 +45,7 @@ class RunsPage(Page):
         if len(ids) > 1:
             self.a_select.value, self.b_select.value = ids[0], ids[1]
         refused = f"; refused (outside the directory): {', '.join(self.store.refused)}" if self.store.refused else ""
-        self.status.object = f"{len(ids)} runs in `{self.store.root}`{refused}"
+        self.status.object = md_escape(f"{len(ids)} runs in {self.store.root}{refused}")
 
     def open(self) -> None:
         self.clear()
@@ -56,18 +54,18 @@ class RunsPage(Page):
             self.fail("no run selected")
             return
         run = self.store.run(rid)
-        parts = [pn.pane.Markdown(f"### Run {html.escape(str(rid))}"), pn.pane.Markdown("**Summary**"),
-                 pn.pane.DataFrame(run.summary(), index=False, max_rows=100, css_classes=["wb-run-summary"])]  # fmt: skip
+        parts = [pn.pane.Markdown(f"### Run {md_escape(rid)}"), pn.pane.Markdown("**Summary**"),
+                 table(run.summary(), index=False, max_rows=100, css_classes=["wb-run-summary"])]  # fmt: skip
         fail = run.failures()
         if len(fail):
             parts += [
                 pn.pane.Markdown(f"**Failures ({len(fail)})**"),
-                pn.pane.DataFrame(fail, index=False, max_rows=50),
+                table(fail, index=False, max_rows=50),
             ]
         res = run.results()
         parts += [
             pn.pane.Markdown(f"**Results** ({len(res)} rows, first 100)"),
-            pn.pane.DataFrame(_short(res.head(100)), index=False),
+            table(_short(res.head(100)), index=False),
         ]
         self.detail.objects = parts
 
@@ -80,6 +78,7 @@ class RunsPage(Page):
 
     def _show_report(self, page: str) -> None:
         # a sandboxed iframe: the report's own scripts (plotly) run, but not with the app's origin
+        # (no allow-same-origin: the report runs in an opaque origin, never the app's)
         frame = (f'<iframe class="wb-report-frame" sandbox="allow-scripts" style="width:100%;height:900px;border:1px solid #ccc" '
                  f'srcdoc="{html.escape(page, quote=True)}"></iframe>')  # fmt: skip
         self.report_area.objects = [pn.pane.HTML(frame, sizing_mode="stretch_width")]
@@ -90,12 +89,12 @@ class RunsPage(Page):
         if not a or not b or a == b:
             self.fail("choose two different runs")
             return
-        self.compare_area.objects = [pn.pane.Markdown(f"### {html.escape(a)} vs {html.escape(b)}"),
-                                     pn.pane.DataFrame(self.store.compare(a, b), index=False, css_classes=["wb-compare-table"])]  # fmt: skip
+        self.compare_area.objects = [pn.pane.Markdown(f"### {md_escape(a)} vs {md_escape(b)}"),
+                                     table(self.store.compare(a, b), index=False, css_classes=["wb-compare-table"])]  # fmt: skip
 
     def __panel__(self):
         return pn.Column(
-            self.header(f"## Study runs\nRuns under `{self.store.root}` (only files inside it are opened)."),
+            self.header(f"## Study runs\nRuns under {md_escape(self.store.root)} (only files inside it are opened)."),
             self.alert,
             pn.Row(self.refresh_button, self.status),
             self.table,

@@ -6,7 +6,7 @@ import panel as pn
 import param
 
 from .. import report
-from .common import Page
+from .common import Page, table
 from .views import HeadGridView
 
 
@@ -61,14 +61,14 @@ class SinksPage(Page):
             pn.pane.Plotly(report.layer_bars(s.per_layer(), "mean_alpha", "mean α₀ per layer")),
             pn.pane.Markdown("### Hidden sinks (ACT: α_k > 0.1, k ≥ 1)"),
             pn.Row(
-                pn.pane.DataFrame(s.hidden_sink_tokens().head(20), index=False, css_classes=["wb-hidden-tokens"]),
-                pn.pane.DataFrame(hidden, index=False, max_rows=50),
+                table(s.hidden_sink_tokens().head(20), index=False, css_classes=["wb-hidden-tokens"]),
+                table(hidden, index=False, max_rows=50),
             ),  # fmt: skip
             pn.pane.Markdown(
                 f"### Massive activations (Sun et al.)\n{mv['massive_entries']} entries; share on sink tokens: "
                 f"{mv['on_sink_token']:.2f}"
             ),  # fmt: skip
-            pn.pane.DataFrame(massive, index=False, css_classes=["wb-massive"]),
+            table(massive, index=False, css_classes=["wb-massive"]),
         ]
 
     def __panel__(self):

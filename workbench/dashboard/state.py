@@ -53,6 +53,8 @@ class Caps:
     max_sink_T: int = 512
     max_sink_texts: int = 16
     max_routing_chars: int = 4000
+    max_view_queries: int = 32  # query rows one AttentionView request may fetch
+    max_sink_keys: int = 16  # key positions the prompt lab's calibration may scale
 
     def prompt_tokens(self, model) -> int:
         ctx = model.spec.max_positions or 8192
@@ -117,11 +119,25 @@ class PromptOutcome:
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
+MAX_NAME_CHARS = 32  # a head or expert name from the page ("L12H3"); longer strings are refused unparsed
+
+
+def _capped_names(items, limit: int, what: str) -> list:
+    items = list(items or ())
+    if len(items) > limit:
+        raise DashboardError(f"at most {limit} {what} at once (the model has {limit}), got {len(items)}")
+    return items
+
+
 def parse_heads(items, spec) -> tuple[Head, ...]:
-    """``["L3H2", (4, 1), "5:0"]`` → validated ``((3, 2), (4, 1), (5, 0))`` (duplicates dropped)."""
+    """``["L3H2", (4, 1), "5:0"]`` → validated ``((3, 2), (4, 1), (5, 0))`` (duplicates dropped). At most
+    as many items as the model has heads; names longer than :data:`MAX_NAME_CHARS` are refused."""
     out: list[Head] = []
-    for it in items or ():
+    seen: set[Head] = set()
+    for it in _capped_names(items, spec.n_layers * spec.n_heads, "heads"):
         if isinstance(it, str):
+            if len(it) > MAX_NAME_CHARS:
+                raise DashboardError(f"not a head: {it[:MAX_NAME_CHARS]!r}… (write L3H2)")
             s = it.strip().upper().replace("L", "").replace("H", ":").replace(",", ":")
             try:
                 l, h = (int(x) for x in s.split(":") if x != "")
@@ -131,7 +147,8 @@ def parse_heads(items, spec) -> tuple[Head, ...]:
             l, h = (int(x) for x in it)
         if not (0 <= l < spec.n_layers and 0 <= h < spec.n_heads):
             raise DashboardError(f"head L{l}H{h} does not exist ({spec.n_layers} layers × {spec.n_heads} heads)")
-        if (l, h) not in out:
+        if (l, h) not in seen:
+            seen.add((l, h))
             out.append((l, h))
     return tuple(out)
 
@@ -147,9 +164,11 @@ def expert_name(l: int, e: int) -> str:
 def parse_experts(items, spec) -> tuple[tuple[int, int], ...]:
     """``["L1E3"]`` → ``((1, 3),)``, validated against the model's MoE layers."""
     layers = {r.layer: r.n_experts for r in spec.routers}
-    out = []
-    for it in items or ():
+    out, seen = [], set()
+    for it in _capped_names(items, sum(layers.values()), "experts"):
         if isinstance(it, str):
+            if len(it) > MAX_NAME_CHARS:
+                raise DashboardError(f"not an expert: {it[:MAX_NAME_CHARS]!r}… (write L1E3)")
             s = it.strip().upper().removeprefix("L").replace("E", ":")
             try:
                 l, e = (int(x) for x in s.split(":"))
@@ -159,7 +178,8 @@ def parse_experts(items, spec) -> tuple[tuple[int, int], ...]:
             l, e = (int(x) for x in it)
         if l not in layers or not 0 <= e < layers[l]:
             raise DashboardError(f"expert L{l}E{e} does not exist")
-        if (l, e) not in out:
+        if (l, e) not in seen:
+            seen.add((l, e))
             out.append((l, e))
     return tuple(out)
 

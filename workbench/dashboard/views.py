@@ -53,7 +53,7 @@ def locked_attention_view(wb: Workbench, text: str, layer: int, head: int, *, ch
         ids = m.encode(text, chat=chat)
         view = cls.__new__(cls)
         view._dash_wb, view._dash_model = wb, None
-        view.__init__(m, ids, layer=layer, head=head)
+        view.__init__(m, ids, layer=layer, head=head, max_queries=wb.caps.max_view_queries)
     view._dash_timeout = EVENT_LOOP_WAIT
     return view
 

@@ -28,6 +28,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_UNITS = 100_000  # units one study may plan (each is at least one forward pass; a typo like 1e9 is refused)
+MAX_SEED = 2**63 - 1  # seeds are stored as int64
+DEVICE = re.compile(r"^(cpu|meta|mps|cuda|xpu|hpu|npu)(:\d+)?$")
+
+
 class ModelConfig(_Strict):
     """``source``: ``"embedded"`` (SmolLM2), ``"tiny-moe"``, ``"tiny:<arch>"``, a hub id or a local directory.
     ``device_map`` is passed to ``from_pretrained`` for a model split across GPUs (``"auto"``); on Ray
@@ -38,6 +43,12 @@ class ModelConfig(_Strict):
     device: str = "cpu"
     device_map: str | None = None
     gpus_per_worker: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _device(self):
+        if not DEVICE.match(self.device):
+            raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:N or mps")
+        return self
 
 
 class NIAHTask(_Strict):
@@ -126,7 +137,7 @@ class GridEntry(_Strict):
     select: Literal["none", "explicit", "top", "random", "layer"]
     name: str | None = None
     k: list[Annotated[int, Field(ge=1)]] = []
-    seeds: list[int] = [0]
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = [0]
     sets: list[list[tuple[int, int]]] = []
     layers: list[Annotated[int, Field(ge=0)]] = []
     rank: Ranking = Ranking()
@@ -140,11 +151,25 @@ class GridEntry(_Strict):
             raise ValueError("`sets` contains an empty set")
         if not self.seeds:
             raise ValueError("`seeds` is empty")
+        # each value names one ablation set: a repeat would plan the same unit twice (and never finish)
+        for key, values in (("k", self.k), ("seeds", self.seeds), ("layers", self.layers),
+                            ("sets", [tuple(sorted(set(map(tuple, s)))) for s in self.sets])):  # fmt: skip
+            seen = set()
+            for v in values:
+                if v in seen:
+                    shown = [list(x) for x in v] if key == "sets" else v
+                    raise ValueError(f"`{key}` lists {shown} twice; each value must appear once")
+                seen.add(v)
         return self
 
     @property
     def label(self) -> str:
         return self.name or self.select
+
+    def n_sets(self) -> int:
+        """How many ablation sets this entry plans (before conditions and repetitions)."""
+        return {"none": 1, "explicit": len(self.sets), "top": len(self.k), "random": len(self.k) * len(self.seeds),
+                "layer": len(self.layers)}[self.select]  # fmt: skip
 
 
 class Study(_Strict):
@@ -152,11 +177,26 @@ class Study(_Strict):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
-    repetitions: Annotated[int, Field(ge=1)] = 1
+    repetitions: Annotated[int, Field(ge=1, le=MAX_UNITS)] = 1
     model: ModelConfig = ModelConfig()
     task: Task
     ablation: Ablation = Ablation()
     grid: list[GridEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _families_and_size(self):
+        labels: dict[str, int] = {}
+        for i, g in enumerate(self.grid):
+            if g.label in labels:
+                raise ValueError(f"grid[{labels[g.label]}] and grid[{i}] are both labelled {g.label!r} (their results would "
+                                 "merge in the summary): give one of them a distinct `name`")  # fmt: skip
+            labels[g.label] = i
+        conditions = len(self.task.lengths) * len(self.task.depths) if self.task.kind == "niah" else 1
+        units = conditions * self.repetitions * sum(g.n_sets() for g in self.grid)
+        if units > MAX_UNITS:
+            raise ValueError(f"the study plans {units:,} units ({conditions} conditions × {self.repetitions} repetitions × "
+                             f"{sum(g.n_sets() for g in self.grid)} ablation sets); at most {MAX_UNITS:,}")  # fmt: skip
+        return self
 
 
 def load_study(source: str | Path | dict) -> Study:
@@ -166,21 +206,47 @@ def load_study(source: str | Path | dict) -> Study:
     if isinstance(source, dict):
         data = source
     else:
-        path = Path(source)
-        if "\n" not in str(source) and path.suffix == ".toml":
-            if not path.is_file():
-                raise StudyError(f"study file not found: {path}")
-            text = path.read_text()
-        else:
-            text = str(source)
+        path = study_path(source)
+        text = read_study_text(path) if path is not None else str(source)
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise StudyError(f"study file is not valid TOML: {e}") from None
+        except RecursionError:
+            raise StudyError("study file is nested too deeply to be a study (arrays or tables inside each other)") from None
     try:
         return Study.model_validate(data)
     except ValidationError as e:
         raise StudyError(_explain(e, text)) from None
+    except RecursionError:
+        raise StudyError("study is nested too deeply to be a study") from None
+
+
+def study_path(source: str | Path) -> Path | None:
+    """The file a study source names, or ``None`` when it is TOML text. A :class:`~pathlib.Path` is always
+    a file; a string is one when it is a single line ending in ``.toml`` or naming something that exists."""
+    if isinstance(source, Path):
+        return source
+    s = str(source)
+    if "\n" in s or "=" in s and not s.endswith(".toml"):
+        return None
+    path = Path(s)
+    return path if s.endswith(".toml") or path.exists() or "/" in s or "\\" in s else None
+
+
+def read_study_text(path: Path) -> str:
+    """A study file's text (UTF-8), or a :class:`StudyError` saying why not."""
+    if path.is_dir():
+        raise StudyError(f"{path} is a directory; give the study file (TOML), e.g. {path / 'study.toml'}")
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "save the study file as UTF-8") from None  # fmt: skip
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _explain(error: ValidationError, text: str | None) -> str:

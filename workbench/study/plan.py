@@ -19,12 +19,15 @@ class Shape:
     n_layers: int
     n_heads: int
     n_experts: int
+    max_positions: int | None = None  # the model's context (max_position_embeddings), when known
 
     @classmethod
     def of_config(cls, cfg) -> "Shape":
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         experts = next((getattr(text, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(text, a, None)), 0)
-        return cls(int(text.num_hidden_layers), int(text.num_attention_heads), int(experts or 0))
+        positions = getattr(text, "max_position_embeddings", None)
+        return cls(int(text.num_hidden_layers), int(text.num_attention_heads), int(experts or 0),
+                   int(positions) if positions else None)  # fmt: skip
 
     def per_layer(self, target: str) -> int:
         return self.n_heads if target == "heads" else self.n_experts
@@ -43,11 +46,14 @@ class Unit:
     condition: tuple[tuple[str, float | str], ...]
     repetition: int
     study: dict = field(repr=False, compare=False, hash=False)
+    family: str | None = None  # set only when another grid family plans the very same unit (see eval_units)
 
     @property
     def config(self) -> dict:
-        """Everything the result depends on (not the grid's display name)."""
-        own = {k: v for k, v in asdict(self).items() if k not in ("study", "grid")}
+        """Everything the result depends on (not the grid's display name, unless two families share a set)."""
+        own = {k: v for k, v in asdict(self).items() if k not in ("study", "grid", "family")}
+        if self.family is not None:
+            own["family"] = self.family
         return {"model": self.study["model"], "task": self.study["task"], "ablation": self.study["ablation"], **own}
 
     @property
@@ -69,6 +75,7 @@ def check(study: Study, shape: Shape) -> None:
     if target == "experts" and not shape.n_experts:
         raise StudyError("ablation.target = 'experts' but the model has no experts (a dense model)")
     total = shape.n_layers * per
+    top_ks = {k for g in study.grid if g.select == "top" for k in g.k}
     for i, g in enumerate(study.grid):
         where = f"grid[{i}] ({g.label})"
         for s in g.sets:
@@ -84,6 +91,32 @@ def check(study: Study, shape: Shape) -> None:
         for k in g.k:
             if k >= total:
                 raise StudyError(f"{where}.k: {k} must be below the model's {total} {target}")
+            if g.select == "random" and k in top_ks and total - k < k:
+                raise StudyError(f"{where}.k: {k} random {target} drawn outside the top-{k} need {2 * k} {target}; "
+                                 f"the model has {total}")  # fmt: skip
+    _check_lengths(study, shape)
+
+
+def _check_lengths(study: Study, shape: Shape) -> None:
+    """Context lengths (+ the tokens generated after them) the model's positions cannot hold."""
+    limit = shape.max_positions
+    if not limit:
+        return
+    t = study.task
+    if t.kind == "niah":
+        for n in t.lengths:
+            if n + t.max_new_tokens > limit:
+                raise StudyError(f"task.lengths: {n} + {t.max_new_tokens} new tokens exceeds the model's {limit} positions; "
+                                 f"use lengths ≤ {limit - t.max_new_tokens}")  # fmt: skip
+    if t.kind == "loss" and t.max_tokens > limit:
+        raise StudyError(f"task.max_tokens: {t.max_tokens} exceeds the model's {limit} positions")
+    if study.ablation.target == "heads":
+        for i, g in enumerate(study.grid):
+            if g.select == "top":
+                for n in g.rank.lengths:
+                    if n + g.rank.max_new_tokens > limit:
+                        raise StudyError(f"grid[{i}] ({g.label}).rank.lengths: {n} + {g.rank.max_new_tokens} new tokens exceeds "
+                                         f"the model's {limit} positions")  # fmt: skip
 
 
 def rank_units(study: Study) -> list[Unit]:
@@ -133,11 +166,15 @@ def eval_units(study: Study, shape: Shape, rankings: dict[tuple, list[Target]]) 
             for k in g.k:
                 pool = [t for t in _all_targets(shape, target) if t not in set(top_of.get(k, ()))]
                 sets += [(g.label, "random", k, s, tuple(random_set(pool, k, s))) for s in g.seeds]
-    units = []
+    units, seen = [], set()
     for cond in conditions(study):
         for rep in range(study.repetitions):
             for label, select, k, seed, targets in sets:
-                units.append(Unit("eval", label, select, k, seed, targets, cond, rep, data))
+                unit = Unit("eval", label, select, k, seed, targets, cond, rep, data)
+                if unit.id in seen:  # another family plans the same set (e.g. two random entries, same k and seed):
+                    unit = Unit("eval", label, select, k, seed, targets, cond, rep, data, family=label)  # its own unit
+                seen.add(unit.id)
+                units.append(unit)
     return units
 
 

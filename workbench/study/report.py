@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from .. import plots, report
+from ..files import atomic_path
 
 _METRIC = {"niah": "NIAH accuracy", "loss": "loss (nats)", "logit_diff": "logit difference", "generation_match": "generation match"}
 
@@ -69,15 +70,22 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
         sections.append(("Provenance", pd.DataFrame([{c: prov[c] for c in ("model_source", "model_id", "revision", "weights_hash",
                                                                             "dtype", "bos_policy", "workbench_version",
                                                                             "transformers_version", "definition")}]).T))  # fmt: skip
+    # Every write below stays in `out` (resolved once; the run resolves and confines its own report/) and
+    # replaces files atomically: a symlink named like a report file is replaced, never written through.
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.png"):  # figures of an earlier report of this run
+    out = out.resolve()
+    for stale in out.glob("*.png"):  # figures of an earlier report of this run (a link is removed, not followed)
         stale.unlink()
-    summary.to_csv(out / "summary.csv", index=False)
+    with atomic_path(out / "summary.csv", root=out) as tmp:
+        summary.to_csv(tmp, index=False)
     if png:
         for name, fig in figs.items():
             try:
-                fig.write_image(out / f"{name}.png", scale=1)
+                with atomic_path(out / f"{name}.png", root=out) as tmp:
+                    fig.write_image(tmp, format="png", scale=1)
             except Exception as e:  # noqa: BLE001 - PNG export needs a browser; the HTML report does not
                 warnings.warn(f"PNG export skipped ({type(e).__name__}: {e}); install chromium for PNGs")
                 break
-    return report.write_html(out / "index.html", f"Study report: {study.name}", sections)
+    with atomic_path(out / "index.html", root=out) as tmp:
+        report.write_html(tmp, f"Study report: {study.name}", sections)
+    return out / "index.html"

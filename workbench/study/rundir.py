@@ -4,11 +4,17 @@ file per failed unit, and DuckDB views over whatever has been validated.
     RUN_DIR/study.toml   the study as given      RUN_DIR/plan.json   unit ids of the current plan
     RUN_DIR/units/       <unit id>.parquet       RUN_DIR/failures/   <unit id>.json (traceback)
     RUN_DIR/report/      index.html, *.png, summary.csv
+
+Opening a run reads only; every write lands inside the run directory (subdirectories are resolved
+through symlinks and refused when they point elsewhere) and replaces files atomically, so a symlink
+planted in a shared run directory can neither redirect a write nor a delete. Garbage in ``plan.json``,
+``run.json`` or a failure file is reported, never fatal to reading the other runs.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -17,19 +23,45 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import WorkbenchError
+from ..files import OutsideRootError, confined, confined_dir, write_text
 from ..store import ResultStore
 from .config import Study, StudyError, load_study
 from .plan import Unit
 
 # columns that differ between two runs of the same unit (timing, placement): not part of a result's identity
 VOLATILE = ("seconds", "worker", "finished_at")
+UNIT_ID = re.compile(r"^(eval|rank)-[0-9a-f]{16}$")  # Unit.id's form; nothing else in units/ is ever read
+_FAILURE_COLUMNS = ["unit_id", "unit", "grid", "k", "seed", "error", "traceback", "worker", "finished_at"]
 
 
-def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+def _write_json(path: Path, data, root: Path) -> None:
+    write_text(path, json.dumps(data, indent=1, default=str), root=root)
+
+
+def _read_json(path: Path, what: str):
+    """``path``'s JSON, or a :class:`StudyError` saying the file is unreadable (never a bare decode error)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StudyError(f"{path}: {what} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def writable(path: Path) -> None:
+    """Refuse a directory (or, when missing, its nearest existing parent) this process cannot write, with
+    a message naming it: found by creating and removing a file there, not by permission bits."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StudyError(f"{probe} is not a directory, so {path} cannot be created; choose another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".workbench-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise StudyError(f"cannot write to {probe} ({e.strerror or e}); choose a writable --out") from None
 
 
 class Run:
@@ -40,34 +72,65 @@ class Run:
         self.path = Path(path)
         if not (self.path / "study.toml").is_file():
             raise WorkbenchError(f"{self.path} is not a study run directory (no study.toml)")
-        self.units = ResultStore(self.path / "units")
-        (self.path / "failures").mkdir(exist_ok=True)
+        self.units = ResultStore(self.path / "units", create=False)  # nothing is created by opening a run
+
+    def _subdir(self, name: str) -> Path:
+        """``RUN_DIR/name`` for writing: created if missing, refused if it resolves outside the run directory."""
+        try:
+            return confined_dir(self.path, self.path / name)
+        except OutsideRootError:
+            raise StudyError(f"{self.path / name} points outside the run directory {self.path.resolve()}: "
+                             "remove that link; workbench writes only inside the run") from None  # fmt: skip
 
     @staticmethod
-    def check_target(path: str | os.PathLike, *, resume: bool) -> None:
-        """Refuse a directory that ``create`` would not take (checked before a model loads)."""
+    def check_target(path: str | os.PathLike, *, resume: bool, study: Study | None = None) -> None:
+        """Refuse a directory that ``create`` would not take (checked before a model loads): an existing run
+        without ``resume``, a resumed run whose study differs from ``study``, a non-run directory, or a
+        place this process cannot write."""
         path = Path(path)
         if (path / "study.toml").is_file():
             if not resume:
                 raise StudyError(f"run directory {path} already exists: pass --resume to continue it, or another --out")
+            if study is not None:
+                try:
+                    old = load_study(path / "study.toml")
+                except StudyError as e:
+                    raise StudyError(f"cannot resume {path}: its study.toml is unreadable ({e})") from None
+                diff = study_differences(old, study)
+                if diff:
+                    raise StudyError(f"cannot resume {path}: the study file differs from the run's study.toml "
+                                     f"({'; '.join(diff[:8])}{' …' if len(diff) > 8 else ''}). Resume with the run's own "
+                                     f"study ({path / 'study.toml'}) or start a new run with another --out")  # fmt: skip
         elif path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StudyError(f"{path} exists and is not a study run directory; choose another --out")
+        writable(path)
 
     @classmethod
     def create(cls, path: str | os.PathLike, study_text: str, *, resume: bool) -> "Run":
         path = Path(path)
         cls.check_target(path, resume=resume)
         path.mkdir(parents=True, exist_ok=True)
-        for stale in (path / "units").glob(".*.tmp"):  # a killed runner's half-written file: never a result
+        run = cls.__new__(cls)
+        run.path = path
+        units = run._subdir("units")
+        for stale in units.glob(".*.tmp"):  # a killed runner's half-written file: never a result
             stale.unlink()
-        (path / "study.toml").write_text(study_text)
-        _write_json(path / "run.json", {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | cls._meta(path))
+        write_text(path / "study.toml", study_text, root=path)
+        _write_json(path / "run.json", {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | cls._meta(path), path)
         return cls(path)
 
     @staticmethod
     def _meta(path: Path) -> dict:
+        """``run.json`` (``{}`` when missing or unreadable: it only records when the run was created)."""
         old = path / "run.json"
-        return json.loads(old.read_text()) if old.is_file() else {}
+        if not old.is_file():
+            return {}
+        try:
+            meta = _read_json(old, "run.json")
+        except StudyError as e:
+            warnings.warn(str(e))
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     @property
     def study(self) -> Study:
@@ -79,11 +142,23 @@ class Run:
 
     # --- writing ------------------------------------------------------------------------------------
     def save_plan(self, units: list[Unit]) -> None:
-        _write_json(self.path / "plan.json", [{"id": u.id, "kind": u.kind, "describe": u.describe()} for u in units])
+        _write_json(self.path / "plan.json", [{"id": u.id, "kind": u.kind, "describe": u.describe()} for u in units], self.path)
 
     def plan(self) -> list[dict]:
+        """The current plan's units (``[]`` before planning). An unreadable or malformed ``plan.json`` warns
+        and counts as no plan (``--resume`` writes it again)."""
         p = self.path / "plan.json"
-        return json.loads(p.read_text()) if p.is_file() else []
+        if not p.is_file():
+            return []
+        try:
+            plan = _read_json(p, "plan.json")
+            if not isinstance(plan, list) or not all(isinstance(u, dict) and isinstance(u.get("id"), str)
+                                                     and u.get("kind") in ("eval", "rank") for u in plan):  # fmt: skip
+                raise StudyError(f"{p}: plan.json is not a list of units")
+        except StudyError as e:
+            warnings.warn(f"{e}; rerun with --resume to rewrite it")
+            return []
+        return plan
 
     def write_unit(self, unit: Unit, frame: pd.DataFrame, provenance: dict, *, seconds: float, worker: str) -> Path:
         cond = dict(unit.condition)
@@ -99,32 +174,45 @@ class Run:
             transformers_version=provenance["versions"].get("transformers"),
             definition=_definition(unit), seconds=seconds, worker=worker, finished_at=time.time(),
         )  # fmt: skip
+        self._subdir("units")
         out = self.units.save(unit.id, frame, provenance | {"unit": unit.config})
-        (self.path / "failures" / f"{unit.id}.json").unlink(missing_ok=True)
+        if (self.path / "failures").exists():
+            (self._subdir("failures") / f"{unit.id}.json").unlink(missing_ok=True)
         return out
 
     def write_failure(self, unit: Unit, error: str, *, worker: str) -> None:
-        _write_json(self.path / "failures" / f"{unit.id}.json",
+        _write_json(self._subdir("failures") / f"{unit.id}.json",
                     {"unit_id": unit.id, "unit": unit.describe(), "grid": unit.grid, "k": unit.k, "seed": unit.seed,
                      "error": error.strip().splitlines()[-1] if error.strip() else "", "traceback": error, "worker": worker,
-                     "finished_at": time.time()})  # fmt: skip
+                     "finished_at": time.time()}, self.path)  # fmt: skip
 
     # --- reading ------------------------------------------------------------------------------------
-    def completed(self) -> set[str]:
+    def completed(self, *, quarantine: bool = True) -> set[str]:
         """Ids of units whose Parquet file is whole and belongs to its name. A corrupt or partial file is
-        moved to ``units/corrupt/`` with a warning, so the unit runs again and is never read."""
+        never counted; with ``quarantine`` (what a resumed run does) it is also moved to ``units/corrupt/``
+        with a warning, so the unit runs again. Reading a run (status, results, listing) only skips it."""
         import pyarrow.parquet as pq
 
         done = set()
+        if not self.units.root.is_dir():
+            return done
+        try:
+            confined(self.path, self.units.root)
+        except OutsideRootError:
+            raise StudyError(f"{self.units.root} points outside the run directory {self.path.resolve()}: "
+                             "remove that link") from None  # fmt: skip
         for path in sorted(self.units.root.glob("*.parquet")):
+            if not UNIT_ID.match(path.stem):  # not a unit's file (a glob-like or foreign name): never read
+                continue
             try:
                 ids = pq.read_table(path, columns=["unit_id"]).column("unit_id").unique().to_pylist()
                 if ids != [path.stem]:
                     raise ValueError(f"holds unit ids {ids[:3]}")
                 pq.read_table(path)  # every column chunk decodes
             except Exception as e:  # noqa: BLE001 - any unreadable file is treated the same way
-                bad = self.units.root / "corrupt"
-                bad.mkdir(exist_ok=True)
+                if not quarantine:
+                    continue
+                bad = confined_dir(self.path, self.units.root / "corrupt")
                 os.replace(path, bad / f"{path.name}.{int(time.time() * 1000)}")
                 warnings.warn(f"{path.name}: corrupt or partial result ({type(e).__name__}: {e}); moved to {bad}, will re-run")
                 continue
@@ -133,7 +221,8 @@ class Run:
 
     def _frames(self, kind: str) -> pd.DataFrame:
         planned = [u["id"] for u in self.plan() if u["kind"] == kind] or None
-        ids = sorted(self.completed() & set(planned)) if planned is not None else sorted(i for i in self.completed() if i.startswith(kind))
+        done = self.completed(quarantine=False)
+        ids = sorted(done & set(planned)) if planned is not None else sorted(i for i in done if i.startswith(kind))
         if not ids:
             return pd.DataFrame()
         import duckdb
@@ -150,15 +239,25 @@ class Run:
         return self._frames("rank")
 
     def failures(self) -> pd.DataFrame:
-        rows = [json.loads(p.read_text()) for p in sorted((self.path / "failures").glob("*.json"))]
-        return pd.DataFrame(rows, columns=["unit_id", "unit", "grid", "k", "seed", "error", "traceback", "worker", "finished_at"])
+        """One row per failed unit; an unreadable failure file is a row saying so (its unit still failed)."""
+        folder = self.path / "failures"
+        rows = []
+        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                row = _read_json(p, "failure record")
+                if not isinstance(row, dict):
+                    raise StudyError(f"{p}: failure record is not a JSON object")
+                rows.append({c: row.get(c) for c in _FAILURE_COLUMNS})
+            except StudyError as e:
+                rows.append({"unit_id": p.stem, "unit": p.stem, "error": str(e), "traceback": "", "worker": None})
+        return pd.DataFrame(rows, columns=_FAILURE_COLUMNS)
 
     def status(self) -> dict:
-        plan = self.plan()
-        done = self.completed() & {u["id"] for u in plan}
+        planned = {u["id"] for u in self.plan()}  # unique ids: a plan listing one twice can still complete
+        done = self.completed(quarantine=False) & planned
         failed = len(self.failures())
-        return {"n_units": len(plan), "n_done": len(done), "n_failed": failed,
-                "status": "complete" if plan and len(done) == len(plan) else ("failed units" if failed else "incomplete")}  # fmt: skip
+        return {"n_units": len(planned), "n_done": len(done), "n_failed": failed,
+                "status": "complete" if planned and len(done) == len(planned) else ("failed units" if failed else "incomplete")}  # fmt: skip
 
     def summary(self, results: pd.DataFrame | None = None) -> pd.DataFrame:
         """Metric per ablation set size: mean over units (seeds, conditions, repetitions), its standard
@@ -186,7 +285,7 @@ class Run:
         """Write ``report/index.html`` (figures, summary table, failures) and one PNG per figure."""
         from .report import write_report
 
-        return write_report(self, Path(out_dir) if out_dir else self.path / "report", png=png)
+        return write_report(self, Path(out_dir) if out_dir else self._subdir("report"), png=png)
 
 
 def _definition(unit: Unit) -> str:
@@ -196,15 +295,51 @@ def _definition(unit: Unit) -> str:
     return DEFINITIONS[key] + f"; ablation {unit.study['ablation']['target']}:{unit.study['ablation']['mode']}"
 
 
+def study_differences(old: Study, new: Study) -> list[str]:
+    """What differs between two studies, as ``key: old → new`` (empty when they plan the same units)."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    out: list[str] = []
+
+    def walk(x, y, key):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y) and any(isinstance(v, dict) for v in x):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{key}[{i}]")
+        elif x != y:
+            out.append(f"{key}: {json.dumps(x)} in the run, {json.dumps(y)} in the file")
+
+    walk(a, b, "")
+    return out
+
+
 def list_runs(root: str | os.PathLike = "runs") -> pd.DataFrame:
-    """One row per run directory under ``root``: run_id, name, path, created, n_units, n_done, n_failed, status."""
+    """One row per run directory under ``root``: run_id, name, path, created, n_units, n_done, n_failed, status.
+
+    Reads only. A directory that resolves outside ``root`` (a symlink) is listed as such and not opened;
+    a run whose files are unreadable is listed with the reason, never breaking the list."""
     rows = []
     root = Path(root)
-    for d in sorted(p for p in root.iterdir() if (p / "study.toml").is_file()) if root.is_dir() else []:
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            confined(root, d)
+        except OutsideRootError:
+            rows.append({"run_id": d.name, "name": None, "path": str(d), "created": None,
+                         "status": f"not opened: links outside {root}"})  # fmt: skip
+            continue
+        if not (d / "study.toml").is_file():
+            continue
         try:
             run = Run(d)
             meta = Run._meta(d)
-            rows.append({"run_id": d.name, "name": run.study.name, "path": str(d), "created": meta.get("created"), **run.status()})
-        except WorkbenchError as e:
-            rows.append({"run_id": d.name, "name": None, "path": str(d), "created": None, "status": f"unreadable: {e}"})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # garbage files are reported in the status, not as warnings
+                status = run.status()
+                if not run.plan() and (d / "plan.json").exists():
+                    status["status"] += " (plan.json unreadable)"
+            rows.append({"run_id": d.name, "name": run.study.name, "path": str(d), "created": meta.get("created"), **status})
+        except Exception as e:  # noqa: BLE001 - one broken run must not hide the others
+            rows.append({"run_id": d.name, "name": None, "path": str(d), "created": None,
+                         "status": f"unreadable: {e if isinstance(e, WorkbenchError) else f'{type(e).__name__}: {e}'}"})  # fmt: skip
     return pd.DataFrame(rows, columns=["run_id", "name", "path", "created", "n_units", "n_done", "n_failed", "status"])

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from .config import Study, StudyError, load_study
+from .config import Study, StudyError, load_study, read_study_text, study_path
 from .plan import Shape, Unit, check, eval_units, rank_units
 from .rundir import Run
 
@@ -163,14 +163,15 @@ def run_study(
         raise StudyError("--address/--workers only apply to the ray executor")
     if executor == "ray" and model is not None:
         raise StudyError("a loaded model can only be used by the local executor (Ray workers load their own)")
-    text = Path(study).read_text() if isinstance(study, (str, Path)) and str(study).endswith(".toml") and Path(study).is_file() else None
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise StudyError(f"workers must be a whole number ≥ 1, got {workers!r}")
     spec = load_study(study)
-    if text is None:
-        text = _to_toml(spec)
+    path = study_path(study) if isinstance(study, (str, Path)) else None
+    text = read_study_text(path) if path is not None else _to_toml(spec)
     shape = Shape.of_config(model.hf.config if model is not None else load_config(spec.model.source if spec.model.source != "embedded" else None))
     check(spec, shape)
     target = Path(out) if out else Path("runs") / spec.name
-    Run.check_target(target, resume=resume)
+    Run.check_target(target, resume=resume, study=spec)  # a different study, or an unwritable place: refused now
     ex = LocalExecutor(spec, model) if executor == "local" else RayExecutor(spec, address=address, workers=workers)
     try:
         run = Run.create(target, text, resume=resume)  # only once the model loaded: a failed load leaves no directory

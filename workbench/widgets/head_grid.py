@@ -35,6 +35,7 @@ class HeadGrid(WorkbenchWidget):
     can_ablate = traitlets.Bool(False).tag(sync=True)
     run = traitlets.Int(0).tag(sync=True)  # the view increments it to ask for an ablation run
     effect = traitlets.Dict().tag(sync=True)
+    _inputs = ("metric", "selected", "ablate", "mode", "run")  # what the view sets; the rest is output
 
     def __init__(self, scores, *, model=None, prompt=None, title: str | None = None,
                  reference: Sequence[str] | None = None, max_new_tokens: int = 16, **kwargs):  # fmt: skip
@@ -60,6 +61,10 @@ class HeadGrid(WorkbenchWidget):
             selected=[best[0], best[1]], can_ablate=model is not None and prompt is not None, **kwargs,
         )  # fmt: skip
 
+    def input_limit(self, name: str) -> int | None:
+        L, H = self.shape
+        return {"selected": 2, "ablate": L * H}.get(name)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.scores[self.metrics[0]].shape)
@@ -83,7 +88,7 @@ class HeadGrid(WorkbenchWidget):
     @traitlets.validate("metric")
     def _valid_metric(self, proposal):
         if proposal["value"] not in self.scores:
-            raise ProbeError(f"HeadGrid: no metric {proposal['value']!r}; metrics: {list(self.scores)}")
+            raise ProbeError(f"HeadGrid: no metric {proposal['value'][:80]!r}; metrics: {list(self.scores)}")
         return proposal["value"]
 
     @traitlets.validate("selected")
@@ -92,12 +97,13 @@ class HeadGrid(WorkbenchWidget):
 
     @traitlets.validate("ablate")
     def _valid_ablate(self, proposal):
-        return unique_pairs(proposal["value"], self._check)
+        L, H = self.shape
+        return unique_pairs(proposal["value"], self._check, L * H)
 
     @traitlets.validate("mode")
     def _valid_mode(self, proposal):
         if proposal["value"] not in ABLATION_MODES:
-            raise ProbeError(f"HeadGrid: ablation mode must be one of {ABLATION_MODES}, got {proposal['value']!r}")
+            raise ProbeError(f"HeadGrid: ablation mode must be one of {ABLATION_MODES}, got {proposal['value'][:80]!r}")
         return proposal["value"]
 
     def _check(self, head: list[int]) -> None:

@@ -37,6 +37,7 @@ class NIAHGrid(WorkbenchWidget):
 
     _esm = esm("niah_grid")
     panels = traitlets.List(traitlets.Dict()).tag(sync=True)  # [{title, lengths, depths, z}]
+    _inputs = ()  # a picture: nothing is set from the page
 
     def __init__(self, baseline, ablated=None, *, titles: Sequence[str] = ("baseline", "ablated"), **kwargs):
         sources = [("baseline", baseline)] + ([("ablated", ablated)] if ablated is not None else [])

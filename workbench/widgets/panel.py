@@ -3,8 +3,9 @@ params mirror the widget's synced traits both ways, so every behaviour stays in 
 
     pn.Column(to_panel(grid), to_panel(grid.attention)).servable()
 
-Browser → component param → widget trait (validated; the widget's observers run) → every trait the
-widget changed in reaction → component params → browser."""
+Browser → component param → widget trait (only the widget's ``_inputs``; validated and capped; the
+widget's observers run) → every trait the widget changed in reaction → component params → browser.
+A value the page sends for any other trait is refused and the widget's own value restored."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -66,6 +67,12 @@ def to_panel(widget) -> AnyWidgetComponent:
     def to_widget(*events):
         for ev in events:
             if ev.name in echo:
+                continue
+            try:  # an output trait, or an input over its size limit: refused before anything looks inside it
+                widget.check_from_page(ev.name, ev.new)
+            except WorkbenchError as e:
+                widget.error = str(e)
+                to_component({"name": ev.name, "new": getattr(widget, ev.name)})
                 continue
             try:
                 setattr(widget, ev.name, ev.new)

@@ -46,6 +46,7 @@ class RoutingView(WorkbenchWidget):
     edited_top1 = traitlets.List().tag(sync=True)  # [] until edits were applied
     edited_load = traitlets.List().tag(sync=True)
     effect = traitlets.Dict().tag(sync=True)
+    _inputs = ("selected", "masked", "forced", "run")  # what the view sets; the rest is output
 
     def __init__(self, model, text, *, max_new_tokens: int = 8, **kwargs):
         from ..routing.probe import require_moe
@@ -59,6 +60,9 @@ class RoutingView(WorkbenchWidget):
         super().__init__(tokens=model.tokens(self.ids[0]), layers=list(self.record.layers),
                          n_experts=self.record.n_experts, **self._arrays(self.record), **kwargs)  # fmt: skip
 
+    def input_limit(self, name: str) -> int | None:
+        return {"selected": 2, "masked": len(self.layers) * self.n_experts, "forced": len(self.layers) * self.n_experts}.get(name)
+
     @staticmethod
     def _arrays(rec) -> dict:
         from ..routing import expert_load
@@ -71,7 +75,7 @@ class RoutingView(WorkbenchWidget):
 
     @traitlets.validate("masked", "forced")
     def _valid_edits(self, proposal):
-        return unique_pairs(proposal["value"], self._check)
+        return unique_pairs(proposal["value"], self._check, len(self.layers) * self.n_experts)
 
     def _check(self, pair: list[int]) -> None:
         if len(pair) != 2 or pair[0] not in self.layers or not 0 <= pair[1] < self.n_experts:
