@@ -4,14 +4,15 @@
     (``kernels/reference.py``) on random-init tensors of real model shapes — SmolLM2-135M (9 q / 3 kv
     heads, dim 64), Llama-3-8B (32/8/128), Gemma-3 sliding layers (window 512, dim 256), OLMoE (16/16/128),
     GPT-OSS-20B (64/8/64, learned sinks) — for every statistic (output, lse, entropy, top-5, key columns,
-    spans, key mass/count, tiles) under every edit (uniform, calibrate, mask_keys, streaming), on a
-    left-padded prefill batch and on a decode row over a long cache (keys split over programs).
+    spans, key mass/count, tiles, distance moments, row-key probabilities) under every edit (uniform,
+    calibrate, mask_keys, streaming), on a left-padded prefill batch and on a decode row over a long cache
+    (keys split over programs).
 (b) Speed: capture vs SDPA (and FlashAttention when importable) for one attention layer at 4K, 16K, 64K
     and 128K tokens (batch 1, bf16, causal prefill, plus a one-row decode step over the same cache),
     timed with CUDA events after warm-up; a Markdown table of times, ratios and peak extra memory, one
     row per (shape, length). "capture" computes what ``AttentionStats()`` asks for (output, entropy,
-    lse, top-1, 4 sink columns); "all stats" adds top-8, 3 spans and key mass. Random weights: speed does
-    not depend on them.
+    lse, top-1, 4 sink columns); "all stats" adds top-8, 3 spans, key mass, distance moments and one row
+    key per row. Random weights: speed does not depend on them.
 
     python benchmarks/gpu_suite.py              # on a CUDA machine
     python benchmarks/gpu_suite.py --dry-run    # the same code paths, tiny shapes, Triton interpreter on CPU
@@ -96,6 +97,19 @@ def _inputs(B, Hq, Hkv, M, N, D, dtype, dev, seed):
     return [t.to(dtype).to(dev).transpose(1, 2) for t in (q, k, v)]
 
 
+def row_keys_for(B: int, M: int, N: int, q_offset: int, seed: int):
+    """``[B, M]`` row keys of every kind: -1 (none), the previous / own position, random keys anywhere in the
+    cache (visible or not) and past its end."""
+    import torch
+
+    rk = torch.randint(0, N + 8, (B, M), generator=torch.Generator().manual_seed(seed))
+    q_pos = q_offset + torch.arange(M)
+    rk[:, 1::4] = q_pos[1::4] - 1
+    rk[:, 2::4] = q_pos[2::4]
+    rk[:, ::4] = -1
+    return rk
+
+
 def check_case(ks, shape: Shape, dtype_name: str, case: str, dev, dry: bool) -> dict:
     """One kernel call with every statistic and edit vs the reference: {statistic: max error}."""
     import torch
@@ -119,8 +133,9 @@ def check_case(ks, shape: Shape, dtype_name: str, case: str, dev, dry: bool) -> 
     spans = torch.tensor([[0, 1, ref_mod.BIG], [N // 3, N // 3 + 16, ref_mod.BIG], [0, ref_mod.BIG, 64]], device=dev)
     tiles = ((q_offset, q_offset + 16, 0, 32), (q_offset + M - 8, q_offset + M, N - 40, N))
     edits = ref_mod.example_edits(Hq, q_offset, M, sink=4, recent=64 if not dry else 5)
+    row_keys = row_keys_for(B, M, N, q_offset, seed=2).to(dev)
     kw = dict(scale=D**-0.5, sinks=sinks, key_columns=cols, spans=spans, topk=5, tiles=tiles, key_mass=True,
-              edits=edits)  # fmt: skip
+              edits=edits, distance_moments=True, row_keys=row_keys)  # fmt: skip
     res = ats.attention_stats_triton(q, k, v, q_offset=q_offset, window=shape.window, key_valid=key_valid, **kw)
     q_pos = torch.arange(q_offset, q_offset + M, device=dev)
     vis = ref_mod.standard_visibility(q_pos, N, window=shape.window, key_valid=key_valid)
@@ -139,16 +154,20 @@ def judge(err: dict, dtype_name: str) -> list[str]:
         elif name == "topk_idx_checked":
             ok = e > 0.5
         else:
-            # entropy sums n terms, key mass up to 1024 rows of fp32 probabilities: wider absolute bands
-            ok = e <= (tol["out"] if name == "out" else tol["stats"] * {"entropy": 10, "key_mass": 30}.get(name, 1))
+            # entropy sums n terms, key mass up to 1024 rows of fp32 probabilities: wider absolute bands;
+            # distance moments: relative to their scale (max_errors), summed over n terms like entropy
+            wide = {"entropy": 10, "key_mass": 30, "dist_sum": 10, "dist_sq_sum": 10}
+            ok = e <= (tol["out"] if name == "out" else tol["stats"] * wide.get(name, 1))
         if not ok:
             bad.append(name)
     return bad
 
 
 def correctness(ks, shapes, dtypes, dev, dry: bool, log) -> tuple[int, int]:
-    cols = ["out", "lse", "entropy", "topk_prob", "topk_idx", "col_prob", "span_mass", "key_mass", "key_count", "tile0", "tile1"]
-    log("\n## (a) compiled kernel vs float64 reference (max abs error; top-k idx / key count: mismatches)\n")
+    cols = ["out", "lse", "entropy", "topk_prob", "topk_idx", "col_prob", "span_mass", "key_mass", "key_count", "tile0",
+            "tile1", "dist_sum", "dist_sq_sum", "row_key_prob"]
+    log("\n## (a) compiled kernel vs float64 reference (max abs error; top-k idx / key count: mismatches; "
+        "distance moments: relative to their scale)\n")
     log("| shape | dtype | case | " + " | ".join(cols) + " | result |")
     log("|---|---|---|" + "---:|" * len(cols) + "---|")
     passed = total = 0
@@ -231,13 +250,14 @@ def bench_row(ks, shape: Shape, N: int, dev, dtype, warmup: int, reps: int) -> d
     # is then certain to apply; enable_gqa is not supported by every SDPA backend)
     ks_, vs_ = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))
     qd = q[:, :, -1:]  # one decode row over the whole cache
+    row_keys = row_keys_for(1, N, N, 0, seed=3).to(dev)
     common = dict(scale=scale, window=shape.window, sinks=sinks)
     fns = {
         # SDPA has no sliding-window or sink argument: full causal attention is its speed bar
         "sdpa": lambda: F.scaled_dot_product_attention(q, ks_, vs_, is_causal=True, scale=scale),
         "capture": lambda: ats.attention_stats_triton(q, k, v, q_offset=0, key_columns=cols, **common),
         "all": lambda: ats.attention_stats_triton(q, k, v, q_offset=0, key_columns=cols, spans=spans, topk=8,
-                                                  key_mass=True, **common),
+                                                  key_mass=True, distance_moments=True, row_keys=row_keys, **common),
         "dec_sdpa": lambda: F.scaled_dot_product_attention(qd, ks_, vs_, scale=scale),
         "dec_capture": lambda: ats.attention_stats_triton(qd, k, v, q_offset=N - 1, key_columns=cols, **common),
     }
@@ -290,7 +310,8 @@ def speed(ks, shapes, lengths, dev, dtype, warmup, reps, deadline, log) -> int:
                 f"{_ratio(row['dec_capture'], row['dec_sdpa'])} | {_mib(s)} / {_mib(row['capture'])} / {_mib(row['all'])} |")  # fmt: skip
     log("\nNotes: SDPA runs full causal attention for the sliding-window shape (it has no window argument) and "
         "no sink slot for GPT-OSS; FlashAttention (when importable) gets the window. \"capture\" = output + "
-        "entropy + lse + top-1 + 4 key columns; \"all stats\" = + top-8, 3 spans, key mass (an extra pass). "
+        "entropy + lse + top-1 + 4 key columns; \"all stats\" = + top-8, 3 spans, key mass (an extra pass), "
+        "distance moments and one row key per row (a gather pass). "
         "Decode: one query row over all N keys (the kernel splits keys over programs).")
     for e in errors:
         log(f"error: {e}")

@@ -12,7 +12,10 @@ What it computes (definitions: :mod:`.semantics`; float64 ground truth: :mod:`.r
 - ``span_mass``  ``[B, Hq, M, NS]``: probability mass on spans ``(start, end, window)``;
 - ``key_mass``   ``[B, Hq, N]`` and ``key_count`` ``[B, N]``: attention each key receives summed over
   the rows, and how many rows see it (structured visibility);
-- ``tile{t}``    ``(q positions [r], probs [B, Hq, r, k1-k0])``: exact windows of the matrix.
+- ``tile{t}``    ``(q positions [r], probs [B, Hq, r, k1-k0])``: exact windows of the matrix;
+- ``dist_sum`` / ``dist_sq_sum`` ``[B, Hq, M]``: ``Σ_j p_ij·(q_pos_i − key_pos_j)`` and ``Σ_j p_ij·(…)²``
+  over real keys (head taxonomy: mean / variance of the attended distance);
+- ``row_key_prob`` ``[B, Hq, M]``: ``p`` at one absolute key per row (``row_keys`` ``[B, M]``; NaN where -1).
 All statistics are float32 whatever the input dtype (fp16 / bf16 / fp32).
 
 Visibility is structured: causal, sliding window (``key > q - window``) and key padding, with query
@@ -36,23 +39,35 @@ A. ``_norm_kernel`` (rows of heads with ``uniform``/``calibrate`` edits): one sw
    ``c``. Split over keys like pass B; pass B merges the partials in its prologue.
 B. ``_fwd_kernel``: one program per (``BLOCK_M`` rows, batch·head[, key split]). Online softmax over
    the adjusted scores with running max ``m``, ``l = Σ e^{s-m}``, ``U = Σ e^{s-m}(s-m)`` (entropy
-   ``H = log l − U/l`` plus the sink-slot terms), ``acc = Σ e^{s-m}v``, span accumulators, and a running
-   top-k list in registers (each key block gives up its k best by repeated max; a candidate replaces the
-   list's worst — lowest score, then highest position — only if strictly better, which with key blocks
-   visited in order yields the lower-position tie-break). Decode steps (few rows, long cache) split the
+   ``H = log l − U/l`` plus the sink-slot terms), ``acc = Σ e^{s-m}v``, span accumulators, the distance
+   state (mean ``μ`` and centred second moment ``M2 = Σ e^{s-m}(d − μ)²``: each key block's own mean and
+   moment, exactly centred inside the block, merged by Chan's pairwise update and rescaled like ``l``),
+   and a running top-k list in registers (each key block gives up its k best by repeated max; a candidate
+   replaces the list's worst — lowest score, then highest position — only if strictly better, which with
+   key blocks visited in order yields the lower-position tie-break). Decode steps (few rows, long cache) split the
    keys over several programs (flash-decoding) that write partial states.
-C. ``_combine_kernel`` (split only): merges the partial states (lse-weighted: ``e^{m_s-m}``; top-k lists
-   by insertion in split order) and runs the same epilogue as B (``_finish``).
+C. ``_combine_kernel`` (split only): merges the partial states (lse-weighted: ``e^{m_s-m}``; distance
+   states by the same pairwise update; top-k lists by insertion in split order) and runs the same
+   epilogue as B (``_finish``).
 D. ``_key_mass_kernel`` (``key_mass``): one program per (key block, batch·query head) sweeps the rows that
    can see the block, recomputes the adjusted scores and sums ``p = e^{s'-nrm}`` over rows with the row
    normaliser ``nrm`` saved by B; counts the rows that see each key (written by head 0 of each batch).
-E. ``_probs_at_kernel`` (``key_columns``, tiles): probabilities at given rows × given keys from the saved
-   normalisers (a second pass; it never needs more than the requested cells).
+E. ``_probs_at_kernel`` (``key_columns``, tiles, ``row_keys``): probabilities at given rows × given keys
+   from the saved normalisers (a second pass; it never needs more than the requested cells). Row keys:
+   each row block gathers its rows' own keys, scores that ``BLOCK_M × BLOCK_M`` tile and keeps its diagonal.
 
 Numerics: scores, softmax and all statistics accumulate in float32 (``tl.dot`` on float32 inputs uses
 ``input_precision="ieee"``: no TF32). For fp16/bf16 inputs the probabilities are cast to the input
 dtype for the ``P·V`` product (the usual FlashAttention practice), so ``out`` has input-dtype accuracy.
 Running maxima start at −1e30, not −∞ (−∞·0 = NaN).
+Distance moments: distances are exact integers in float32 (below 2^24); no raw ``Σ p·d²`` is ever summed
+— each block contributes its mass, its mean and its centred moment (offsets < ``BLOCK_N``), merged with
+``M2 += M2_b + (μ_b − μ)²·l·l_b/(l + l_b)`` — so ``μ`` and ``M2/l`` keep float32 *relative* precision even
+where the variance is tiny next to ``μ²`` (a sharp head 100K tokens back). The outputs
+``dist_sum = w·μ`` and ``dist_sq_sum = w·(M2/l + μ²)`` (``w``: the real keys' mass) are then within a few
+1e-7 relative of float64 (measured at 131072 keys), i.e. as exact as the probabilities; a variance formed
+from them in float32 carries an absolute error ~``2^-24·dist_sq_sum`` (±~10³ positions² at a mean
+distance of 10⁵), a limit of the float32 outputs, not of the accumulation.
 
 The Triton functions are JIT-decorated lazily on first use (:func:`_build`), so ``TRITON_INTERPRET=1``
 only has to be set before the first *call* (not before importing this module) to run on CPU.
@@ -118,7 +133,7 @@ def _next_pow2(x: int) -> int:
 # (device functions first, so kernels resolve their callees as jitted functions).
 # ---------------------------------------------------------------------------------------------------
 _DEVICE_FUNCTIONS = ("_band", "_struct_vis", "_key_flags", "_edit_vis", "_adjust", "_topk_insert", "_topk_pop",
-                     "_pre_rows", "_scan", "_finish")  # fmt: skip
+                     "_pre_rows", "_moments_merge", "_scan", "_finish")  # fmt: skip
 _KERNELS = ("_norm_kernel", "_fwd_kernel", "_combine_kernel", "_key_mass_kernel", "_probs_at_kernel")
 
 if tl is not None:
@@ -215,14 +230,24 @@ if tl is not None:
             log_mo = tl.where(on, tl.log(tl.where(on, c, 1.0)), 0.0)
         return lse, log_ms, log_mo
 
+    def _moments_merge(mu, m2, l, mu_b, m2_b, l_b):
+        """Merge two weighted distance states (mass ``l``, mean ``mu``, centred second moment
+        ``m2 = Σ w·(d − mu)²``), Chan et al.'s pairwise update: no large raw moments are ever summed,
+        so the variance keeps its relative precision where it is small next to ``mu²``."""
+        tot = l + l_b
+        w_b = tl.where(l_b > 0.0, l_b / tl.where(tot > 0.0, tot, 1.0), 0.0)
+        dl = mu_b - mu
+        return mu + dl * w_b, m2 + m2_b + dl * dl * l * w_b
+
     def _scan(q, k_base, v_base, skn, skd, svn, svd, KeyValid, kv_base, skvn, KeyF, Spans,
               h, N, q_pos, row_ok, rowf, log_ms, log_mo, st_sink, st_recent, window, scale, NS, lo, hi,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
               HEAD_DV: tl.constexpr, DV_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
               HAS_KV: tl.constexpr, HAS_KEYF: tl.constexpr, HAS_STREAM: tl.constexpr, HAS_UNIFORM: tl.constexpr,
               HAS_CALIB: tl.constexpr, STATS: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
-              HAS_SPANS: tl.constexpr, NS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Online softmax of the adjusted scores over key blocks [lo, hi): (m, l, U, acc, top-k, spans)."""
+              HAS_SPANS: tl.constexpr, NS_PAD: tl.constexpr, DOT_PREC: tl.constexpr, DIST: tl.constexpr):
+        """Online softmax of the adjusted scores over key blocks [lo, hi): (m, l, U, acc, top-k, spans,
+        distance mean and centred second moment)."""
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D_PAD)
         offs_dv = tl.arange(0, DV_PAD)
@@ -236,6 +261,10 @@ if tl is not None:
         ti = tl.full([BLOCK_M, KPAD], 0, dtype=tl.int32) - 1 - slot[None, :]  # distinct placeholders
         span_cols = tl.arange(0, NS_PAD)
         span_acc = tl.full([BLOCK_M, NS_PAD], 0, dtype=tl.float32)
+        mu_i = tl.full([BLOCK_M], 0, dtype=tl.float32)
+        m2_i = tl.full([BLOCK_M], 0, dtype=tl.float32)
+        # distance of key column c from the block's middle; d_ij = q_pos_i - start_n - (BLOCK_N-1)/2 + t_c
+        t_col = (BLOCK_N - 1) * 0.5 - offs_n0.to(tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             col_ok = offs_n < N
@@ -261,7 +290,14 @@ if tl is not None:
             p = tl.where(vis, tl.exp(sm), 0.0)
             if STATS:  # before l is updated: U rescales with the old l
                 u_i = (u_i + (m_i - m_new) * l_i) * alpha + tl.sum(p * sm, 1)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p_sum = tl.sum(p, 1)
+            if DIST:  # the block's (mass, mean distance, centred moment), exactly centred, merged in
+                t_bar = tl.sum(p * t_col[None, :], 1) / tl.where(p_sum > 0.0, p_sum, 1.0)
+                dt = t_col[None, :] - t_bar[:, None]  # |dt| < BLOCK_N: small, no raw d² is ever formed
+                m2_b = tl.sum(p * dt * dt, 1)
+                mu_b = (q_pos - start_n).to(tl.float32) - (BLOCK_N - 1) * 0.5 + t_bar
+                mu_i, m2_i = _moments_merge(mu_i, m2_i * alpha, l_i * alpha, mu_b, m2_b, p_sum)
+            l_i = l_i * alpha + p_sum
             vb = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                          mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
@@ -284,13 +320,15 @@ if tl is not None:
                             c = tl.sum(tl.where(mem, p, 0.0), 1)
                             span_acc += tl.where(span_cols[None, :] == si, c[:, None], 0.0)
             m_i = m_new
-        return m_i, l_i, u_i, acc, tv, ti, span_acc
+        return m_i, l_i, u_i, acc, tv, ti, span_acc, mu_i, m2_i
 
-    def _finish(m, l, u, acc, tv, ti, span_acc, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M,
-                kv_off, Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, log_ms, log_mo, BH, NS,
+    def _finish(m, l, u, acc, tv, ti, span_acc, mu, m2, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M,
+                kv_off, Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, DistSum, DistSq, log_ms,
+                log_mo, BH, NS,
                 BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_SINK: tl.constexpr,
                 HAS_UNIFORM: tl.constexpr, HAS_PRE: tl.constexpr, STATS: tl.constexpr, TOPK: tl.constexpr,
-                KPAD: tl.constexpr, HAS_SPANS: tl.constexpr, NS_PAD: tl.constexpr, STORE_AUX: tl.constexpr):
+                KPAD: tl.constexpr, HAS_SPANS: tl.constexpr, NS_PAD: tl.constexpr, STORE_AUX: tl.constexpr,
+                DIST: tl.constexpr):
         """Epilogue shared by the unsplit forward and the split combine: normalise and store."""
         has = l > 0.0
         l_safe = tl.where(has, l, 1.0)
@@ -337,6 +375,10 @@ if tl is not None:
                 span_cols = tl.arange(0, NS_PAD)
                 tl.store(SpanMass + row_off[:, None] * NS + span_cols[None, :], span_acc * f[:, None],
                          mask=row_ok[:, None] & (span_cols[None, :] < NS))
+            if DIST:  # Σ p·d = w·mu, Σ p·d² = w·(m2/l + mu²); w = l·f: the real keys' mass (sink slot: no d)
+                w = l * f
+                tl.store(DistSum + row_off, mu * w, mask=row_ok)
+                tl.store(DistSq + row_off, m2 * f + mu * mu * w, mask=row_ok)
 
     def _norm_kernel(
         Q, K, KeyValid, RowF, KeyF, StreamSink, StreamRecent, HeadPre, PreM, PreLS, PreLO,
@@ -415,9 +457,9 @@ if tl is not None:
         return lo, hi
 
     def _fwd_kernel(
-        Q, K, V, Out, Lse, Ent, TopIdx, TopProb, SpanMass, Aux,
+        Q, K, V, Out, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, DistSum, DistSq,
         KeyValid, Sinks, Spans, RowF, KeyF, StreamSink, StreamRecent, Beta, PreM, PreLS, PreLO,
-        PartM, PartL, PartU, PartAcc, PartTv, PartTi, PartSpan,
+        PartM, PartL, PartU, PartAcc, PartTv, PartTi, PartSpan, PartMu, PartM2,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, skvb, skvn,
         H, REP, M, N, q_off, kv_off, window, scale, NS, S_PRE, split_lo, chunk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
@@ -426,6 +468,7 @@ if tl is not None:
         HAS_UNIFORM: tl.constexpr, HAS_CALIB: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ROWF: tl.constexpr,
         STATS: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, HAS_SPANS: tl.constexpr,
         NS_PAD: tl.constexpr, STORE_AUX: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+        DIST: tl.constexpr,
     ):
         """Pass B: one row block of one (batch, head), over all its keys or (SPLIT) one key split."""
         pid_m = tl.program_id(0)
@@ -460,11 +503,11 @@ if tl is not None:
         if SPLIT:
             lo = tl.maximum(lo, split_lo + pid_s * chunk)
             hi = tl.minimum(hi, split_lo + (pid_s + 1) * chunk)
-        m, l, u, acc, tv, ti, span_acc = _scan(
+        m, l, u, acc, tv, ti, span_acc, mu, m2 = _scan(
             q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd, KeyValid, b * skvb, skvn, KeyF,
             Spans, h, N, q_pos, row_ok, rowf, log_ms, log_mo, st_sink, st_recent, window, scale, NS, lo, hi,
             BLOCK_M, BLOCK_N, HEAD_D, D_PAD, HEAD_DV, DV_PAD, CAUSAL, HAS_WINDOW, HAS_KV, HAS_KEYF, HAS_STREAM,
-            HAS_UNIFORM, HAS_CALIB, STATS, TOPK, KPAD, HAS_SPANS, NS_PAD, DOT_PREC)
+            HAS_UNIFORM, HAS_CALIB, STATS, TOPK, KPAD, HAS_SPANS, NS_PAD, DOT_PREC, DIST)
         if SPLIT:  # partial state of this split; _combine_kernel finishes
             part = (pid_s * BH + pid_bh).to(tl.int64) * M + offs_m
             tl.store(PartM + part, m, mask=row_ok)
@@ -481,20 +524,23 @@ if tl is not None:
                 if HAS_SPANS:
                     span_cols = tl.arange(0, NS_PAD)
                     tl.store(PartSpan + part[:, None] * NS_PAD + span_cols[None, :], span_acc, mask=row_ok[:, None])
+                if DIST:
+                    tl.store(PartMu + part, mu, mask=row_ok)
+                    tl.store(PartM2 + part, m2, mask=row_ok)
         else:
-            _finish(m, l, u, acc, tv, ti, span_acc, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M, kv_off,
-                    Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, log_ms, log_mo, BH, NS,
-                    BLOCK_M, HEAD_DV, DV_PAD, HAS_SINK, HAS_UNIFORM, HAS_PRE, STATS, TOPK, KPAD, HAS_SPANS, NS_PAD,
-                    STORE_AUX)
+            _finish(m, l, u, acc, tv, ti, span_acc, mu, m2, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M,
+                    kv_off, Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, DistSum, DistSq, log_ms,
+                    log_mo, BH, NS, BLOCK_M, HEAD_DV, DV_PAD, HAS_SINK, HAS_UNIFORM, HAS_PRE, STATS, TOPK, KPAD,
+                    HAS_SPANS, NS_PAD, STORE_AUX, DIST)
 
     def _combine_kernel(
-        Out, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, Sinks, RowF, Beta, PreM, PreLS, PreLO,
-        PartM, PartL, PartU, PartAcc, PartTv, PartTi, PartSpan,
+        Out, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, DistSum, DistSq, Sinks, RowF, Beta, PreM, PreLS, PreLO,
+        PartM, PartL, PartU, PartAcc, PartTv, PartTi, PartSpan, PartMu, PartM2,
         sob, soh, som, sod, H, M, kv_off, NS, S, S_PRE,
         BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr, DV_PAD: tl.constexpr, HAS_SINK: tl.constexpr,
         HAS_UNIFORM: tl.constexpr, HAS_CALIB: tl.constexpr, HAS_PRE: tl.constexpr, HAS_ROWF: tl.constexpr,
         STATS: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, HAS_SPANS: tl.constexpr,
-        NS_PAD: tl.constexpr, STORE_AUX: tl.constexpr,
+        NS_PAD: tl.constexpr, STORE_AUX: tl.constexpr, DIST: tl.constexpr,
     ):
         """Merge the S key-split partial states of a row block (flash-decoding), then the shared epilogue."""
         pid_m = tl.program_id(0)
@@ -519,11 +565,16 @@ if tl is not None:
         span_acc = tl.full([BLOCK_M, NS_PAD], 0, dtype=tl.float32)
         tv = tl.full([BLOCK_M, KPAD], float("-inf"), dtype=tl.float32)
         ti = tl.full([BLOCK_M, KPAD], 0, dtype=tl.int32) - 1 - slot[None, :]
+        mu = tl.full([BLOCK_M], 0, dtype=tl.float32)
+        m2 = tl.full([BLOCK_M], 0, dtype=tl.float32)
         for s in range(S):
             part = s * plane + base
             m_s = tl.load(PartM + part, mask=row_ok, other=_NEG_C)
             l_s = tl.load(PartL + part, mask=row_ok, other=0.0)
             w = tl.exp(m_s - m)
+            if DIST:  # before l grows: the merge weighs the state so far by its mass
+                mu, m2 = _moments_merge(mu, m2, l, tl.load(PartMu + part, mask=row_ok, other=0.0),
+                                        tl.load(PartM2 + part, mask=row_ok, other=0.0) * w, l_s * w)
             l += l_s * w
             acc += tl.load(PartAcc + part[:, None] * DV_PAD + offs_dv[None, :], mask=row_ok[:, None], other=0.0) * w[:, None]
             if STATS:
@@ -548,10 +599,10 @@ if tl is not None:
             lse_raw = tl.full([BLOCK_M], 0, dtype=tl.float32)
             log_ms = tl.full([BLOCK_M], 0, dtype=tl.float32)
             log_mo = tl.full([BLOCK_M], 0, dtype=tl.float32)
-        _finish(m, l, u, acc, tv, ti, span_acc, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M, kv_off,
-                Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, log_ms, log_mo, BH, NS,
-                BLOCK_M, HEAD_DV, DV_PAD, HAS_SINK, HAS_UNIFORM, HAS_PRE, STATS, TOPK, KPAD, HAS_SPANS, NS_PAD,
-                STORE_AUX)
+        _finish(m, l, u, acc, tv, ti, span_acc, mu, m2, rowf, lse_raw, sink, pid_bh, b, h, offs_m, row_ok, M,
+                kv_off, Out, sob, soh, som, sod, Lse, Ent, TopIdx, TopProb, SpanMass, Aux, DistSum, DistSq, log_ms,
+                log_mo, BH, NS, BLOCK_M, HEAD_DV, DV_PAD, HAS_SINK, HAS_UNIFORM, HAS_PRE, STATS, TOPK, KPAD,
+                HAS_SPANS, NS_PAD, STORE_AUX, DIST)
 
     def _key_mass_kernel(
         Q, K, KeyMass, KeyCount, Aux, KeyValid, RowF, KeyF, StreamSink, StreamRecent,
@@ -622,9 +673,11 @@ if tl is not None:
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, HAS_KEYF: tl.constexpr,
         HAS_STREAM: tl.constexpr, HAS_UNIFORM: tl.constexpr, HAS_CALIB: tl.constexpr, HAS_ROWF: tl.constexpr,
-        DOT_PREC: tl.constexpr,
+        DOT_PREC: tl.constexpr, PER_ROW: tl.constexpr,
     ):
-        """Pass E: probabilities of rows r0..r0+R × local key indices Cols (−1 / ≥ N: not a key → 0)."""
+        """Pass E: probabilities of rows r0..r0+R × local key indices Cols (−1 / ≥ N: not a key → 0).
+        PER_ROW (row keys): Cols is ``[B, M]``, one key per row; the tile's columns are its own rows' keys
+        (BLOCK_C == BLOCK_M, r0 = 0) and only its diagonal is stored, into ``P`` ``[B·Hq, M]``."""
         pid_m = tl.program_id(0)
         pid_c = tl.program_id(1)
         pid_bh = tl.program_id(2)
@@ -637,8 +690,12 @@ if tl is not None:
         row_ok = (offs_r < R) & (offs_m < M)
         q_pos = q_off + offs_m
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < NC
-        cols = tl.load(Cols + offs_c, mask=cmask, other=-1)
+        if PER_ROW:
+            cmask = row_ok
+            cols = tl.load(Cols + b * M + offs_m, mask=row_ok, other=-1)
+        else:
+            cmask = offs_c < NC
+            cols = tl.load(Cols + offs_c, mask=cmask, other=-1)
         cvalid = cmask & (cols >= 0) & (cols < N)
         offs_d = tl.arange(0, D_PAD)
         q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -664,8 +721,12 @@ if tl is not None:
                         HAS_KEYF, HAS_STREAM)
         s = _adjust(s, vis, rowf, kf, log_ms, log_mo, HAS_UNIFORM, HAS_CALIB)
         p = tl.where(vis, tl.exp(s - nrm[:, None]), 0.0)
-        out_row = pid_bh.to(tl.int64) * R + offs_r
-        tl.store(P + out_row[:, None] * NC + offs_c[None, :], p, mask=(offs_r < R)[:, None] & cmask[None, :])
+        if PER_ROW:
+            diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_C)[None, :]
+            tl.store(P + pid_bh.to(tl.int64) * M + offs_m, tl.sum(tl.where(diag, p, 0.0), 1), mask=row_ok)
+        else:
+            out_row = pid_bh.to(tl.int64) * R + offs_r
+            tl.store(P + out_row[:, None] * NC + offs_c[None, :], p, mask=(offs_r < R)[:, None] & cmask[None, :])
 
 
 def _build() -> None:
@@ -722,6 +783,8 @@ def attention_stats_triton(
     key_mass: bool = False,
     edits: Sequence = (),
     stats: bool = True,
+    distance_moments: bool = False,
+    row_keys: torch.Tensor | None = None,
 ) -> dict:
     """Attention output plus the statistics asked for, after the probability edits ``edits``.
 
@@ -731,15 +794,18 @@ def attention_stats_triton(
     indices. ``key_valid`` ``[B, N]`` marks real (non-padding) keys; ``sinks`` ``[Hq]`` are learned sink
     logits. ``edits``: ``HeadEdit``-like objects of kinds ``mask_keys``, ``streaming``, ``uniform``,
     ``calibrate`` (output edits are the caller's). ``stats=False`` returns only ``out``.
+    ``distance_moments``: also ``dist_sum`` / ``dist_sq_sum``; ``row_keys`` ``[B, M]`` (absolute key
+    positions, -1 = none): also ``row_key_prob``.
 
     Returns ``out`` and, with ``stats``, ``lse``, ``entropy``, ``topk_idx``, ``topk_prob``, plus
-    ``col_prob``, ``span_mass``, ``key_mass``/``key_count`` and ``tile{t}`` when requested (shapes in the
-    module docstring). Raises ``ValueError`` for inputs it does not take (the caller then uses its
-    torch path); everything is checked before any launch.
+    ``col_prob``, ``span_mass``, ``key_mass``/``key_count``, ``tile{t}``, ``dist_sum``/``dist_sq_sum`` and
+    ``row_key_prob`` when requested (shapes in the module docstring). Raises ``ValueError`` for inputs it
+    does not take (the caller then uses its torch path); everything is checked before any launch.
     """
     return _attention_stats(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset, causal=causal,
                             window=window, key_valid=key_valid, sinks=sinks, key_columns=key_columns, spans=spans,
-                            topk=topk, tiles=tiles, key_mass=key_mass, edits=edits, stats=stats)  # fmt: skip
+                            topk=topk, tiles=tiles, key_mass=key_mass, edits=edits, stats=stats,
+                            distance_moments=distance_moments, row_keys=row_keys)  # fmt: skip
 
 
 def _is_int(x) -> bool:
@@ -834,6 +900,7 @@ def _sm_count(dev: torch.device) -> int:
 def _attention_stats(
     q, k, v, *, scale, q_offset, kv_offset=0, causal=True, window=None, key_valid=None, sinks=None,
     key_columns=None, spans=None, topk=1, tiles=(), key_mass=False, edits=(), stats=True,
+    distance_moments=False, row_keys=None,
     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, splits: int | None = None,
 ):
@@ -866,6 +933,17 @@ def _attention_stats(
     if key_columns is not None and stats:
         _check(key_columns.dim() == 1 and not key_columns.dtype.is_floating_point,
                "key_columns must be a 1-D integer tensor of absolute key positions")
+    dist = bool(distance_moments) and stats
+    if row_keys is not None and stats:
+        _check(isinstance(row_keys, torch.Tensor) and tuple(row_keys.shape) == (B, M)
+               and not row_keys.dtype.is_floating_point and row_keys.dtype != torch.bool,
+               f"row_keys must be an integer tensor [B, M] = {(B, M)} of absolute key positions (-1: none)")
+        rk_abs = row_keys.to(device=dev, dtype=torch.int64)
+        rk_local = rk_abs - kv_offset
+        rk_local = torch.where((rk_abs >= 0) & (rk_local >= 0) & (rk_local < N), rk_local, -1)
+        rk_local = rk_local.to(torch.int32).contiguous()
+    else:
+        row_keys = None
     ed = _compile_edits(list(edits), Hq, M, N, q_pos, key_pos, kv_offset, dev)
     kinds = ed["kinds"]
 
@@ -876,12 +954,18 @@ def _attention_stats(
     top_idx = torch.empty((B, Hq, M, topk), dtype=torch.int64, device=dev)
     top_prob = torch.empty((B, Hq, M, topk), **f32)
     span_mass = torch.empty((B, Hq, M, NS), **f32) if NS else None
+    dist_sum = torch.empty((B, Hq, M), **f32) if dist else None
+    dist_sq = torch.empty((B, Hq, M), **f32) if dist else None
     res = {"out": out}
     if stats:
         res.update(lse=lse, entropy=ent, topk_idx=top_idx, topk_prob=top_prob)
         if NS:
             res["span_mass"] = span_mass
+        if dist:
+            res.update(dist_sum=dist_sum, dist_sq_sum=dist_sq)
     if M == 0 or BH == 0:
+        if row_keys is not None:
+            res["row_key_prob"] = torch.zeros((B, Hq, M), **f32)
         return _empty_extras(res, stats, key_columns, key_mass, tiles, B, Hq, N, dev)
 
     # Fixed heuristics (no autotune: it breaks the interpreter and would retune at every decode
@@ -900,7 +984,7 @@ def _attention_stats(
         num_stages = 1 if (fp32 or wide >= 256) else 2
     kpad = max(2, _next_pow2(topk))
     ns_pad = max(2, _next_pow2(NS))
-    need_aux = stats and (key_columns is not None or key_mass or bool(tiles))
+    need_aux = stats and (key_columns is not None or key_mass or bool(tiles) or row_keys is not None)
     has_pre = bool(kinds & {"uniform", "calibrate"})
     dot_prec = "ieee" if fp32 else None
 
@@ -951,14 +1035,16 @@ def _attention_stats(
         parts.append(torch.empty((splits, BH, M, topk), **f32))
         parts.append(torch.empty((splits, BH, M, topk), dtype=torch.int32, device=dev))
         parts.append(torch.empty((splits, BH, M, ns_pad), **f32) if NS else dummy)
+        parts += [torch.empty((splits, BH, M), **f32) if dist else dummy for _ in range(2)]
     else:
-        parts = [dummy] * 7
+        parts = [dummy] * 9
     flags = dict(HAS_SINK=sinks is not None, HAS_UNIFORM="uniform" in kinds, HAS_CALIB="calibrate" in kinds,
                  HAS_PRE=has_pre, HAS_ROWF=ed["rowf"] is not None, STATS=bool(stats), TOPK=topk, KPAD=kpad,
-                 HAS_SPANS=NS > 0, NS_PAD=ns_pad, STORE_AUX=need_aux)  # fmt: skip
+                 HAS_SPANS=NS > 0, NS_PAD=ns_pad, STORE_AUX=need_aux, DIST=dist)  # fmt: skip
     sinks_arg = sk if sinks is not None else dummy
     _fwd_kernel[(row_blocks, BH, splits)](
         q, k, v, out, lse, ent, top_idx, top_prob, span_mass if NS else dummy, aux,
+        dist_sum if dist else dummy, dist_sq if dist else dummy,
         kv_arg, sinks_arg, sp if NS else dummy, rowf, keyf, st_sink, st_recent, beta, *pre, *parts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_strides,
         Hq, Hq // Hkv, M, N, q_off, int(kv_offset), win, float(scale), NS, pre_s, split_lo, chunk,
@@ -967,7 +1053,8 @@ def _attention_stats(
     )  # fmt: skip
     if split:
         _combine_kernel[(row_blocks, BH)](
-            out, lse, ent, top_idx, top_prob, span_mass if NS else dummy, aux, sinks_arg, rowf, beta, *pre, *parts,
+            out, lse, ent, top_idx, top_prob, span_mass if NS else dummy, aux, dist_sum if dist else dummy,
+            dist_sq if dist else dummy, sinks_arg, rowf, beta, *pre, *parts,
             *out.stride(), Hq, M, int(kv_offset), NS, splits, pre_s,
             BLOCK_M=block_m, HEAD_DV=Dv, DV_PAD=DV_PAD, **flags, num_warps=num_warps,
         )  # fmt: skip
@@ -995,7 +1082,7 @@ def _attention_stats(
             bc = min(64, max(16, _next_pow2(nc)))
             _probs_at_kernel[(triton.cdiv(R, block_m), triton.cdiv(nc, bc), BH)](
                 q, k, p, aux, local, kv_arg, rowf, keyf, st_sink, st_recent, *geo, r0, R, nc,
-                BLOCK_M=block_m, BLOCK_C=bc, HEAD_D=D, D_PAD=D_PAD, **later,
+                BLOCK_M=block_m, BLOCK_C=bc, HEAD_D=D, D_PAD=D_PAD, PER_ROW=False, **later,
             )  # fmt: skip
         return p
 
@@ -1004,6 +1091,13 @@ def _attention_stats(
     for t, (q0, q1, k0, k1) in enumerate(tiles):
         r0, r1 = max(q0 - int(q_offset), 0), min(q1 - int(q_offset), M)
         res[f"tile{t}"] = [(q_pos[r0:r1], probs_at(r0, r1 - r0, torch.arange(k0, k1)))] if r1 > r0 else []
+    if row_keys is not None:  # pass E, one key per row: a BLOCK_M × BLOCK_M tile whose diagonal is kept
+        prk = torch.zeros((B, Hq, M), **f32)
+        _probs_at_kernel[(row_blocks, 1, BH)](
+            q, k, prk, aux, rk_local, kv_arg, rowf, keyf, st_sink, st_recent, *geo, 0, M, M,
+            BLOCK_M=block_m, BLOCK_C=block_m, HEAD_D=D, D_PAD=D_PAD, PER_ROW=True, **later,
+        )  # fmt: skip
+        res["row_key_prob"] = torch.where((rk_abs < 0)[:, None, :], float("nan"), prk)
     return res
 
 

@@ -40,6 +40,8 @@ CAPABILITIES: dict[str, Capability] = {
     "spans>64": Capability("limit", True, False, f"more than {MAX_SPANS} spans: chunked path"),
     "key_mass": Capability("statistic", True, True, "Σ over rows of p for every key (α_k for all keys) + `key_count`; kernel: a pass over key blocks, no N×N"),
     "tiles": Capability("statistic", True, True, "exact (q0, q1, k0, k1) windows of the matrix; kernel: second pass"),
+    "distance_moments": Capability("statistic", True, True, "`dist_sum`, `dist_sq_sum`: Σ p·(i−j), Σ p·(i−j)² over real keys; kernel: main pass, centred per-block merges"),
+    "row_key_prob": Capability("statistic", True, True, "p at one key per row (`row_keys`, e.g. induction keys j*+1; NaN where -1); kernel: second pass"),
     "record_outputs": Capability("statistic", True, True, "Σ of per-head outputs over rows (mean-ablation references), from `out`"),
     # edits
     "zero": Capability("edit", True, True, "head output rows set to 0 (after attention, both paths)"),
@@ -86,6 +88,10 @@ def requested(plan, *, structured_mask: bool) -> list[str]:
                 need.append("key_mass padding rows")
         if plan.tiles:
             need.append("tiles")
+        if getattr(plan, "distance_moments", False):
+            need.append("distance_moments")
+        if getattr(plan, "row_keys", None) is not None:
+            need.append("row_key_prob")
     if plan.record_outputs:
         need.append("record_outputs")
     per_head: dict[int, list[str]] = {}

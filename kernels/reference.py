@@ -24,7 +24,8 @@ Returned keys: ``out``, ``lse``, ``entropy``, ``topk_idx``, ``topk_prob``, ``pro
 ``span_mass`` ``[B, Hq, M, NS]``, ``key_mass`` ``[B, Hq, N]`` (Σ over rows of p) + ``key_count``
 ``[B, N]`` (rows that see each key, structured visibility), ``tile{t}`` = ``(q positions [r], probs
 [B, Hq, r, k1 - k0])`` for each tile ``(q0, q1, k0, k1)`` (rows in ``[q0, q1)`` present in this call;
-keys outside the cache are 0).
+keys outside the cache are 0), ``dist_sum`` / ``dist_sq_sum`` ``[B, Hq, M]`` (:func:`semantics.distance_moments`),
+``row_key_prob`` ``[B, Hq, M]`` for ``row_keys`` ``[B, M]`` (:func:`semantics.row_key_prob`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def reference_attention(
     tiles: Sequence[tuple[int, int, int, int]] = (),
     key_mass: bool = False,
     edits: Sequence = (),
+    distance_moments: bool = False,
+    row_keys: torch.Tensor | None = None,
 ) -> dict:
     """All statistics from the explicit float64 probability matrix (see the module docstring)."""
     B, Hq, M, D = q.shape
@@ -112,6 +115,10 @@ def reference_attention(
     if spans is not None:
         member = semantics.span_membership(spans, q_pos, key_pos)  # [NS, M, N]
         res["span_mass"] = torch.einsum("bhmn,smn->bhms", p, member.double())
+    if distance_moments:
+        res["dist_sum"], res["dist_sq_sum"] = semantics.distance_moments(p, q_pos, key_pos)
+    if row_keys is not None:
+        res["row_key_prob"] = semantics.row_key_prob(p, row_keys.to(dev), key_pos)
     if key_mass:
         res["key_mass"] = p.sum(2)
         res["key_count"] = vis_s.sum(1)
@@ -146,7 +153,11 @@ def max_errors(res: dict, ref: dict, *, tie_gap: float = 1e-5) -> dict[str, floa
     ``topk_prob``, ``col_prob``, ``span_mass``, ``key_mass`` and each ``tile{t}`` (``inf`` if its rows differ);
     the number of mismatches for ``key_count`` and for ``topk_idx`` on the slots whose reference probability
     is apart from its neighbours by more than ``tie_gap`` or exactly tied (exact ties follow the lower-
-    position rule everywhere); ``topk_idx_checked`` is the fraction of slots so compared."""
+    position rule everywhere); ``topk_idx_checked`` is the fraction of slots so compared.
+    ``row_key_prob``: largest absolute difference (``inf`` where the NaN rows differ). The distance moments
+    are compared relative to their scale, floored at one position: ``dist_sq_sum`` as
+    ``|Δ| / max(1, ref)``, ``dist_sum`` as ``|Δ| / max(1, √ref_dist_sq_sum)`` (≥ ``Σ p·|d|``: the scale of
+    the sum even where signed distances cancel)."""
     err: dict[str, float] = {}
     d = lambda t: t.detach().double().to(ref["lse"].device)  # noqa: E731
     for name in ("out", "entropy", "topk_prob", "col_prob", "span_mass", "key_mass"):
@@ -167,6 +178,18 @@ def max_errors(res: dict, ref: dict, *, tie_gap: float = 1e-5) -> dict[str, floa
         a = res["topk_idx"].to(p.device)
         err["topk_idx"] = float("inf") if a.shape != p.shape else float((a[clear] != ref["topk_idx"][clear]).sum())
         err["topk_idx_checked"] = float(clear.double().mean()) if clear.numel() else 1.0
+    if "row_key_prob" in res and "row_key_prob" in ref:
+        a, r = d(res["row_key_prob"]), ref["row_key_prob"]
+        nan = torch.isnan(r)
+        same = a.shape == r.shape and torch.equal(torch.isnan(a), nan)
+        err["row_key_prob"] = float("inf") if not same else float((a - r).abs()[~nan].max()) if (~nan).any() else 0.0
+    if "dist_sum" in ref and "dist_sq_sum" in ref:
+        r1, r2 = ref["dist_sum"], ref["dist_sq_sum"]
+        for name, r, scale in (("dist_sum", r1, r2.clamp_min(0).sqrt()), ("dist_sq_sum", r2, r2.abs())):
+            if name in res:
+                a = d(res[name])
+                err[name] = (float("inf") if a.shape != r.shape else
+                             float(((a - r).abs() / scale.clamp_min(1.0)).max()) if r.numel() else 0.0)
     if "key_count" in res and "key_count" in ref:
         err["key_count"] = float((res["key_count"].to(ref["key_count"].device) != ref["key_count"]).sum())
     t = 0

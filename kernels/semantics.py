@@ -44,6 +44,12 @@ slot), top-k (ties broken towards the lower key position; rows that see fewer th
 -1 and probability 0), key columns, span mass, tiles, ``key_mass[b, h, j] = Σ_i p[b, h, i, j]``.
 ``key_count[b, j]`` counts the rows that see key ``j`` under the *structured* visibility (edits are per
 head, the count is per sequence).
+
+Head-taxonomy statistics (DESIGN.md §3), per row, off the same edited ``p``:
+:func:`distance_moments` (``Σ_j p_ij·(q_pos_i − key_pos_j)`` and ``Σ_j p_ij·(q_pos_i − key_pos_j)²``) and
+:func:`row_key_prob` (``p_{i, row_keys[b, i]}``, one chosen key per row: induction mass with
+:func:`induction_keys`). Both are sums over keys, so a backend that scores keys in blocks adds the
+blocks' results; both are linear in ``p`` (unnormalised rows times ``1/l`` give the same values).
 """
 from __future__ import annotations
 
@@ -208,3 +214,68 @@ def topk(p: torch.Tensor, vis: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
         idx = torch.nn.functional.pad(idx, pad, value=-1)
         prob = torch.nn.functional.pad(prob, pad, value=0.0)
     return idx, prob
+
+
+def distance_moments(p: torch.Tensor, q_pos: torch.Tensor, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-weighted distance moments of rows ``p`` ``[..., M, N]`` (edited probabilities of real keys):
+    ``(dist_sum, dist_sq_sum)``, each ``[..., M]``, with ``d_ij = q_pos[i] − key_pos[j]``::
+
+        dist_sum[i]    = Σ_j p_ij · d_ij          (mean distance: the row's real-key mass is 1 without sinks)
+        dist_sq_sum[i] = Σ_j p_ij · d_ij²         (variance = dist_sq_sum − dist_sum²)
+
+    Over real keys only: the learned-sink slot has no position and contributes 0 (with sinks the row's
+    real-key mass is ``1 − p_sink``); invisible keys have ``p = 0``, so a row that sees no key gives 0.
+    Causal rows have ``d ≥ 0`` (0 = the row's own key); non-causal rows may have negative distances.
+    A previous-token head gives (1, 1), a self head (0, 0), a first-token (BOS) head
+    ``(q_pos, q_pos²)``; local heads have a small mean, induction heads a mean near the repeat distance.
+
+    Blockwise: ``q_pos`` ``[M]`` / ``key_pos`` ``[N]`` are the block's absolute positions; add the results
+    of a row block's key blocks. Computed in ``p``'s dtype (``d`` is exact below 2^24 in float32; ``d²``
+    is rounded there; pass float64 ``p`` for exact sums at long lengths)."""
+    d = (q_pos.to(p.device)[:, None] - key_pos.to(p.device)[None, :]).to(p.dtype)  # [M, N]
+    return torch.einsum("...mn,mn->...m", p, d), torch.einsum("...mn,mn->...m", p, d * d)
+
+
+def row_key_prob(p: torch.Tensor, row_keys: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Probability each row puts on its own chosen key: ``[B, Hq, M]`` from ``p`` ``[B, Hq, M, N]`` and
+    ``row_keys`` ``[B, M]`` (absolute key positions, ``-1`` = none; every query head of a sequence uses
+    the same key)::
+
+        row_key_prob[b, h, i] = p[b, h, i, j]  where key_pos[j] == row_keys[b, i]
+
+    0 when that key is not visible to the row (after edits) or not among ``key_pos`` (outside the cache),
+    NaN where ``row_keys`` is negative (nothing to measure: e.g. the token has not occurred before). The
+    learned-sink slot is never a row key. With ``row_keys`` = :func:`induction_keys` this is the
+    induction mass ``p_{i, j*+1}``.
+
+    Blockwise: ``key_pos`` ``[N]`` are the block's absolute key positions (any order); add the results of
+    a row block's key blocks (0 outside the block; NaN stays NaN)."""
+    rk = row_keys.to(p.device).long()
+    hit = (rk[..., None] == key_pos.to(p.device)[None, None, :]).to(p.dtype)  # [B, M, N], one-hot or empty
+    val = torch.einsum("bhmn,bmn->bhm", p, hit)  # exact: a single p (or nothing) survives per row
+    return torch.where(rk[:, None, :] < 0, float("nan"), val)
+
+
+def induction_keys(token_ids: torch.Tensor, q_pos: torch.Tensor | None = None,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The induction key of each row: ``j* + 1`` where ``j*`` is the most recent earlier position with
+    ``token[j*] == token[i]``, ``-1`` when the token has not occurred before (DESIGN.md §3).
+
+    ``token_ids`` ``[B, T]`` are the tokens at absolute positions ``0..T-1`` (the cache and the current
+    rows); ``q_pos`` ``[M]`` picks the rows (default: all ``T``); ``valid`` ``[B, T]`` (False = padding)
+    keeps padding positions out (never an occurrence, row key ``-1``). Returns ``[B, M]`` long, the
+    ``row_keys`` of :func:`row_key_prob`. ``j* + 1 ≤ i`` (a repeated token ``a a`` points at the row itself).
+    O(T log T): a stable sort groups each token's positions in order."""
+    ids = token_ids.long()
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    if valid is not None:  # padding: distinct negative ids that match nothing
+        ids = torch.where(valid.to(ids.device).bool(), ids, -1 - pos)
+    vals, order = torch.sort(ids, dim=-1, stable=True)
+    same = vals[:, 1:] == vals[:, :-1]
+    prev = torch.full((B, T), -1, dtype=torch.long, device=ids.device)
+    prev.scatter_(1, order[:, 1:], torch.where(same, order[:, :-1], -1))
+    keys = torch.where(prev >= 0, prev + 1, -1)
+    if valid is not None:
+        keys = torch.where(valid.to(ids.device).bool(), keys, -1)
+    return keys if q_pos is None else keys[:, q_pos.to(ids.device).long()]

@@ -1,9 +1,10 @@
 """The Triton attention-statistics kernel against the float64 reference (CPU: Triton interpreter).
 
-Every statistic (output, lse, entropy, top-k, key columns, spans, key mass/count, tiles) and every
-edit (uniform, calibrate, mask_keys, streaming, with and without query positions) is compared with
-``kernels/reference.py`` on small shapes: GQA/MQA, windows, padding, learned sinks, KV-cache offsets,
-decode rows split over keys, odd head dims, fp32 and fp16.
+Every statistic (output, lse, entropy, top-k, key columns, spans, key mass/count, tiles, distance
+moments, row-key probabilities) and every edit (uniform, calibrate, mask_keys, streaming, with and
+without query positions) is compared with ``kernels/reference.py`` on small shapes: GQA/MQA, windows,
+padding, learned sinks, KV-cache offsets, decode rows split over keys, odd head dims, fp32 and fp16;
+planted heads check the head-taxonomy statistics against answers known by hand.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ try:
 except ImportError:  # plain `pytest` from elsewhere: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.attention.plan import HeadEdit  # noqa: E402
+from workbench.attention.plan import HeadEdit, LayerPlan  # noqa: E402
 from workbench.kernels import attention_stats as ats  # noqa: E402
 from workbench.kernels.attention_stats import _attention_stats, attention_stats_triton, triton_available  # noqa: E402
+from workbench.kernels import capabilities, semantics  # noqa: E402
 from workbench.kernels.reference import BIG, example_edits, max_errors, reference_attention, standard_visibility  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,26 +55,36 @@ def _inputs(B, Hq, Hkv, M, N, D, Dv, dtype, seed, hf_layout=False):
     return [t.mul(1.5).to(dtype).to(DEVICE) for t in (q, k, v)]
 
 
-def check(res, ref, dtype, *, topk, n_cols=0, n_spans=0, tiles=(), key_mass=False):
+#: the distance moments are compared relative to their scale (see max_errors), like entropy's sums
+LOOSE = ("entropy", "key_mass", "dist_sum", "dist_sq_sum")
+
+
+def check(res, ref, dtype, *, topk, n_cols=0, n_spans=0, tiles=(), key_mass=False, dist=False, row_keys=False):
     """Every statistic the call returned is within tolerance of the reference, and exactly the requested ones."""
     tol = TOL[dtype]
     assert res["topk_idx"].shape[-1] == topk and res["topk_idx"].dtype == torch.int64
-    for name, n in (("col_prob", n_cols), ("span_mass", n_spans), ("key_mass", key_mass), ("key_count", key_mass)):
+    for name, n in (("col_prob", n_cols), ("span_mass", n_spans), ("key_mass", key_mass), ("key_count", key_mass),
+                    ("dist_sum", dist), ("dist_sq_sum", dist), ("row_key_prob", row_keys)):  # fmt: skip
         assert (name in res) == bool(n), name
+        if n and name in ("dist_sum", "dist_sq_sum", "row_key_prob"):
+            assert res[name].dtype == torch.float32 and res[name].shape == res["lse"].shape, name
     assert {f"tile{t}" for t in range(len(tiles))} == {k for k in res if k.startswith("tile")}
-    for name, e in max_errors(res, ref).items():
+    errors = max_errors(res, ref)
+    assert {"dist_sum", "dist_sq_sum"} <= set(errors) if dist else True
+    assert "row_key_prob" in errors if row_keys else True
+    for name, e in errors.items():
         if name in ("topk_idx", "key_count"):
             assert e == 0, f"{name}: {e:.0f} mismatches"
         elif name == "topk_idx_checked":
             assert e > 0.8, "too many near-ties to compare top-k indices"
         else:
-            limit = tol["out"] if name == "out" else tol["stats"] * (10 if name in ("entropy", "key_mass") else 1)
+            limit = tol["out"] if name == "out" else tol["stats"] * (10 if name in LOOSE else 1)
             assert e <= limit, f"{name}: max error {e:.2e} > {limit:.0e}"
 
 
 def run_case(B=1, Hq=2, Hkv=2, M=37, N=37, D=16, Dv=None, q_offset=None, kv_offset=0, causal=True, window=None,
              pad=None, sinks=False, topk=3, cols=True, spans=True, tiles=True, key_mass=True, edits=False,
-             dtype=torch.float32, hf_layout=False, blocks=None, splits=None, seed=0):
+             dist=False, row_keys=False, dtype=torch.float32, hf_layout=False, blocks=None, splits=None, seed=0):
     """Everything requested at once through the kernel and through the reference; returns both."""
     Dv = Dv or D
     q, k, v = _inputs(B, Hq, Hkv, M, N, D, Dv, dtype, seed, hf_layout)
@@ -90,7 +102,9 @@ def run_case(B=1, Hq=2, Hkv=2, M=37, N=37, D=16, Dv=None, q_offset=None, kv_offs
     span_t = torch.tensor([[a, a + 1, BIG], [a + N // 3, a + N // 3 + 4, BIG], [0, BIG, 6]]) if spans else None
     tile_t = ((q_offset, q_offset + 5, a, a + 7), (q_offset + M - 3, q_offset + M + 9, a + N - 4, a + N + 2)) if tiles else ()
     edit_l = example_edits(Hq, q_offset, M, key_first=kv_offset) if edits else []
-    kw = dict(scale=scale, q_offset=q_offset, kv_offset=kv_offset, causal=causal, window=window,
+    rk_t = _row_keys(B, M, N, q_offset, kv_offset, seed) if row_keys else None
+    kw = dict(distance_moments=dist, row_keys=rk_t,
+              scale=scale, q_offset=q_offset, kv_offset=kv_offset, causal=causal, window=window,
               key_valid=None if key_valid is None else key_valid.to(DEVICE),
               sinks=None if sink_t is None else sink_t.to(DEVICE),
               key_columns=None if col_t is None else col_t.to(DEVICE),
@@ -102,13 +116,25 @@ def run_case(B=1, Hq=2, Hkv=2, M=37, N=37, D=16, Dv=None, q_offset=None, kv_offs
     vis = standard_visibility(q_pos, N, causal=causal, window=window, key_valid=key_valid, kv_offset=kv_offset)
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=scale, visible=vis, q_pos=q_pos, kv_offset=kv_offset,
                               sinks=sink_t, key_columns=col_t, spans=span_t, topk=topk, tiles=tile_t,
-                              key_mass=key_mass, edits=edit_l)
+                              key_mass=key_mass, edits=edit_l, distance_moments=dist, row_keys=rk_t)
     assert res["out"].dtype == dtype and res["out"].shape == (B, Hq, M, Dv)
     for name in ("lse", "entropy"):
         assert res[name].dtype == torch.float32 and res[name].shape == (B, Hq, M)
     check(res, ref, dtype, topk=topk, n_cols=0 if col_t is None else len(col_t),
-          n_spans=0 if span_t is None else len(span_t), tiles=tile_t, key_mass=key_mass)
+          n_spans=0 if span_t is None else len(span_t), tiles=tile_t, key_mass=key_mass, dist=dist, row_keys=row_keys)
     return res, ref
+
+
+def _row_keys(B, M, N, q_offset, kv_offset, seed):
+    """Row keys of every kind: none (-1), the row's previous and own position, random keys that are visible,
+    in the future, padded, masked by an edit, or outside the cache (before ``kv_offset`` and past its end)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    rk = kv_offset + torch.randint(max(-3, -kv_offset), N + 3, (B, M), generator=g)
+    q_pos = q_offset + torch.arange(M)
+    rk[:, 1::5] = q_pos[1::5] - 1
+    rk[:, 2::5] = q_pos[2::5]
+    rk[:, ::5] = -1
+    return rk
 
 
 CASES = {
@@ -132,7 +158,19 @@ CASES = {
     "odd_head_dims": dict(Hq=3, Hkv=1, M=19, N=19, D=24, Dv=40, seed=7),
     # the public defaults over several 64-row blocks and key blocks, sinks, top-1 only
     "public_130": dict(M=130, N=130, D=64, Hq=1, Hkv=1, sinks=True, topk=1, tiles=False, seed=8),
+    # head-taxonomy statistics (distance moments, row-key probabilities): a prefill continuation over a
+    # cache at offset 3 with left padding, GQA, a window, learned sinks and every edit, beside key columns,
+    # spans and tiles (the row-key pass reuses the saved normalisers); 3 key blocks per row: moment merges
+    "taxonomy_prefill": dict(B=2, Hq=4, Hkv=2, M=40, N=48, kv_offset=3, pad=(0, 9), window=12, sinks=True, edits=True,
+                             dist=True, row_keys=True, key_mass=False, blocks=(64, 16), seed=15),
+    # ...and decode rows split over keys (partial moment states merged by the combine: a split of two key
+    # blocks and one of one), padding, sinks, every edit
+    "taxonomy_decode_split": dict(B=2, Hq=4, Hkv=2, M=2, N=70, kv_offset=5, pad=(0, 6), window=40, sinks=True,
+                                  edits=True, dist=True, row_keys=True, cols=False, spans=False, tiles=False,
+                                  key_mass=False, blocks=(16, 32), splits=2, seed=16),
 }
+# distance moments over negative distances (non-causal) and with the other statistics of existing cases
+CASES["noncausal_gqa_pad"].update(dist=True, row_keys=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -145,7 +183,7 @@ def test_matches_reference_fp32(name):
         assert (res["entropy"][1, 0, 7:10] == 0).all()  # ...but not under uniform (rows 7.. are edited)
 
 
-@pytest.mark.parametrize("name", ["causal_37", "decode_split_edits", "padding_sinks_edits"])
+@pytest.mark.parametrize("name", ["causal_37", "decode_split_edits", "padding_sinks_edits", "taxonomy_prefill"])
 def test_matches_reference_fp16(name):
     run_case(**{**CASES[name], "dtype": torch.float16})
 
@@ -304,3 +342,153 @@ def test_bad_input_raises(name):
 
 def test_triton_available():
     assert triton_available() is True
+
+
+def _planted(P: int, N: int, a: float = 6.0):
+    """One-hot keys (key j = a·e_j) and four query heads on one KV head, scale 1 (score a² = 36 on the target,
+    0 elsewhere: the target's probability is 1 to fp32 precision): 0 previous token (row 0: its own key),
+    1 induction on a period-P repeat (rows ≥ P attend to j*+1 = i−P+1; earlier rows uniform), 2 first token,
+    3 uniform (zero query)."""
+    D = 64
+    assert N <= D
+    q = torch.zeros(1, 4, N, D)
+    k = a * torch.eye(N, D)[None, None]
+    for i in range(N):
+        q[0, 0, i, max(i - 1, 0)] = a
+        if i >= P:
+            q[0, 1, i, i - P + 1] = a
+        q[0, 2, i, 0] = a
+    return q, k, torch.randn(1, 1, N, 16, generator=torch.Generator().manual_seed(17))
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_planted_heads_by_hand(decode):
+    """Answers known without the reference: a previous-token head has dist_sum = dist_sq_sum = 1 and all of
+    its mass on row key i−1; an induction head (period P) has distance P−1 and induction mass 1; a first-token
+    head (i, i²); a uniform head (i/2, i(2i+1)/6) and 1/(i+1) on any visible row key. Batch 0 asks for the
+    induction keys of the token sequence, batch 1 for the previous position. ``decode``: the last two rows
+    only, keys split over programs."""
+    P, N = 12, 30
+    tokens = torch.arange(N) % P  # P distinct tokens, repeated
+    q, k, v = _planted(P, N)
+    q, k, v = (t.expand(2, -1, -1, -1).to(DEVICE) for t in (q, k, v))
+    rows = torch.arange(N - 2, N) if decode else torch.arange(N)
+    ind = semantics.induction_keys(tokens[None], rows)[0]
+    assert torch.equal(ind, torch.where(rows >= P, rows - P + 1, -1))
+    row_keys = torch.stack([ind, rows - 1])  # row 0's previous position is -1: nothing to measure
+    kw = dict(block_m=16, block_n=16, splits=2) if decode else dict(block_m=16, block_n=16)
+    res = _attention_stats(q[:, :, rows], k, v, scale=1.0, q_offset=int(rows[0]), distance_moments=True,
+                           row_keys=row_keys.to(DEVICE), **kw)
+    i = rows.double()
+    close = lambda name, h, want: torch.testing.assert_close(  # noqa: E731
+        res[name][:, h].cpu().double(), want.expand(2, -1), atol=1e-5, rtol=1e-6, equal_nan=True,
+        msg=f"{name} head {h}")
+    ones = (i >= 1).double()
+    close("dist_sum", 0, ones)
+    close("dist_sq_sum", 0, ones)
+    late = i >= P
+    close("dist_sum", 1, torch.where(late, P - 1.0, i / 2))
+    close("dist_sq_sum", 1, torch.where(late, (P - 1.0) ** 2, i * (2 * i + 1) / 6))
+    close("dist_sum", 2, i)
+    close("dist_sq_sum", 2, i * i)
+    close("dist_sum", 3, i / 2)
+    close("dist_sq_sum", 3, i * (2 * i + 1) / 6)
+    rkp = res["row_key_prob"].cpu().double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    expect = {  # (batch, head): row_key_prob per row
+        (0, 0): torch.where(late, 0.0, nan), (1, 0): torch.where(i >= 1, 1.0, nan),
+        (0, 1): torch.where(late, 1.0, nan), (1, 1): torch.where(i >= 1, torch.where(late, 0.0, 1 / (i + 1)), nan),
+        (0, 2): torch.where(late, 0.0, nan), (1, 2): torch.where(i == 1, 1.0, torch.where(i >= 1, 0.0, nan)),
+        (0, 3): torch.where(late, 1 / (i + 1), nan), (1, 3): torch.where(i >= 1, 1 / (i + 1), nan),
+    }
+    for (b, h), want in expect.items():
+        torch.testing.assert_close(rkp[b, h], want, atol=1e-6, rtol=0, equal_nan=True, msg=f"row_key_prob b{b} h{h}")
+
+
+def test_induction_keys_and_row_key_prob_definitions():
+    """semantics.induction_keys against a loop (padding never an occurrence); row_key_prob: 0 outside the cache
+    or out of view, NaN for -1, and the same when the keys come in blocks."""
+    g = torch.Generator().manual_seed(18)
+    ids = torch.randint(0, 5, (3, 40), generator=g)
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    valid[1, :7] = False
+    want = torch.full((3, 40), -1)
+    for b in range(3):
+        for i in range(40):
+            earlier = [j for j in range(i) if valid[b, j] and ids[b, j] == ids[b, i]]
+            if valid[b, i] and earlier:
+                want[b, i] = earlier[-1] + 1
+    assert torch.equal(semantics.induction_keys(ids, valid=valid), want)
+    assert torch.equal(semantics.induction_keys(ids, torch.tensor([5, 39]), valid=valid), want[:, [5, 39]])
+    p = torch.rand(3, 2, 40, 40, generator=g, dtype=torch.float64).tril()
+    key_pos = torch.arange(40) + 100
+    rk = want + 100
+    rk[want < 0] = -1
+    rk[0, 3], rk[0, 4], rk[0, 5] = 99, 140, 100 + 30  # before / after the cache; a future key (p = 0 there)
+    got = semantics.row_key_prob(p, rk, key_pos)
+    assert torch.equal(torch.isnan(got), (rk < 0)[:, None].expand_as(got))
+    assert (got[0, :, 3:6] == 0).all()
+    ok = rk >= 100
+    sel = torch.gather(p, 3, (rk - 100).clamp(0, 39)[:, None, :, None].expand(3, 2, 40, 1))[..., 0]
+    assert torch.equal(got[ok[:, None].expand_as(got)], sel[ok[:, None].expand_as(sel)])
+    blocks = sum(semantics.row_key_prob(p[..., j:j + 16], rk, key_pos[j:j + 16]) for j in range(0, 40, 16))
+    torch.testing.assert_close(blocks, got, equal_nan=True, rtol=0, atol=0)
+    q_pos = key_pos
+    d1, d2 = semantics.distance_moments(p, q_pos, key_pos)
+    parts = [semantics.distance_moments(p[..., j:j + 16], q_pos, key_pos[j:j + 16]) for j in range(0, 40, 16)]
+    torch.testing.assert_close(sum(x for x, _ in parts), d1)
+    torch.testing.assert_close(sum(x for _, x in parts), d2)
+
+
+def test_capabilities_request_the_taxonomy_statistics():
+    plan = LayerPlan(record=True, distance_moments=True, row_keys=torch.zeros(1, 3, dtype=torch.long))
+    need = capabilities.requested(plan, structured_mask=True)
+    assert "distance_moments" in need and "row_key_prob" in need and capabilities.triton_covers(need)
+    assert capabilities.CAPABILITIES["distance_moments"].chunked and capabilities.CAPABILITIES["row_key_prob"].chunked
+    off = capabilities.requested(LayerPlan(record=False, distance_moments=True), structured_mask=True)
+    assert "distance_moments" not in off
+
+
+def test_route_returns_the_taxonomy_statistics():
+    """triton_route.run maps the plan fields onto the kernel and returns exactly these keys, shapes, dtypes."""
+    from workbench.attention import triton_route
+    from workbench.attention.masks import lazy_mask
+
+    B, Hq, Hkv, M, N = 2, 4, 2, 3, 20
+    q, k, v = _inputs(B, Hq, Hkv, M, N, 16, 16, torch.float32, 19)
+    pad = torch.ones(B, N, dtype=torch.long)
+    pad[1, :4] = 0
+    mask = lazy_mask(B, M, N, q_offset=N - M, attention_mask=pad.to(DEVICE), device=DEVICE)
+    rk = torch.tensor([[-1, 3, 17], [2, 18, 25]])
+    plan = LayerPlan(record=True, distance_moments=True, row_keys=rk, edits=[HeadEdit("uniform", 1)])
+    assert triton_route.covers(True, plan, q, v, mask, None)
+    q_pos = torch.arange(N - M, N, device=DEVICE)
+    out, st = triton_route.run(q, k, v, 0.25, mask, None, None, plan, q_pos)
+    for name in ("dist_sum", "dist_sq_sum", "row_key_prob"):
+        assert st[name].shape == (B, Hq, M) and st[name].dtype == torch.float32, name
+    vis = standard_visibility(q_pos.cpu(), N, key_valid=pad.bool())
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=0.25, visible=vis, q_pos=q_pos.cpu(), edits=plan.edits,
+                              distance_moments=True, row_keys=rk)
+    err = max_errors({n: st[n] for n in ("dist_sum", "dist_sq_sum", "row_key_prob")}, ref)
+    assert max(err.values()) < 3e-5, err
+    _, plain = triton_route.run(q, k, v, 0.25, mask, None, None, LayerPlan(record=True), q_pos)
+    assert not {"dist_sum", "dist_sq_sum", "row_key_prob"} & set(plain)
+
+
+def test_distance_moments_at_128k_distances():
+    """Rows at absolute position ~131K over a small cache: distances ≈ 1.3e5 (d² ≈ 1.7e10), a sharp head
+    and spread heads; the fp32 outputs keep float32 relative precision (no raw d² sums: centred merges)."""
+    B, Hq, M, N, D = 1, 3, 2, 96, 16
+    q, k, v = _inputs(B, Hq, 1, M, N, D, D, torch.float32, 20)
+    k[0, 0, 50, 0] = 40.0  # head 0: all mass on key 50
+    q[0, 0, :, :] = 0.0
+    q[0, 0, :, 0] = 1.0
+    q_offset = 131_000
+    res = _attention_stats(q, k, v, scale=D**-0.5, q_offset=q_offset, distance_moments=True, block_m=16, block_n=32)
+    q_pos = q_offset + torch.arange(M)
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=D**-0.5, visible=standard_visibility(q_pos, N),
+                              q_pos=q_pos, distance_moments=True)
+    for name in ("dist_sum", "dist_sq_sum"):
+        rel = (res[name].cpu().double() - ref[name]).abs() / ref[name].abs()
+        assert rel.max() < 1e-6, (name, float(rel.max()))
+    assert ref["dist_sum"].min() > 1.3e5

@@ -35,6 +35,8 @@ class LayerPlan:
     record_outputs: bool = False  # sum of per-head outputs (for mean ablation references)
     z_norm: bool = False  # L2 norm of each head's output per row (computed from the output, any path)
     query_valid: torch.Tensor | None = None  # [B, M] False for padding query rows: left out of key_mass / key_count
+    distance_moments: bool = False  # dist_sum / dist_sq_sum [B, Hq, M]: Σ p·(q_pos − key_pos), Σ p·(…)²
+    row_keys: torch.Tensor | None = None  # [B, M] absolute key per row (-1: none) -> row_key_prob [B, Hq, M]
     edits: list[HeadEdit] = field(default_factory=list)
     # an edit that computes the whole layer differentiably (DuoAttention gate training):
     # called as gated(q, k, v, scale, dense_mask, q_pos, key_pos) -> out [B, Hq, M, Dv]

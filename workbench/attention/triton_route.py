@@ -33,6 +33,7 @@ def run(q, k, v, scale, mask: LazyMask, sliding_window, sinks, plan: LayerPlan, 
             key_columns=plan.key_columns if rec else None, spans=plan.spans if rec else None,
             topk=plan.topk if rec else 1, tiles=plan.tiles if rec else (), key_mass=rec and plan.key_mass,
             edits=[e for e in plan.edits if e.kind not in semantics.OUTPUT_EDITS], stats=rec,
+            distance_moments=rec and plan.distance_moments, row_keys=plan.row_keys if rec else None,
         )  # fmt: skip
     except ValueError:  # shape/dtype the kernel does not take: the torch path does
         return None, None
@@ -49,6 +50,10 @@ def run(q, k, v, scale, mask: LazyMask, sliding_window, sinks, plan: LayerPlan, 
             stats["key_mass"], stats["key_count"] = res["key_mass"].double(), res["key_count"]
         for t in range(len(plan.tiles)):
             stats[f"tile{t}"] = res[f"tile{t}"]
+        if plan.distance_moments:  # [B, Hq, M] float32
+            stats["dist_sum"], stats["dist_sq_sum"] = res["dist_sum"], res["dist_sq_sum"]
+        if plan.row_keys is not None:  # [B, Hq, M] float32, NaN where row_keys is -1
+            stats["row_key_prob"] = res["row_key_prob"]
     if plan.record_outputs:
         stats["output_sum"] = out.double().sum(dim=(0, 2))
         stats["output_count"] = torch.tensor(q.shape[0] * q.shape[2], device=q.device)
