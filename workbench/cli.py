@@ -1,4 +1,4 @@
-"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo``, ``study run|report``, ``serve``,
+"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo|routing``, ``study run|report``, ``serve``,
 ``doctor``. Every option is checked before a model loads; failures print a message and exit non-zero
 (see :func:`_guard`)."""
 from __future__ import annotations
@@ -161,24 +161,16 @@ def _check_lengths(lengths: list[int], max_new_tokens: int, positions: int | Non
                                  f"use lengths ≤ {positions - max_new_tokens}")  # fmt: skip
 
 
-def _print_retrieval(r) -> None:
-    typer.echo(f"NIAH accuracy {r.accuracy:.2f} over {len(r.tests)} tests; grid (depth × length):\n{r.accuracy_grid().round(2).to_string()}")
-    sp = r.sparsity()
-    typer.echo(f"retrieval heads (score > 0.1): {len(r.retrieval_heads())} = {sp['above_0.1'] * 100:.1f}% of heads; "
-               f"{sp['zero'] * 100:.0f}% score exactly 0")  # fmt: skip
-    typer.echo("top heads: " + ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in r.top_heads(8)))
+def _report(out: Path, title: str, items: list) -> None:
+    """Results → Parquet in ``out`` (each with its provenance) and one HTML report; prints where."""
+    from . import report
+    from .store import ResultStore
 
-
-def _print_sinks(s) -> None:
-    from .report import top_cells
-
-    a0 = s.mean_alpha[..., 0]
-    typer.echo(f"Sink_1^{s.eps} = {s.sink_rate(0):.1f}% of heads (T = {s.T}, {len(s.token_ids)} texts); "
-               f"strongest: " + ", ".join(f"L{l}H{h} α₀={v:.2f}" for l, h, v in top_cells(a0, 5)))  # fmt: skip
-    tok = s.hidden_sink_tokens().head(5)
-    typer.echo("hidden sink tokens: " + ", ".join(f"{t!r}×{c}" for t, c in zip(tok["token"], tok["count"])))
-    mv = s.massive_vs_sinks()
-    typer.echo(f"massive activations: {mv['massive_entries']} entries, {mv['on_sink_token'] * 100:.0f}% on sink tokens")
+    store = ResultStore(out)
+    for it in items:
+        if hasattr(it, "save"):
+            it.save(store)
+    typer.echo(f"report: {report.write_html(out / 'report.html', title, items)}\nresults (Parquet): {out}")
 
 
 @app.callback()
@@ -197,10 +189,10 @@ def demo(
     out: Path = typer.Option(Path("results/demo"), help="where the HTML report and Parquet results go"),
 ) -> None:
     """Load the model, print its ModelSpec, generate greedily, then a short sink + retrieval scan with an HTML report."""
-    from . import report, retrieval, sinks
-    from .store import ResultStore
+    from . import retrieval, sinks
 
-    lens = _ints(lengths, "lengths")
+    cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths)
+    lens = list(cfg.lengths)
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -215,17 +207,10 @@ def demo(
     answer = m.generate(prompt, max_new_tokens=max_new_tokens)
     typer.echo(f"greedy answer ({time.perf_counter() - t0:.1f} s): {answer.strip()}\n")
     s = sinks.scan(m)
-    _print_sinks(s)
-    typer.echo("")
-    r = retrieval.scan(m, lengths=lens, depths=depths)
-    _print_retrieval(r)
-    store = ResultStore(out)
-    s.save(store)
-    r.save(store)
-    page = report.write_html(out / "report.html", f"workbench demo — {m.source}",
-                             [("Model", m.spec.summary()), *report.sink_sections(s), *report.retrieval_sections(r),
-                              ("Provenance", r.provenance)])  # fmt: skip
-    typer.echo(f"\nreport: {page}\nresults (Parquet): {out}")
+    typer.echo(s.summary() + "\n")
+    r = retrieval.scan(m, cfg)
+    typer.echo(r.summary() + "\n")
+    _report(out, f"workbench demo — {m.source}", [("Model", m.spec.summary()), s, r])
     typer.echo("next: `workbench scan retrieval --lengths 500,1000,2000 --depths 5`, `workbench scan sinks --T 512`,\n"
                "      `workbench study run studies/retrieval_ablation.toml`, `workbench serve` (dashboard),\n"
                "      notebooks/ in JupyterLab, or in Python: import workbench as wb; m = wb.load(); wb.retrieval.scan(m)")  # fmt: skip
@@ -241,38 +226,30 @@ def scan_retrieval(
     variant: str = typer.Option("set", help="set (paper) or per_step (released code)"),
     max_new_tokens: int = typer.Option(32, min=2),
     ablation_k: int = typer.Option(0, min=0, help="also run the causal test: top-K vs K random heads ablated"),
-    mode: str = typer.Option("uniform", help="ablation mode for the causal test: zero | mean | uniform"),
+    mode: str = typer.Option("uniform", help="ablation mode for the causal test: uniform (Wu's masking) | zero"),
     out: Path = typer.Option(Path("results/retrieval"), help="results directory"),
 ) -> None:
     """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
-    from . import niah, report, retrieval
-    from .attention.edits import ABLATION_MODES
-    from .store import ResultStore
+    from . import retrieval
 
-    lens = _ints(lengths, "lengths")
-    if variant not in retrieval.VARIANTS:
-        raise WorkbenchError(f"--variant must be one of {', '.join(retrieval.VARIANTS)}, got {variant!r}")
-    if mode not in ABLATION_MODES:
-        raise WorkbenchError(f"--mode must be one of {', '.join(ABLATION_MODES)}, got {mode!r}")
-    if needles > len(niah.needles()):
-        raise WorkbenchError(f"--needles: the shipped set has {len(niah.needles())} needles, got {needles}")
+    cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths, n_needles=needles, variant=variant,
+                                    max_new_tokens=max_new_tokens)  # fmt: skip
+    if ablation_k and mode not in retrieval.CAUSAL_MODES:
+        raise WorkbenchError(f"--mode must be one of {', '.join(retrieval.CAUSAL_MODES)}, got {mode!r}")
+    lens = list(cfg.lengths)
     _check_lengths(lens, max_new_tokens, _positions(model))
     if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
         raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     _out_dir(out)
     m = _load(model)
-    r = retrieval.scan(m, lengths=lens, depths=depths, n_needles=needles, variant=variant, max_new_tokens=max_new_tokens)
-    _print_retrieval(r)
-    store = ResultStore(out)
-    r.save(store)
-    sections = report.retrieval_sections(r)
+    r = retrieval.scan(m, cfg)
+    typer.echo(r.summary())
+    results = [r]
     if ablation_k:
         ab = retrieval.ablation_check(m, r, k=ablation_k, mode=mode, max_new_tokens=max_new_tokens)
-        typer.echo(f"\ncausal test ({mode} ablation, k={ablation_k}):\n" + ab[["ablated", "seed", "accuracy", "mean_rouge1_recall"]].to_string(index=False))
-        store.save("retrieval_ablation", ab, r.provenance)
-        sections.append((f"Causal test: NIAH accuracy with top-{ablation_k} vs random heads ablated ({mode})", ab))
-    page = report.write_html(out / "report.html", f"retrieval heads — {m.source}", sections + [("Provenance", r.provenance)])
-    typer.echo(f"report: {page}")
+        typer.echo("\n" + ab.summary())
+        results.append(ab)
+    _report(out, f"retrieval heads — {m.source}", results)
 
 
 @scan_app.command("sinks")
@@ -285,28 +262,22 @@ def scan_sinks(
     out: Path = typer.Option(Path("results/sinks"), help="results directory"),
 ) -> None:
     """Gu et al. Sink_k^ε, ACT hidden sinks and massive activations on the shipped prose."""
-    from . import report, sinks
-    from .store import ResultStore
+    from . import sinks
 
-    if not 0 < eps < 1:
-        raise WorkbenchError(f"ε must lie in (0, 1), got {eps}")
     positions = _positions(model)
     if positions and T > positions:
         raise WorkbenchError(f"--T {T} exceeds the model's {positions} positions")
-    texts = sinks.texts_for(T)  # says so when the shipped prose is too short for T
+    cfg = sinks.SinkConfig(T=T, eps=eps, texts=sinks.texts_for(T))  # says so when the shipped prose is too short for T
     _out_dir(out)
     m = _load(model)
-    s = sinks.scan(m, texts, T=T, eps=eps)
-    _print_sinks(s)
-    store = ResultStore(out)
-    s.save(store)
-    sections = report.sink_sections(s)
+    s = sinks.scan(m, cfg)
+    typer.echo(s.summary())
+    results = [s]
     if calibrate:
         cal = sinks.calibration_experiment(m, s)
-        typer.echo("\nACT calibration (β = 0.4) on the sentiment task:\n" + cal[["accuracy", "loss"]].to_string())
-        store.save("sinks_calibration", cal, s.provenance)
-        sections.append(("ACT calibration on the sentiment task", cal))
-    typer.echo(f"report: {report.write_html(out / 'report.html', f'attention sinks — {m.source}', sections + [('Provenance', s.provenance)])}")
+        typer.echo("\n" + cal.summary())
+        results.append(cal)
+    _report(out, f"attention sinks — {m.source}", results)
 
 
 @scan_app.command("duo")
@@ -320,37 +291,48 @@ def scan_duo(
     out: Path = typer.Option(Path("results/duo"), help="results directory"),
 ) -> None:
     """DuoAttention: train one gate per KV head, sweep the streaming fraction, compare with Wu's heads."""
-    import pandas as pd
+    from . import duo, retrieval
 
-    from . import duo, report, retrieval
-    from .store import ResultStore
-
+    cfg = duo.DuoConfig(length=length, steps=steps, sink=sink, recent=recent, sweep=(0.0, 0.25, 0.5, 0.75, 1.0))
+    wu_cfg = retrieval.RetrievalConfig(lengths=[min(1000, length * 2)], depths=3)
     positions = _positions(model)
     if positions and length > positions:
         raise WorkbenchError(f"--length {length} exceeds the model's {positions} positions")
     _check_lengths([min(1000, length * 2)], 32, positions)  # the comparison with Wu's heads scans at this length
     _out_dir(out)
     m = _load(model)
-    d = duo.train_gates(m, length=length, steps=steps, sink=sink, recent=recent)
-    typer.echo(f"loss {d.losses[0]:.3f} → {d.losses[-1]:.3f}; retrieval KV heads (α ≥ 0.5): {d.retrieval_kv_heads()}")
-    sweep = duo.streaming_sweep(m, d, length=length)
-    typer.echo("passkey accuracy vs streaming fraction:\n" + sweep.to_string(index=False))
-    wu = retrieval.scan(m, lengths=[min(1000, length * 2)], depths=3)
-    agree = duo.agreement(d, wu.scores, m.spec.group_size)
-    typer.echo(f"agreement with Wu's retrieval heads: {agree['agree'].mean() * 100:.0f}% of KV heads; disagreements:\n"
+    d = duo.scan(m, cfg)
+    typer.echo(d.summary())
+    wu = retrieval.scan(m, wu_cfg)
+    agree = d.agreement(wu, m.spec.group_size)
+    typer.echo(f"\nagreement with Wu's retrieval heads: {agree['agree'].mean() * 100:.0f}% of KV heads; disagreements:\n"
                + agree[~agree["agree"]].to_string(index=False))  # fmt: skip
-    store = ResultStore(out)
-    store.save("duo_gates", d.to_frame(), d.provenance)
-    store.save("duo_sweep", sweep, d.provenance)
-    store.save("duo_agreement", agree, d.provenance)
-    page = report.write_html(out / "report.html", f"DuoAttention gates — {m.source}", [
-        ("Gate α per KV head", report.head_grid(d.alpha, "α", colorbar="α", zmax=1)),
-        ("Passkey accuracy vs fraction of streaming KV heads", sweep),
-        ("Agreement with Wu et al. retrieval heads (per KV head)", agree),
-        ("Training loss", pd.DataFrame({"step": range(len(d.losses)), "loss": d.losses})),
-        ("Provenance", d.provenance),
-    ])  # fmt: skip
-    typer.echo(f"report: {page}")
+    _report(out, f"DuoAttention gates — {m.source}", [d, wu, ("Agreement with Wu et al. retrieval heads (per KV head)", agree)])
+
+
+@scan_app.command("routing")
+@_guard
+def scan_routing(
+    model: str = typer.Option("tiny-moe", help="an MoE model source (default: the zoo's tiny-moe)"),
+    texts: Path = typer.Option(None, help="a UTF-8 text file, one text per blank-line-separated paragraph (default: the shipped domains)"),
+    max_tokens: int = typer.Option(256, min=2, help="tokens per text"),
+    out: Path = typer.Option(Path("results/routing"), help="results directory"),
+) -> None:
+    """MoE routing over labelled texts: expert load, specialisation by label, routing margins."""
+    from . import routing
+
+    paragraphs = None
+    if texts is not None:
+        try:
+            paragraphs = [p.strip() for p in texts.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        except UnicodeDecodeError:
+            raise WorkbenchError(f"--texts {texts} is not UTF-8 text") from None
+    cfg = routing.RoutingConfig(texts=paragraphs, max_tokens=max_tokens)
+    _out_dir(out)
+    m = _load(model)
+    r = routing.scan(m, cfg)
+    typer.echo(r.summary())
+    _report(out, f"MoE routing — {m.source}", [r])
 
 
 # --- scripted studies ------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ class RetrievalResult(Result):
                    ablation=ablation, complete=complete)  # fmt: skip
 
 
-_TEST_COLUMNS = ["length", "depth", "needle", "response", "rouge1_recall", "counted", "answer_found", "needle_span", "token_ids"]
+_TEST_COLUMNS = ["length", "depth", "needle", "response", "rouge1_recall", "counted", "answer_found", "needle_span", "token_ids",
+                 "max_new_tokens"]
 
 
 def _score_steps(top1: torch.Tensor, prompt_ids: torch.Tensor, generated: torch.Tensor, span: tuple[int, int], variant: str):
@@ -231,7 +232,7 @@ def run_case(model, case: niah.NIAHCase, *, variant: str = "set", max_new_tokens
         "length": case.length, "depth": case.depth, "needle": case.needle.id, "response": response.strip(),
         "rouge1_recall": rouge, "counted": rouge > ROUGE_THRESHOLD,
         "answer_found": case.needle.answer.lower() in response.lower(),
-        "needle_span": case.needle_span, "token_ids": ids[0].tolist(), "scores": scores,
+        "needle_span": case.needle_span, "token_ids": ids[0].tolist(), "max_new_tokens": max_new_tokens, "scores": scores,
     }  # fmt: skip
 
 
@@ -275,10 +276,16 @@ class AblationResult(Result):
 
     runs: pd.DataFrame  # ablated, seed, k, mode, accuracy, mean_rouge1_recall, tests, heads
     provenance: object
+    tests: pd.DataFrame | None = None  # every NIAH test: run (index into runs) + run_case's columns
     complete: bool = True
 
     kind: ClassVar[str] = "ablation"
-    table_names: ClassVar[tuple[str, ...]] = ("runs",)
+    table_names: ClassVar[tuple[str, ...]] = ("runs", "tests")
+
+    def accuracy_grid(self, run: int = 1) -> pd.DataFrame:
+        """NIAH accuracy per depth × length of one run (0: no ablation, 1: the top-k heads, then random sets)."""
+        t = self.tests[self.tests["run"] == run]
+        return t.pivot_table(index="depth", columns="length", values="counted", aggfunc="mean")
 
     def heads(self) -> pd.DataFrame:
         """The ablated head sets, one row per (run, head)."""
@@ -296,28 +303,36 @@ class AblationResult(Result):
         return {"accuracy": lambda: plots.bars(df, "run", "accuracy", "NIAH accuracy with heads ablated (Wu et al.'s causal test)")}
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        return {"runs": self.runs.assign(complete=self.complete)}
+        tests = self.tests if self.tests is not None else pd.DataFrame(columns=["run", *_TEST_COLUMNS])
+        return {"runs": self.runs.assign(complete=self.complete), "tests": tests}
 
     @classmethod
     def from_tables(cls, tables, provenance) -> "AblationResult":
         runs = tables["runs"].copy()
         runs["heads"] = runs["heads"].map(lambda v: [tuple(h) for h in (json.loads(v) if isinstance(v, str) else v)])
         complete = bool(runs.pop("complete").all()) if "complete" in runs else True
-        return cls(runs=runs, provenance=provenance, complete=complete)
+        tests = tables["tests"].copy()
+        for col in ("token_ids", "needle_span"):
+            tests[col] = tests[col].map(lambda v: json.loads(v) if isinstance(v, str) else v)
+        return cls(runs=runs, provenance=provenance, tests=tests, complete=complete)
+
+
+CAUSAL_MODES = ("uniform", "zero")  # Wu's masking, and the output ablation for contrast
 
 
 def ablation_check(model, result: RetrievalResult, k: int = 10, *, mode: str = "uniform", seeds=(0, 1, 2), lengths=None,
-                   depths=None, max_new_tokens: int = 32, on_case=None, cancel=None, progress: bool = True) -> AblationResult:  # fmt: skip
+                   depths=None, max_new_tokens: int | None = None, on_case=None, cancel=None, progress: bool = True) -> AblationResult:  # fmt: skip
     """Wu's causal test: NIAH accuracy with the top-``k`` retrieval heads ablated vs ``k`` random heads
     (one run per seed; random heads exclude the top ones). ``mode`` (zero | mean | uniform) labels the
-    ablation. Cases are single NIAH tests (``on_case``/``cancel`` act between them); a cancelled check
-    keeps its finished runs."""
-    if mode not in ("zero", "uniform"):
-        raise ProbeError(f"mode must be 'zero' or 'uniform' for the causal test (mean needs reference texts), got {mode!r}")
+    ablation. Lengths, depths and new tokens default to the scan's own. Cases are single NIAH tests
+    (``on_case``/``cancel`` act between them); a cancelled check keeps its finished tests."""
+    if mode not in CAUSAL_MODES:
+        raise ProbeError(f"mode must be one of {CAUSAL_MODES} for the causal test (mean needs reference texts), got {mode!r}")
     cfg = RetrievalConfig(
         lengths=sorted(result.tests["length"].unique().tolist()) if lengths is None else lengths,
         depths=tuple(sorted(result.tests["depth"].unique().tolist())) if depths is None else depths,
-        variant=result.variant, max_new_tokens=max_new_tokens,
+        variant=result.variant,
+        max_new_tokens=max_new_tokens or int(result.tests["max_new_tokens"].iloc[0] if "max_new_tokens" in result.tests and len(result.tests) else 32),
     )  # fmt: skip
     sets = [("none", None, [])] + ablation_sets(model.spec, result, k, seeds)
     for _, _, heads in sets:  # every edit is validated before the first test
@@ -343,4 +358,6 @@ def ablation_check(model, result: RetrievalResult, k: int = 10, *, mode: str = "
                     "mean_rouge1_recall": sum(r["rouge1_recall"] for r in rows) / len(rows), "heads": heads})  # fmt: skip
     prov = result.provenance.with_run(definition=f"Wu2024 causal test: NIAH accuracy, top-{k} vs random-{k} heads ablated ({mode})")
     runs = pd.DataFrame(out, columns=["ablated", "seed", "k", "mode", "tests", "accuracy", "mean_rouge1_recall", "heads"])
-    return AblationResult(runs=runs, provenance=prov, complete=complete)
+    tests = pd.DataFrame([{"run": j, **{c: v for c, v in r.items() if c != "scores"}} for j, r in done],
+                         columns=["run", *_TEST_COLUMNS])  # fmt: skip
+    return AblationResult(runs=runs, provenance=prov, tests=tests, complete=complete)

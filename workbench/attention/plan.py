@@ -92,6 +92,9 @@ def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
     merged.record_outputs = any(f.record_outputs for f in fragments)
     merged.z_norm = any(f.z_norm for f in fragments)
     merged.query_valid = next((f.query_valid for f in recorders if f.query_valid is not None), None)
+    merged.distance_moments = any(f.distance_moments for f in recorders)
+    keys = [f.row_keys for f in recorders if f.row_keys is not None]
+    merged.row_keys = keys[0] if keys else None  # one definition per call (induction keys from the token ids)
     merged.edits = [e for f in fragments for e in f.edits]
     merged.gated = gated[0] if gated else None
     views, r = [], 0
@@ -122,6 +125,10 @@ def _view(f: LayerPlan, cols: list[int], spans: list[int], tiles: list[int]):
             out[f"tile{mine}"] = st[f"tile{t}"]
         if not f.key_mass:
             out.pop("key_mass", None), out.pop("key_count", None)
+        if not f.distance_moments:
+            out.pop("dist_sum", None), out.pop("dist_sq_sum", None)
+        if f.row_keys is None:
+            out.pop("row_key_prob", None)
         return out
 
     return view

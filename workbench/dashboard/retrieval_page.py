@@ -81,11 +81,13 @@ class RetrievalPage(Page):
     def _show_scan(self, r) -> None:
         self.result = r
         self.ablation = None
-        top = pd.DataFrame(r.top_heads(10), columns=["layer", "head", "score"])
+        top = r.heads().head(10)[["layer", "head", "retrieval_score"]]
         sp = r.sparsity()
         note = [] if r.scores.isfinite().any() else [pn.pane.Alert(
             "No NIAH test was answered (ROUGE-1 recall > 0.5): retrieval scores are undefined, so the causal test "
             "has no top heads to ablate. Try other lengths or more new tokens.", alert_type="warning")]  # fmt: skip
+        if not r.complete:
+            note.append(pn.pane.Alert(f"Cancelled: the {len(r.tests)} test(s) finished before Cancel are shown.", alert_type="info"))
         self.ablate_button.disabled = bool(note)
         self.results_area.objects = [
             *note,
@@ -114,17 +116,20 @@ class RetrievalPage(Page):
         self.start("ablation", lambda: self.wb.retrieval_ablation(r, k, mode=mode, seeds=seeds, progress=prog), self._show_ablation,
                    progress=prog, on_progress=self._on_progress)  # fmt: skip
 
-    def _show_ablation(self, out) -> None:
-        frame, top_result = out
+    def _show_ablation(self, ab) -> None:
+        frame = ab.runs
         self.ablation = frame
+        done = [] if ab.complete else [pn.pane.Alert("Cancelled: the runs finished before Cancel are shown.", alert_type="info")]
+        grids = [niah_view(self.result, ab.accuracy_grid(1))] if (ab.tests["run"] == 1).any() else []
         self.ablation_area.objects = [
+            *done,
             pn.pane.Markdown(f"### Causal test ({md_escape(frame['mode'].iloc[0])} ablation, k = {int(frame['k'].max())})"),
             table(
                 frame[["ablated", "seed", "k", "mode", "accuracy", "mean_rouge1_recall"]],
                 index=False,
                 css_classes=["wb-ablation-table"],
             ),  # fmt: skip
-            niah_view(self.result, top_result),
+            *grids,
         ]
 
     def __panel__(self):

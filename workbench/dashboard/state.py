@@ -210,6 +210,10 @@ class Progress:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def is_set(self) -> bool:
+        """Progress is a scan's ``cancel`` object (workbench.scan): set when the page asked to stop."""
+        return self._cancel.is_set()
+
     def check(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("stopped")
@@ -375,71 +379,34 @@ class Workbench:
             )
         return lengths
 
-    def _run_cases(self, m, cases, *, variant, max_new_tokens, edits, progress: Progress, offset: int = 0):
-        from .. import retrieval
-
-        rows = []
-        for i, case in enumerate(cases):
-            progress.check()
-            with self.using():  # the lock per test: other sessions get the model between tests
-                rows.append(retrieval.run_case(m, case, variant=variant, max_new_tokens=max_new_tokens, edits=edits))
-            progress.update(done=offset + i + 1)
-        return rows
-
     def retrieval_scan(self, lengths: Sequence[int], depths: int, *, n_needles: int = 1, max_new_tokens: int = 24,
                        variant: str = "set", progress: Progress | None = None):  # fmt: skip
-        """Wu et al.'s scan (as :func:`workbench.retrieval.scan`), one test at a time, cancellable."""
+        """Wu et al.'s scan (:func:`workbench.retrieval.scan`), progress per test; Cancel keeps the finished tests."""
         from .. import retrieval
 
         lengths = self.check_scan(lengths, depths, n_needles, max_new_tokens)
-        if variant not in retrieval.VARIANTS:
-            raise DashboardError(f"variant must be one of {retrieval.VARIANTS}")
+        cfg = retrieval.RetrievalConfig(lengths=lengths, depths=int(depths), n_needles=int(n_needles), variant=variant,
+                                        max_new_tokens=int(max_new_tokens))  # fmt: skip
         progress = progress or Progress()
         m = self.model()
-        cases = retrieval._cases(m, lengths, int(depths), int(n_needles), int(max_new_tokens))
-        progress.update(done=0, total=len(cases), message="NIAH scan")
-        rows = self._run_cases(m, cases, variant=variant, max_new_tokens=max_new_tokens, edits=(), progress=progress)
-        result = retrieval.assemble(m, rows, variant=variant)
-        result.extra["max_new_tokens"] = int(max_new_tokens)
-        return result
+        progress.update(done=0, total=len(lengths) * int(depths) * int(n_needles), message="NIAH scan")
+        return retrieval.scan(m, cfg, on_case=lambda c: progress.update(done=c.index + 1), cancel=progress, progress=False)
 
-    def retrieval_ablation(
-        self, result, k: int = 10, *, mode: str = "uniform", seeds: int = 2, progress: Progress | None = None
-    ):
-        """Wu's causal test on the scan's own grid: top-``k`` heads ablated vs ``k`` random heads (one run per
-        seed). Returns (table like :func:`workbench.retrieval.ablation_check`, the top-k-ablated result)."""
+    def retrieval_ablation(self, result, k: int = 10, *, mode: str = "uniform", seeds: int = 2, progress: Progress | None = None):
+        """Wu's causal test on the scan's own grid (:func:`workbench.retrieval.ablation_check`): top-``k`` heads
+        ablated vs ``k`` random heads, one run per seed; Cancel keeps the finished tests."""
         from .. import retrieval
-        from ..attention import HeadAblation
-        from ..attention.edits import ABLATION_MODES
 
         m = self.model()
         spec = m.spec
         if not 1 <= int(k) <= min(self.caps.max_ablation_k, spec.n_layers * spec.n_heads - 1):
             raise DashboardError(f"k must lie in 1..{min(self.caps.max_ablation_k, spec.n_layers * spec.n_heads - 1)}")
-        if mode not in ABLATION_MODES:
-            raise DashboardError(f"mode must be one of {ABLATION_MODES}")
         if not 0 <= int(seeds) <= self.caps.max_seeds:
             raise DashboardError(f"random seeds must lie in 0..{self.caps.max_seeds}")
         progress = progress or Progress()
-        tests = result.tests
-        lengths = sorted(tests["length"].unique().tolist())
-        depths = sorted(tests["depth"].unique().tolist())
-        max_new = int(result.extra.get("max_new_tokens", 24))
-        runs = retrieval.ablation_sets(spec, result, int(k), range(int(seeds)))  # the sets ablation_check uses
-        cases = retrieval._cases(m, lengths, depths, 1, max_new)
-        progress.update(done=0, total=len(cases) * len(runs), message=f"ablation ({mode}, k={k})")
-        out = [{"ablated": "none", "seed": None, "k": 0, "mode": mode, "accuracy": result.accuracy,
-                "mean_rouge1_recall": float(tests["rouge1_recall"].mean()), "heads": []}]  # fmt: skip
-        top_result = None
-        for i, (kind, seed, heads) in enumerate(runs):
-            edits = (HeadAblation(heads, mode=mode),)
-            rows = self._run_cases(m, cases, variant=result.variant, max_new_tokens=max_new, edits=edits, progress=progress,
-                                   offset=i * len(cases))  # fmt: skip
-            r = retrieval.assemble(m, rows, variant=result.variant, edits=edits)
-            top_result = r if kind == "top" else top_result
-            out.append({"ablated": kind, "seed": seed, "k": int(k), "mode": mode, "accuracy": r.accuracy,
-                        "mean_rouge1_recall": float(r.tests["rouge1_recall"].mean()), "heads": heads})  # fmt: skip
-        return pd.DataFrame(out), top_result
+        progress.update(done=0, total=len(result.tests) * (2 + int(seeds)), message=f"ablation ({mode}, k={k})")
+        return retrieval.ablation_check(m, result, int(k), mode=mode, seeds=range(int(seeds)), progress=False,
+                                        on_case=lambda c: progress.update(done=c.index + 1), cancel=progress)  # fmt: skip
 
     # --- sinks -------------------------------------------------------------------------------------------
     def sinks_scan(self, *, T: int = 64, eps: float = 0.3, texts: Sequence[str] | None = None):
@@ -457,10 +424,9 @@ class Workbench:
                 raise DashboardError(
                     f"at most {self.caps.max_sink_texts} texts and {self.caps.max_prompt_chars} characters"
                 )
-        if texts is None:
-            texts = sinks.texts_for(int(T))
+        cfg = sinks.SinkConfig(T=int(T), eps=float(eps), texts=texts if texts is not None else sinks.texts_for(int(T)))
         with self.using() as m:
-            return sinks.scan(m, texts, T=int(T), eps=float(eps), progress=False)
+            return sinks.scan(m, cfg, progress=False)
 
     # --- routing ------------------------------------------------------------------------------------------
     def moe_spec(self, name: str):
