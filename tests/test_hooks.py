@@ -442,3 +442,26 @@ def test_readme_lists_the_vocabulary():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert N.describe() in readme  # regenerate with workbench.names.describe() when a name changes
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_queries_and_keys_recompute_any_row_exactly(tiny, arch):
+    """attn.hook_q / hook_k (post-RoPE) give any attention row without another forward pass."""
+    m = tiny(arch)
+    ids = IDS[:1]
+    T = ids.shape[1]
+    with wb.capture(m, wb.AttentionStats(qk=True, tiles=[(0, T, 0, T)])) as cap, torch.no_grad():
+        m.hf(input_ids=ids)
+    for layer in range(m.spec.n_layers):
+        q, k = cap[f"blocks.{layer}.attn.hook_q"][0], cap[f"blocks.{layer}.attn.hook_k"][0]  # [T, H, D], [T, Hkv, D]
+        assert q.shape == (T, m.spec.n_heads, m.spec.head_dim) and k.shape[:2] == (T, m.spec.n_kv_heads)
+        scale = m.hf.get_submodule(m.spec.attention_paths[layer]).scaling
+        k = k.repeat_interleave(m.spec.group_size, dim=1)
+        s = torch.einsum("ihd,jhd->hij", q.double(), k.double()) * scale
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        vis = j <= i
+        w = m.spec.sliding_windows[layer]
+        if w:
+            vis &= j > i - w
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+        torch.testing.assert_close(p.float(), cap[f"blocks.{layer}.attn.tile.0"][0], atol=1e-5, rtol=0)

@@ -457,7 +457,7 @@ class HookManager:
             if not it.is_edit and s is not None and not s.call.recording:
                 continue
             lp = it.attention(layer, s.call if s else None)
-            if lp is not None and (lp.active or lp.z_norm):
+            if lp is not None and (lp.active or lp.z_norm or lp.keep_qk):
                 frags.append(lp)
                 owners.append((s, it))
         if not frags:
@@ -466,7 +466,7 @@ class HookManager:
         receivers = [
             (lambda st, it=it, s=s, v=v: it.attention_done(layer, v(st), s.call))
             for (s, it), v, f in zip(owners, views, frags)
-            if f.record or f.record_outputs or f.z_norm
+            if f.record or f.record_outputs or f.z_norm or f.keep_qk
         ]
         return plan, receivers
 

@@ -56,6 +56,10 @@ POINTS: tuple[Point, ...] = (
     Point("attn.tile.{}", "[batch, head, row, key]", "exact probabilities of tile i (AttentionStats(tiles=[...])), its rows only", "attention", _ROW,
           configured=True),
     Point("attn.hook_z_norm", "[batch, head, row]", "L2 norm of each head's output (TransformerLens hook_z) per token", "attention", _ROW),
+    Point("attn.hook_q", "[batch, row, head, d_head]", "queries after rotary embedding, before scaling (AttentionStats(qk=True))", "attention",
+          "rows:1", configured=True),
+    Point("attn.hook_k", "[batch, row, kv_head, d_head]", "keys after rotary embedding, one row per token (AttentionStats(qk=True))",
+          "attention", "rows:1", configured=True),
     # --- module tensors (full for short inputs, or reduced: .norm, .max_abs, .topk, .topk_dims) ----------------
     Point("hook_resid_pre", "[batch, row, d_model]", "residual stream entering the block", "activation", "rows:1", True),
     Point("hook_resid_post", "[batch, row, d_model]", "residual stream leaving the block (the decoder layer's output)", "activation", "rows:1", True),

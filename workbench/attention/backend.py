@@ -71,8 +71,10 @@ def workbench_attention(
     if (plan is None or not plan.active) and s_aux is None:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         out, _ = sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-        if plan is not None and plan.z_norm:  # only head-output norms asked for: the fast path serves
+        if plan is not None and (plan.z_norm or plan.keep_qk):  # head-output norms / q, k only: the fast path serves
             stats = {"z_norm": out.float().norm(dim=-1).transpose(1, 2)}
+            if plan.keep_qk:
+                stats["q"], stats["k_new"] = query, key[:, :, key.shape[2] - query.shape[2] :]
             for receive in receivers:
                 receive(stats)
         return out, None
@@ -106,6 +108,8 @@ def workbench_attention(
     if plan.z_norm:
         stats["z_norm"] = out.float().norm(dim=-1)
     stats["kv_offset"] = kv_offset  # cache index j holds key position kv_offset + j
+    if plan.keep_qk:  # the queries and this call's new keys (the cache appends them last)
+        stats["q"], stats["k_new"] = query, key[:, :, N - M :] if N >= M else key
     for receive in receivers:
         receive(stats)
     return out.transpose(1, 2).contiguous(), None

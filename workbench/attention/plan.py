@@ -34,6 +34,7 @@ class LayerPlan:
     key_mass: bool = False  # attention each key receives, summed over rows (α_k for every key)
     record_outputs: bool = False  # sum of per-head outputs (for mean ablation references)
     z_norm: bool = False  # L2 norm of each head's output per row (computed from the output, any path)
+    keep_qk: bool = False  # hand the layer's (post-RoPE) queries and new keys to the recorder (drill-down)
     query_valid: torch.Tensor | None = None  # [B, M] False for padding query rows: left out of key_mass / key_count
     distance_moments: bool = False  # dist_sum / dist_sq_sum [B, Hq, M]: Σ p·(q_pos − key_pos), Σ p·(…)²
     row_keys: torch.Tensor | None = None  # [B, M] absolute key per row (-1: none) -> row_key_prob [B, Hq, M]
@@ -91,6 +92,7 @@ def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
     merged.key_mass = any(f.key_mass for f in recorders)
     merged.record_outputs = any(f.record_outputs for f in fragments)
     merged.z_norm = any(f.z_norm for f in fragments)
+    merged.keep_qk = any(f.keep_qk for f in fragments)
     merged.query_valid = next((f.query_valid for f in recorders if f.query_valid is not None), None)
     merged.distance_moments = any(f.distance_moments for f in recorders)
     keys = [f.row_keys for f in recorders if f.row_keys is not None]

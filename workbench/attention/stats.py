@@ -39,7 +39,9 @@ class AttentionStats(Probe):
     - ``spans``: name → ``(start, end)`` key range or :class:`Window` — mass per row (``attn.span.<name>``);
     - ``tiles``: exact ``(q_start, q_end, k_start, k_end)`` windows of the attention matrix (``attn.tile.<i>``);
     - ``layers``: which layers to record (default all);
-    - ``key_mass``: attention every key receives, summed over rows (``attn.key_mass``, ``attn.key_count``).
+    - ``key_mass``: attention every key receives, summed over rows (``attn.key_mass``, ``attn.key_count``);
+    - ``qk``: also keep the layer's post-RoPE queries and keys (``attn.hook_q``, ``attn.hook_k``; full tensors,
+      counted against the capture's budget) — any attention row can then be recomputed without a forward pass.
     """
 
     sink_keys: int = 4
@@ -49,6 +51,7 @@ class AttentionStats(Probe):
     tiles: Sequence[tuple[int, int, int, int]] = ()
     layers: Sequence[int] | None = None
     key_mass: bool = False
+    qk: bool = False
 
     def bind(self, model) -> "BoundAttention":
         spec = model.spec
@@ -86,7 +89,8 @@ class AttentionStats(Probe):
                 raise ProbeError(f"AttentionStats: tile {tuple(t)} must be non-empty ranges of at most 2^20 cells")
             tiles.append((q0, q1, k0, k1))
         return BoundAttention(model, layers, tuple(keys), len(self.key_positions), tuple(span_names),
-                              torch.tensor(spans, dtype=torch.long) if spans else None, self.topk, tuple(tiles), self.key_mass)  # fmt: skip
+                              torch.tensor(spans, dtype=torch.long) if spans else None, self.topk, tuple(tiles), self.key_mass,
+                              bool(self.qk))  # fmt: skip
 
 
 def _int(x, what: str) -> int:
@@ -98,9 +102,9 @@ def _int(x, what: str) -> int:
 class BoundAttention(Bound):
     """An ``AttentionStats`` bound to one model."""
 
-    def __init__(self, model, layers, keys, n_explicit, span_names, spans, topk, tiles, key_mass):
+    def __init__(self, model, layers, keys, n_explicit, span_names, spans, topk, tiles, key_mass, qk=False):
         self.model, self.layers, self.keys, self.n_explicit = model, tuple(layers), keys, n_explicit
-        self.span_names, self.spans, self.topk, self.tiles, self.key_mass = span_names, spans, topk, tiles, key_mass
+        self.span_names, self.spans, self.topk, self.tiles, self.key_mass, self.qk = span_names, spans, topk, tiles, key_mass, qk
         self.sites = frozenset(("attn", l) for l in self.layers)
         self._layer_set = frozenset(self.layers)
 
@@ -110,6 +114,7 @@ class BoundAttention(Bound):
         out += ["attn.alpha"] if self.keys else []
         out += ["attn.key_mass", "attn.key_count"] if self.key_mass else []
         out += [f"attn.span.{s}" for s in self.span_names] + [f"attn.tile.{i}" for i in range(len(self.tiles))]
+        out += ["attn.hook_q", "attn.hook_k"] if self.qk else []
         return out
 
     def names(self) -> list[str]:
@@ -119,9 +124,17 @@ class BoundAttention(Bound):
         layers = [l for l in self.layers if any(keep(N.name(l, s)) for s in self._suffixes())]
         if not layers:
             return None
-        return BoundAttention(self.model, layers, self.keys, self.n_explicit, self.span_names, self.spans, self.topk, self.tiles, self.key_mass)
+        return BoundAttention(self.model, layers, self.keys, self.n_explicit, self.span_names, self.spans, self.topk, self.tiles,
+                              self.key_mass, self.qk)  # fmt: skip
+
+    def begin(self, session) -> None:
+        self._capture = session.capture
 
     def begin_call(self, call: Call) -> None:
+        if self.qk and self._capture is not None:
+            spec = self.model.spec
+            per_row = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
+            self._capture._charge(call.batch * call.q_pos.numel() * per_row * len(self.layers), "attn.hook_q/hook_k")
         length = int(call.q_pos[-1]) + 1 if call.q_pos.numel() else 0
         explicit = self.keys[len(self.keys) - self.n_explicit :]
         if explicit and max(explicit) >= length - int(call.first_real.max()):
@@ -141,7 +154,7 @@ class BoundAttention(Bound):
         if layer not in self._layer_set:
             return None
         return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self.spans, topk=self.topk,
-                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid)  # fmt: skip
+                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid, keep_qk=self.qk)  # fmt: skip
 
     def attention_done(self, layer: int, st: dict, call: Call) -> None:
         emit = lambda suffix, value, pos=None: self.emit(N.name(layer, suffix), value, call, pos)  # noqa: E731
@@ -167,6 +180,9 @@ class BoundAttention(Bound):
             parts = st[f"tile{i}"]
             if parts:
                 emit(f"attn.tile.{i}", torch.cat([t for _, t in parts], dim=2).cpu(), torch.cat([q for q, _ in parts]).cpu())
+        if self.qk:  # [batch, row, head, d_head], as TransformerLens lays them out
+            emit("attn.hook_q", st["q"].transpose(1, 2).to("cpu", copy=True))
+            emit("attn.hook_k", st["k_new"].transpose(1, 2).to("cpu", copy=True))
         if self.key_mass:
             emit("attn.key_mass", _from_first_real(st["key_mass"].cpu(), call.first_real, st["kv_offset"]))
             emit("attn.key_count", _from_first_real(st["key_count"].cpu(), call.first_real, st["kv_offset"]))
