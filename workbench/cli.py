@@ -232,12 +232,15 @@ def scan_retrieval(
     """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
     from . import retrieval
 
+    if variant not in retrieval.VARIANTS:
+        raise WorkbenchError(f"--variant must be one of {', '.join(retrieval.VARIANTS)}, got {variant!r}")
+    if mode not in retrieval.CAUSAL_MODES:
+        raise WorkbenchError(f"--mode must be one of {', '.join(retrieval.CAUSAL_MODES)}, got {mode!r}")
     cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths, n_needles=needles, variant=variant,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
-    if ablation_k and mode not in retrieval.CAUSAL_MODES:
-        raise WorkbenchError(f"--mode must be one of {', '.join(retrieval.CAUSAL_MODES)}, got {mode!r}")
-    lens = list(cfg.lengths)
-    _check_lengths(lens, max_new_tokens, _positions(model))
+    _check_lengths(list(cfg.lengths), max_new_tokens, _positions(model))
+    if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
+        raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
         raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     _out_dir(out)
