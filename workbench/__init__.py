@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import duo, effects, names, niah, retrieval, sinks, study
+from . import duo, effects, interop, names, niah, retrieval, sinks, study
 from .activations import Activations
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window, head_output_means
 from .capture import Capture, capture, intervene

@@ -173,13 +173,24 @@ def _fingerprint(path: Path) -> list[int]:
     return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def load_gguf(path: Path, dtype=None):
+    """De-quantise a GGUF file into a ``transformers`` model and tokenizer (float32 unless ``dtype``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+    except Exception as e:  # gguf reader errors are many kinds; all mean the same thing to the user
+        raise ModelLoadError(f"could not read GGUF {path}: {type(e).__name__}: {e}") from e
+    return hf, tok
+
+
 def convert(model: EmbeddedModel = DEFAULT) -> Path:
     """(Re)build the safetensors conversion from the verified GGUF (callers hold :func:`_lock`)."""
     out = cache_dir() / model.name / "safetensors"
     gguf = gguf_path(model)
-    from .loading import _load_gguf  # local import: loading imports this module
-
-    hf_model, tokenizer = _load_gguf(gguf)
+    hf_model, tokenizer = load_gguf(gguf)
     with _work_dir(out.parent, "convert") as tmp:
         # A GGUF load leaves quantization state that save_pretrained refuses; the weights are already dense.
         hf_model.hf_quantizer = None

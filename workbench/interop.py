@@ -15,81 +15,11 @@
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
-import torch
-
-from .errors import UnsupportedModelError
 from .hooks import TENSOR_SITES, Bound
-
-
-def is_bridge(obj) -> bool:
-    return type(obj).__name__ == "TransformerBridge"
-
-
-def is_nnsight(obj) -> bool:
-    return type(obj).__module__.split(".")[0] == "nnsight" and hasattr(obj, "_module")
-
-
-def unwrap_module(module: torch.nn.Module):
-    """An HF model as-is, or a plain HF model sharing the weights of a TransformerLens bridge."""
-    if is_bridge(module):
-        return _unbridge(module), getattr(module, "tokenizer", None)
-    if type(module).__name__ == "HookedTransformer":
-        raise UnsupportedModelError(
-            "HookedTransformer re-implements the model with its own weights layout; load the same checkpoint with "
-            "workbench.load(hub_id_or_dir) or wrap it with TransformerLens' TransformerBridge and pass the bridge"
-        )
-    if not hasattr(module, "config") or not hasattr(module, "generate"):
-        raise UnsupportedModelError(
-            f"{type(module).__name__} is not a transformers causal LM (no .config/.generate); "
-            "pass an AutoModelForCausalLM instance, a TransformerBridge, an nnsight LanguageModel, a path or a hub id"
-        )
-    return module, None
-
-
-def from_nnsight(lm):
-    """The ``transformers`` module an nnsight ``LanguageModel`` wraps (dispatched: real weights), and its tokenizer."""
-    hf = lm._module
-    if any(p.is_meta for p in hf.parameters()):
-        dispatch = getattr(lm, "dispatch", None)
-        if dispatch is None:
-            raise UnsupportedModelError("nnsight model has no weights yet; create it with dispatch=True")
-        dispatch()
-        hf = lm._module
-    return unwrap_module(hf)[0], getattr(lm, "tokenizer", None)
-
-
-def _unbridge(bridge) -> torch.nn.Module:
-    """TransformerBridge swaps HF modules for components that recompute attention eagerly (N×N). Rebuild
-    the plain HF module tree on the meta device and give it the bridge's own weight tensors (no copy),
-    so our backend runs the same weights without the bridge's eager attention."""
-    from transformers import AutoModelForCausalLM
-
-    wrapped = getattr(bridge, "original_model", None)
-    if wrapped is None:
-        raise UnsupportedModelError("TransformerBridge without original_model; pass the transformers model instead")
-    with torch.device("meta"):
-        # a copy of the config: switching our model's attention backend must not switch the bridge's
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(wrapped.config), dtype=next(wrapped.parameters()).dtype)
-    wanted = plain.state_dict()
-    weights = {}
-    for name, tensor in wrapped.state_dict(keep_vars=True).items():
-        key = name.replace("._original_component", "").replace("_original_component.", "")
-        if key in wanted:
-            weights[key] = tensor
-    missing = sorted(set(wanted) - set(weights))
-    if missing:
-        raise UnsupportedModelError(f"could not map TransformerBridge weights back to {type(plain).__name__}: {missing[:5]}")
-    plain.load_state_dict(weights, assign=True, strict=True)
-    plain_buffers = dict(plain.named_buffers())
-    for name, buf in wrapped.named_buffers():  # non-persistent buffers (rotary tables) are not in state_dict
-        key = name.replace("._original_component", "").replace("_original_component.", "")
-        if key in plain_buffers and plain_buffers[key].is_meta:
-            parent, _, leaf = key.rpartition(".")
-            plain.get_submodule(parent)._buffers[leaf] = buf
-    return plain.eval()
+from .model import ON_LOAD
+from .sources import is_bridge
 
 
 class _BridgeHooks(Bound):
@@ -141,3 +71,14 @@ def keep_bridge_hooks(model, bridge) -> None:
             "hook_attn_out, hook_mlp_out, attn.hook_z and mlp.hook_post do",
             stacklevel=3,
         )
+
+
+def _on_load(model, source) -> None:
+    if is_bridge(source):
+        from .attention import install
+
+        install(model)  # the bridge's hooks need the model's hook manager
+        keep_bridge_hooks(model, source)
+
+
+ON_LOAD.append(_on_load)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Callable
 
 import torch
 
@@ -124,3 +125,14 @@ class Model:
 
     def __repr__(self) -> str:
         return f"workbench.Model({self.source!r}, {self.spec.model_type}, {self.dtype}, {self.device})"
+
+
+#: called with (model, source) after every load; the capture layer registers the attention backend's
+#: install here (and interop a TransformerLens bridge's hooks), so loading never imports the layers above it
+ON_LOAD: list[Callable[[Model, Any], None]] = []
+
+
+def loaded(model: Model, source) -> None:
+    """Run the :data:`ON_LOAD` callbacks for a freshly loaded model."""
+    for fn in ON_LOAD:
+        fn(model, source)
