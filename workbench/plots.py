@@ -72,3 +72,30 @@ def histogram(values: torch.Tensor, title: str, *, x: str, by: list[str] | None 
         fig.add_trace(go.Histogram(x=finite, name=(by[i] if by else None), opacity=0.6))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title="tokens", barmode="overlay", height=320, width=620)
     return fig
+
+
+def scatter(frame: pd.DataFrame, x: str, y: str, color: str, hover: str, title: str, *, log_x: bool = False):
+    """Points of ``frame`` (one per head, say), coloured by a category, ``hover`` naming each point."""
+    import plotly.express as px
+
+    fig = px.scatter(frame, x=x, y=y, color=color, hover_name=hover, log_x=log_x, title=title)
+    fig.update_layout(height=420, width=640)
+    return fig
+
+
+def category_grid(codes: torch.Tensor, labels: list[str], title: str, *, heads: str = "query head"):
+    """Layer × head grid of categories (``codes`` index ``labels``) with a labelled discrete colourbar."""
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    n = len(labels)
+    palette = (px.colors.qualitative.Plotly * (n // 10 + 1))[:n]
+    scale = [(i / n + e / n, c) for i, c in enumerate(palette) for e in (0.0, 1.0)]  # one flat band per category
+    L, H = codes.shape
+    names = [[labels[int(c)] for c in row] for row in codes.tolist()]
+    fig = go.Figure(go.Heatmap(z=codes.numpy(), x=[f"H{h}" for h in range(H)], y=[f"L{l}" for l in range(L)], text=names,
+                               colorscale=scale, zmin=-0.5, zmax=n - 0.5,
+                               colorbar={"tickvals": list(range(n)), "ticktext": labels, "title": "kind"},
+                               hovertemplate="layer %{y} head %{x}: %{text}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * L + 120), width=560)
+    return fig

@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .chunked import apply_output_edits, chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
+from ..errors import ProbeError
 from . import triton_route
 from .plan import LayerPlan
 
@@ -79,7 +80,7 @@ def workbench_attention(
                 receive(stats)
         return out, None
     if module.training and dropout > 0:
-        raise RuntimeError("workbench attention computes statistics in eval mode only; call model.eval()")
+        raise ProbeError("workbench attention computes statistics in eval mode only; call model.hf.eval()")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     B, Hq, M, _ = query.shape
     N = key.shape[2]
@@ -94,7 +95,7 @@ def workbench_attention(
     out = stats = None
     if plan.gated is not None:
         if plan.record or plan.edits or s_aux is not None:
-            raise RuntimeError("gated (DuoAttention) layers cannot be recorded or edited at the same time, nor use learned sinks")
+            raise ProbeError("gated (DuoAttention) layers cannot be recorded or edited at the same time, nor use learned sinks")
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         key_pos = torch.arange(N, device=query.device) + kv_offset
         out = plan.gated(query, key, value, scale, dense, q_pos, key_pos)

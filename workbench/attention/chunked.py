@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels import semantics
 from .plan import HeadEdit, LayerPlan
 
 #: score elements per block (B·Hq·rows·keys); ~64 MB of float32 scores
@@ -182,6 +183,10 @@ def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
         st["col_visible"] = torch.zeros(B, M, nk, device=dev, dtype=torch.bool)
     if plan.spans is not None:
         st["span_mass"] = torch.zeros(B, Hq, M, plan.spans.shape[0], **f)
+    if plan.distance_moments:
+        st["dist_sum"], st["dist_sq_sum"] = torch.zeros(B, Hq, M, **f), torch.zeros(B, Hq, M, **f)
+    if plan.row_keys is not None:
+        st["row_key_prob"] = torch.zeros(B, Hq, M, **f)
     for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
         st[f"tile{t}"] = []
     return st
@@ -252,6 +257,12 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: i
         member = (kp[None, None, :] >= sp[:, 0, None, None]) & (kp[None, None, :] < sp[:, 1, None, None])
         member = member & ((qp[None, :, None] - kp[None, None, :]) < sp[:, 2, None, None])  # [NS, c, n]
         st["span_mass"][:, :, i0:i1] = (torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)) * inv[..., None]).float()
+    if plan.distance_moments:  # linear in p: the unnormalised rows times inv_l (semantics.distance_moments)
+        ds, dsq = semantics.distance_moments(p, qp, kp)
+        st["dist_sum"][:, :, i0:i1], st["dist_sq_sum"][:, :, i0:i1] = (ds * inv).float(), (dsq * inv).float()
+    if plan.row_keys is not None:  # one gathered probability per row (semantics.row_key_prob)
+        rk = plan.row_keys[:, i0:i1].to(p.device)
+        st["row_key_prob"][:, :, i0:i1] = (semantics.row_key_prob(p, rk.expand(p.shape[0], -1), kp) * inv).float()
     if plan.key_mass:
         w, seen = inv, vis[:, 0]
         if plan.query_valid is not None:  # padding query rows see real keys but are not counted

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ProbeError
+
 BIG = 2**30  # "unlimited" window in span triples (start, end, window)
 
 
@@ -83,7 +85,7 @@ def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
     tiles, tile_idx = _union([list(f.tiles) for f in recorders])
     gated = [f.gated for f in fragments if f.gated is not None]
     if len(gated) > 1:
-        raise ValueError("two gated (DuoAttention) mixes on one layer")
+        raise ProbeError("two gated (DuoAttention) mixes on one layer; open one GatedMix at a time")
     merged.record = bool(recorders)
     merged.key_columns = torch.tensor(cols, dtype=torch.long) if cols else None
     merged.spans = torch.tensor(spans, dtype=torch.long) if spans else None

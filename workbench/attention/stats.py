@@ -21,6 +21,9 @@ from ..errors import ProbeError
 from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
 from .plan import BIG, LayerPlan
 
+#: the head-type statistics (AttentionStats(taxonomy=True)), names under blocks.{l}.attn.
+TAXONOMY = ("self_mass", "prev_mass", "local_mass", "dist_mean", "dist_var", "induction_mass")
+
 
 @dataclass(frozen=True)
 class Window:
@@ -40,6 +43,8 @@ class AttentionStats(Probe):
     - ``tiles``: exact ``(q_start, q_end, k_start, k_end)`` windows of the attention matrix (``attn.tile.<i>``);
     - ``layers``: which layers to record (default all);
     - ``key_mass``: attention every key receives, summed over rows (``attn.key_mass``, ``attn.key_count``);
+    - ``taxonomy``: head-type statistics per row (``attn.self_mass``, ``prev_mass``, ``local_mass`` within
+      ``local_window`` keys, ``dist_mean``, ``dist_var``, ``induction_mass``), exactly, at any length;
     - ``qk``: also keep the layer's post-RoPE queries and keys (``attn.hook_q``, ``attn.hook_k``; full tensors,
       counted against the capture's budget) — any attention row can then be recomputed without a forward pass.
     """
@@ -51,6 +56,8 @@ class AttentionStats(Probe):
     tiles: Sequence[tuple[int, int, int, int]] = ()
     layers: Sequence[int] | None = None
     key_mass: bool = False
+    taxonomy: bool = False
+    local_window: int = 8
     qk: bool = False
 
     def bind(self, model) -> "BoundAttention":
@@ -90,7 +97,7 @@ class AttentionStats(Probe):
             tiles.append((q0, q1, k0, k1))
         return BoundAttention(model, layers, tuple(keys), len(self.key_positions), tuple(span_names),
                               torch.tensor(spans, dtype=torch.long) if spans else None, self.topk, tuple(tiles), self.key_mass,
-                              bool(self.qk))  # fmt: skip
+                              bool(self.qk), _int(self.local_window, "local_window") if self.taxonomy else None)  # fmt: skip
 
 
 def _int(x, what: str) -> int:
@@ -102,9 +109,18 @@ def _int(x, what: str) -> int:
 class BoundAttention(Bound):
     """An ``AttentionStats`` bound to one model."""
 
-    def __init__(self, model, layers, keys, n_explicit, span_names, spans, topk, tiles, key_mass, qk=False):
+    def __init__(self, model, layers, keys, n_explicit, span_names, spans, topk, tiles, key_mass, qk=False, local_window=None):
         self.model, self.layers, self.keys, self.n_explicit = model, tuple(layers), keys, n_explicit
         self.span_names, self.spans, self.topk, self.tiles, self.key_mass, self.qk = span_names, spans, topk, tiles, key_mass, qk
+        self.local_window = local_window  # None: no head-type statistics
+        if local_window is not None:
+            if local_window < 1:
+                raise ProbeError(f"AttentionStats: local_window must be ≥ 1, got {local_window}")
+            own = torch.tensor([(0, BIG, 1), (0, BIG, 2), (0, BIG, local_window)], dtype=torch.long)  # self, +previous, local
+            self._plan_spans = own if spans is None else torch.cat([spans, own])
+        else:
+            self._plan_spans = spans
+        self._history = None
         self.sites = frozenset(("attn", l) for l in self.layers)
         self._layer_set = frozenset(self.layers)
 
@@ -115,6 +131,7 @@ class BoundAttention(Bound):
         out += ["attn.key_mass", "attn.key_count"] if self.key_mass else []
         out += [f"attn.span.{s}" for s in self.span_names] + [f"attn.tile.{i}" for i in range(len(self.tiles))]
         out += ["attn.hook_q", "attn.hook_k"] if self.qk else []
+        out += [f"attn.{s}" for s in TAXONOMY] if self.local_window is not None else []
         return out
 
     def names(self) -> list[str]:
@@ -125,7 +142,7 @@ class BoundAttention(Bound):
         if not layers:
             return None
         return BoundAttention(self.model, layers, self.keys, self.n_explicit, self.span_names, self.spans, self.topk, self.tiles,
-                              self.key_mass, self.qk)  # fmt: skip
+                              self.key_mass, self.qk, self.local_window)  # fmt: skip
 
     def begin(self, session) -> None:
         self._capture = session.capture
@@ -149,12 +166,31 @@ class BoundAttention(Bound):
         # left-padding rows see nothing and need no mask
         real = call.real
         self._query_valid = real if bool((~real & (real.cumsum(1) > 0)).any()) else None
+        if self.local_window is not None:
+            self._row_keys = self._induction_keys(call)
+
+    def _induction_keys(self, call: Call) -> torch.Tensor:
+        """Each row's j*+1 (DESIGN.md §3) from every token seen so far in this sequence (decode steps extend it)."""
+        from ..kernels.semantics import induction_keys
+
+        ids, real = call.token_ids, call.real
+        start = int(call.q_pos[0]) if call.q_pos.numel() else 0
+        if self._history is not None and self._history[0].shape[1] == start and self._history[0].shape[0] == ids.shape[0]:
+            ids, real = torch.cat([self._history[0], ids], 1), torch.cat([self._history[1], real], 1)
+        elif start:  # the earlier tokens were not seen (a forward on a prefilled cache): no history to match
+            ids = torch.cat([torch.full((ids.shape[0], start), -1), ids], 1)
+            real = torch.cat([torch.zeros(ids.shape[0], start, dtype=torch.bool), real], 1)
+        self._history = (ids, real)
+        valid = real & (ids >= 0)  # embeddings without ids match nothing
+        return induction_keys(ids, q_pos=call.q_pos, valid=valid)
 
     def attention(self, layer: int, call: Call) -> LayerPlan | None:
         if layer not in self._layer_set:
             return None
-        return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self.spans, topk=self.topk,
-                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid, keep_qk=self.qk)  # fmt: skip
+        tax = self.local_window is not None
+        return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self._plan_spans, topk=self.topk,
+                         tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid, keep_qk=self.qk,
+                         distance_moments=tax, row_keys=self._row_keys if tax else None)  # fmt: skip
 
     def attention_done(self, layer: int, st: dict, call: Call) -> None:
         emit = lambda suffix, value, pos=None: self.emit(N.name(layer, suffix), value, call, pos)  # noqa: E731
@@ -180,6 +216,16 @@ class BoundAttention(Bound):
             parts = st[f"tile{i}"]
             if parts:
                 emit(f"attn.tile.{i}", torch.cat([t for _, t in parts], dim=2).cpu(), torch.cat([q for q, _ in parts]).cpu())
+        if self.local_window is not None:
+            n = len(self.span_names)
+            own, prev_and_own, local = (st["span_mass"][..., n + i] for i in range(3))
+            emit("attn.self_mass", own.cpu())
+            emit("attn.prev_mass", (prev_and_own - own).clamp_min(0).cpu())
+            emit("attn.local_mass", local.cpu())
+            mean = st["dist_sum"]
+            emit("attn.dist_mean", mean.cpu())
+            emit("attn.dist_var", (st["dist_sq_sum"].double() - mean.double() ** 2).clamp_min(0).float().cpu())
+            emit("attn.induction_mass", st["row_key_prob"].cpu())
         if self.qk:  # [batch, row, head, d_head], as TransformerLens lays them out
             emit("attn.hook_q", st["q"].transpose(1, 2).to("cpu", copy=True))
             emit("attn.hook_k", st["k_new"].transpose(1, 2).to("cpu", copy=True))
@@ -206,8 +252,9 @@ def _from_first_real(t: torch.Tensor, first_real: torch.Tensor, kv_offset: int) 
 
 def _default(model, names: list[str]) -> BoundAttention:
     layers = sorted({N.split(n)[0] for n in names})
-    key_mass = any(N.split(n)[1] in ("attn.key_mass", "attn.key_count") for n in names)
-    return AttentionStats(layers=layers, key_mass=key_mass).bind(model)
+    suffixes = {N.split(n)[1] for n in names}
+    key_mass = bool(suffixes & {"attn.key_mass", "attn.key_count"})
+    return AttentionStats(layers=layers, key_mass=key_mass, taxonomy=bool(suffixes & {f"attn.{t}" for t in TAXONOMY})).bind(model)
 
 
 DEFAULT_PROBES["attention"] = _default

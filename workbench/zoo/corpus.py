@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ..errors import ModelLoadError
+
 CORPUS_DIR = Path(__file__).parent / "corpus"
 DOMAINS = ("english", "german", "python", "arithmetic")
 
@@ -50,5 +52,5 @@ def load_corpus() -> dict[str, str]:
     """Domain name → text, read from the shipped files."""
     missing = [d for d in DOMAINS if not (CORPUS_DIR / f"{d}.txt").is_file()]
     if missing:
-        raise FileNotFoundError(f"corpus files missing under {CORPUS_DIR}: {missing}")
+        raise ModelLoadError(f"corpus files missing under {CORPUS_DIR}: {missing}; reinstall workbench")
     return {d: (CORPUS_DIR / f"{d}.txt").read_text(encoding="utf-8") for d in DOMAINS}
