@@ -61,7 +61,7 @@ def test_smollm2_retrieval_regression(smollm):
 
 def test_ablation_check_labels_and_effect(smollm):
     r = retrieval.scan(smollm, lengths=[400], depths=[50], progress=False)
-    ab = retrieval.ablation_check(smollm, r, k=12, mode="uniform", seeds=(0,), progress=False)
+    ab = retrieval.ablation_check(smollm, r, k=12, mode="uniform", seeds=(0,), progress=False).runs
     assert ab["ablated"].tolist() == ["none", "top", "random"]
     assert set(ab["mode"]) == {"uniform"}
     top, none = ab.set_index("ablated").loc["top"], ab.set_index("ablated").loc["none"]
@@ -75,7 +75,7 @@ def test_ablation_check_labels_and_effect(smollm):
         (dict(depths=[-5]), "depth must lie in \\[0, 100\\]"),
         (dict(depths=[101]), "depth must lie in \\[0, 100\\]"),
         (dict(lengths=[9000]), "exceeds the model's 8192 positions.*never clipped"),
-        (dict(lengths=[]), "no context lengths"),
+        (dict(lengths=[]), "no lengths given"),
         (dict(n_needles=0), "n_needles"),
         (dict(variant="max"), "variant must be one of"),
     ],

@@ -47,10 +47,10 @@ def test_smollm2_sink_regression(smollm):
 def test_calibration_experiment_runs_and_reports(smollm):
     s = sinks.scan(smollm, progress=False)
     items = sinks.sentiment_task()[:6]
-    res = sinks.calibration_experiment(smollm, s, heads=[(20, 0), (20, 1)], items=items, progress=False)
+    res = sinks.calibration_experiment(smollm, s, heads=[(20, 0), (20, 1)], items=items, progress=False).runs
     assert len(res) == 2 and res["heads"].iloc[0] == [] and res["heads"].iloc[1] == [(20, 0), (20, 1)]
     assert res["loss"].iloc[0] != res["loss"].iloc[1]  # the calibration acts
-    searched = sinks.calibration_experiment(smollm, s, items=items, search=True, max_candidates=2, progress=False)
+    searched = sinks.calibration_experiment(smollm, s, items=items, search=True, max_candidates=2, progress=False).runs
     assert searched["accuracy"].is_monotonic_increasing or len(searched) == 1
 
 

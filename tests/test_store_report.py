@@ -62,4 +62,4 @@ def test_scan_cli_writes_results(tmp_path):
     proc = _cli("scan", "sinks", "--model", "tiny:llama", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "Sink_1^0.3" in proc.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "sinks_alpha.parquet", "sinks_hidden.parquet", "sinks_massive.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "sinks_alpha.parquet", "sinks_massive.parquet", "sinks_tokens.parquet"]

@@ -1,4 +1,4 @@
-"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo|routing``, ``study run|report``, ``serve``,
+"""The ``workbench`` command line: ``demo``, ``scan retrieval|sinks|duo|routing|heads``, ``study run|report``, ``serve``,
 ``doctor``. Every option is checked before a model loads; failures print a message and exit non-zero
 (see :func:`_guard`)."""
 from __future__ import annotations
@@ -336,6 +336,35 @@ def scan_routing(
     r = routing.scan(m, cfg)
     typer.echo(r.summary())
     _report(out, f"MoE routing — {m.source}", [r])
+
+
+@scan_app.command("heads")
+@_guard
+def scan_heads(
+    model: str = typer.Option(None, help="model source (default: embedded SmolLM2)"),
+    lengths: str = typer.Option("128,256,512", help="comma-separated input lengths in tokens"),
+    texts: int = typer.Option(3, min=0, help="prose texts per length (plus one repeated random sequence)"),
+    local_window: int = typer.Option(8, min=1, help="w of the local mass (keys i − j < w)"),
+    retrieval_lengths: str = typer.Option(None, help="also run Wu's NIAH scan at these lengths and place heads on it"),
+    out: Path = typer.Option(Path("results/heads"), help="results directory"),
+) -> None:
+    """Head taxonomy at any length: previous-token, self, local, induction heads and distance profiles, next
+    to sink α₀ (and Wu's retrieval score with --retrieval-lengths)."""
+    from . import retrieval, taxonomy
+
+    cfg = taxonomy.TaxonomyConfig(lengths=_ints(lengths, "lengths"), n_texts=texts, local_window=local_window)
+    wu_cfg = retrieval.RetrievalConfig(lengths=_ints(retrieval_lengths, "retrieval lengths"), depths=3) if retrieval_lengths else None
+    positions = _positions(model)
+    if positions and max(cfg.lengths) > positions:
+        raise WorkbenchError(f"--lengths: {max(cfg.lengths)} exceeds the model's {positions} positions")
+    if wu_cfg is not None:
+        _check_lengths(list(wu_cfg.lengths), wu_cfg.max_new_tokens, positions)
+    _out_dir(out)
+    m = _load(model)
+    wu = retrieval.scan(m, wu_cfg) if wu_cfg is not None else None
+    t = taxonomy.scan(m, cfg, retrieval=wu)
+    typer.echo(t.summary())
+    _report(out, f"head taxonomy — {m.source}", [t] + ([wu] if wu is not None else []))
 
 
 # --- scripted studies ------------------------------------------------------------------------------

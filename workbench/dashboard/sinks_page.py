@@ -5,7 +5,7 @@ from __future__ import annotations
 import panel as pn
 import param
 
-from .. import report
+from .. import plots
 from .common import Page, table
 from .views import HeadGridView
 
@@ -58,7 +58,7 @@ class SinksPage(Page):
                 css_classes=["wb-sink-rate"],
             ),  # fmt: skip
             pn.Row(pn.pane.Plotly(sink_rate_figure(s)), HeadGridView(s, title="α_k (Gu et al.)").panel),
-            pn.pane.Plotly(report.layer_bars(s.per_layer(), "mean_alpha", "mean α₀ per layer")),
+            pn.pane.Plotly(plots.bars(s.per_layer(), "layer", "mean_alpha", "mean α₀ per layer")),
             pn.pane.Markdown("### Hidden sinks (ACT: α_k > 0.1, k ≥ 1)"),
             pn.Row(
                 table(s.hidden_sink_tokens().head(20), index=False, css_classes=["wb-hidden-tokens"]),
