@@ -9,7 +9,7 @@ from workbench.cli import app
 CASES = [
     (["retrieval", "--model", "tiny:llama", "--lengths", "400", "--depths", "1", "--max-new-tokens", "3"], retrieval.RetrievalResult),
     (["sinks", "--model", "tiny:llama", "--T", "32"], sinks.SinkResult),
-    (["duo", "--model", "tiny:llama", "--steps", "1", "--length", "200"], duo.DuoResult),
+    (["duo", "--model", "tiny:llama", "--steps", "1", "--length", "320"], duo.DuoResult),
     (["routing", "--model", "tiny-moe", "--max-tokens", "24"], routing.RoutingResult),
     (["heads", "--model", "tiny:llama", "--lengths", "48", "--texts", "1"], taxonomy.TaxonomyResult),
 ]

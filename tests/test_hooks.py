@@ -26,6 +26,7 @@ def _shape_ok(name: str, t: torch.Tensor, m, B: int, R: int) -> bool:
         "attn.hook_z_norm": (B, H, R), "attn.alpha": (B, H, 4), "attn.key_mass": (B, H, R), "attn.key_count": (B, R),
         "hook_resid_pre": (B, R, spec.hidden_size), "hook_resid_post": (B, R, spec.hidden_size),
         "hook_attn_out": (B, R, spec.hidden_size), "hook_mlp_out": (B, R, spec.hidden_size),
+        **{f"attn.{s}": (B, H, R) for s in ("self_mass", "prev_mass", "local_mass", "dist_mean", "dist_var", "induction_mass")},
     }  # fmt: skip
     if rs is not None:
         expected.update({"mlp.router.logits": (B, R, rs.n_experts), "mlp.router.scores": (B, R, rs.n_experts),

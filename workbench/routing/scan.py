@@ -192,6 +192,13 @@ def concat_rows(parts: list[RoutingRows]) -> RoutingRows:
     return RoutingRows(layers=parts[0].layers, n_experts=parts[0].n_experts, **fields)
 
 
+def _first_tokens(model, text: str, cfg: RoutingConfig) -> torch.Tensor:
+    """The text's first ``max_tokens`` tokens (cut before the model's length check: long texts are fine)."""
+    if cfg.chat:
+        return model.encode(text, chat=True)[:, : cfg.max_tokens]
+    return model.encode(model.tokenizer.encode(text)[: cfg.max_tokens])
+
+
 @torch.no_grad()
 def scan(model, config: RoutingConfig | None = None, *, edits=(), on_case=None, cancel=None, progress: bool = True,
          **fields) -> RoutingResult:  # fmt: skip
@@ -201,7 +208,7 @@ def scan(model, config: RoutingConfig | None = None, *, edits=(), on_case=None, 
     cfg = config_of(RoutingConfig, config, fields)
     probe = Routing(layers=cfg.layers)
     probe.bind(model)  # a bad layer fails before any text runs
-    ids = [model.encode(t, chat=cfg.chat)[:, : cfg.max_tokens] for t in cfg.texts]
+    ids = [_first_tokens(model, t, cfg) for t in cfg.texts]
 
     def run(item):
         i, x = item
