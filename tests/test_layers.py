@@ -15,7 +15,7 @@ LAYERS = {
     2: ["hooks", "capture", "activations", "attention", "kernels", "interop", "routing.rules", "routing.hooks", "routing.probe",
         "routing.edits"],
     3: ["scan", "result", "niah", "retrieval", "sinks", "duo", "heads", "effects", "taxonomy", "routing", "routing.analyses",
-        "routing.contrastive", "routing.scan"],
+        "routing.contrastive", "routing.scan", "spans", "qrhead", "representation", "routing.joint"],
     4: ["store"],
     5: ["report", "widgets", "dashboard", "study", "cli", "__main__", "zoo.train_tiny_moe"],
 }
@@ -127,6 +127,6 @@ def test_no_import_cycles_between_modules():
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_layer_table_names_existing_modules(layer):
     for name in LAYERS[layer]:
-        if name in ("taxonomy",):  # planned modules may not exist yet
+        if name in ("taxonomy", "qrhead", "representation", "routing.joint"):  # planned modules may not exist yet
             continue
         assert _known(name), f"{name} in LAYERS does not exist"
