@@ -34,6 +34,7 @@ def test_masses_equal_the_explicit_matrix(tiny, arch):
         for ids, (q0, q1), got in ((c.ids, c.query, r.real[i]), (c.null_ids, c.null_query, r.null[i])):
             ref = eager_probs(m, ids)[:, :, q0:q1, s0:s1].sum(-1).mean(-1)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(qrhead.gold_mass(m, ids, (q0, q1), c.needle_span), ref, atol=1e-5, rtol=0)  # one full pass
         assert m.tokenizer.decode(c.ids[0, c.query[0] : c.query[1]]).strip() == wb.niah.needles()[i].question
         assert m.tokenizer.decode(c.null_ids[0, c.null_query[0] : c.null_query[1]]).strip() == "N/A"
         assert torch.equal(c.ids[0, : c.query[0]], c.null_ids[0, : c.null_query[0]])  # same document, same needle positions

@@ -14,8 +14,10 @@ Definition, as implemented
   content-free query (``null_query = "N/A"``) gives m_null over its own query rows; the document, needle and
   their positions are identical. Score of a case: m − m_null.
 - QR score of a head: the mean over the NIAH cases (lengths × depths × needles, as in
-  ``retrieval.RetrievalConfig``). Two prompt passes per case (real and null), no generation. Heads are scored
+  ``retrieval.RetrievalConfig``). One prompt pass per case and its null twin, no generation. Heads are scored
   per query head (GQA: every query head of a KV group separately).
+- Cost: the prompt up to the question is the same in the real and the null pass, so it runs once (plain
+  attention, no statistics) and its KV cache serves both questions; only the question rows are reduced.
 
 ``QRResult.agreement`` compares the ranking with Wu et al.'s retrieval scores (per query head) and with
 DuoAttention's gates (per KV head; a KV head's QR / Wu score is the maximum over its query heads, as
@@ -23,6 +25,7 @@ DuoAttention's gates (per KV head; a KV head's QR / Wu score is the maximum over
 """
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -91,18 +94,30 @@ def build_case(model, needle: niah.Needle, length: int, depth: float, *, null_qu
 
 
 @torch.no_grad()
-def gold_mass(model, ids: torch.Tensor, rows: tuple[int, int], span: tuple[int, int]) -> torch.Tensor:
-    """Mean over query ``rows`` (start, end) of each head's attention mass on key ``span`` ``[layer, head]``
-    (one forward pass; the mass is reduced in the attention backend)."""
+def gold_mass(model, ids: torch.Tensor, rows: tuple[int, int], span: tuple[int, int], *, past=None) -> torch.Tensor:
+    """Mean over query ``rows`` (start, end) of each head's attention mass on key ``span`` ``[layer, head]``,
+    reduced in the attention backend. Without ``past`` one forward pass over ``ids[:, :end]``; with ``past`` (the
+    KV cache of ``ids[:, :start]``, consumed) only the query rows run."""
+    q0, q1 = rows
+    x = ids[:, q0:q1] if past is not None else ids[:, :q1]
     with capture(model, AttentionStats(sink_keys=0, spans={"gold": tuple(span)}), names_filter="blocks.*.attn.span.gold") as cap:
-        model.hf(input_ids=ids.to(model.device), logits_to_keep=1)
-    return cap.stack("attn.span.gold")[:, 0, :, rows[0] : rows[1]].double().mean(-1)  # [L, H]
+        model.hf(input_ids=x.to(model.device), past_key_values=past, use_cache=past is not None, logits_to_keep=1)
+    mass = cap.stack("attn.span.gold")[:, 0].double()  # [L, H, rows run]
+    return (mass if past is not None else mass[..., q0:q1]).mean(-1)
 
 
+@torch.no_grad()
 def run_case(model, case: QRCase) -> dict:
-    """Both passes of one case: the gold-span mass under the real and the null question, per head."""
-    return {"real": gold_mass(model, case.ids, case.query, case.needle_span),
-            "null": gold_mass(model, case.null_ids, case.null_query, case.needle_span)}  # fmt: skip
+    """The gold-span mass under the real and the null question, per head. The prompt before the question is
+    the same in both: it runs once (no statistics) and its KV cache serves both questions, whose rows are
+    the only ones the backend reduces (causal attention: later tokens cannot change them)."""
+    start = case.query[0]
+    if case.null_query[0] != start or not torch.equal(case.ids[:, :start], case.null_ids[:, :start]):
+        raise ProbeError("the real and the null prompt must share every token before the question")
+    cache = model.hf(input_ids=case.ids[:, :start].to(model.device), use_cache=True, logits_to_keep=1).past_key_values
+    null_cache = copy.deepcopy(cache)
+    return {"real": gold_mass(model, case.ids, case.query, case.needle_span, past=cache),
+            "null": gold_mass(model, case.null_ids, case.null_query, case.needle_span, past=null_cache)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -244,6 +259,7 @@ class QRResult(Result):
         return super().heads()
 
     def summary(self) -> str:
+        """The text a CLI prints: cases, top heads by QR score, score range and the strongest layers."""
         state = "" if self.complete else f" — cancelled, {len(self.cases)} case(s) done"
         lines = [f"QRHead: calibrated query → needle attention over {len(self.cases)} NIAH case(s) "
                  f"(null query {self.null_query!r}){state}"]  # fmt: skip
@@ -258,6 +274,7 @@ class QRResult(Result):
         return "\n".join(lines)
 
     def figures(self) -> dict:
+        """``heads``: QR score per head (negative scores drawn as 0); ``masses``: the uncalibrated query → needle mass."""
         return {
             "heads": lambda: plots.head_grid(self.scores.clamp_min(0), "QRHead score per head: query → needle mass minus null-query mass",
                                              colorbar="calibrated mass"),

@@ -136,6 +136,7 @@ class RepresentationResult(Result):
                 "peak_ratio_layer": int(hi["layer"]), "peak_ratio": float(hi["bos_ratio"]), "corr_entropy_log_ratio": float(corr)}  # fmt: skip
 
     def summary(self) -> str:
+        """The text a CLI prints: where the entropy is lowest, where the first-token norm ratio peaks, and every layer."""
         n = self.per_text["text"].nunique() if len(self.per_text) else 0
         state = "" if self.complete else f" — cancelled, {n} text(s) done"
         lines = [f"compression valley: matrix entropy of each layer's residual output (T = {self.T}, {n} text(s)){state}"]
@@ -153,6 +154,7 @@ class RepresentationResult(Result):
         return "\n".join(lines)
 
     def figures(self) -> dict:
+        """``layers``: normalised entropies per layer with the first-token norm ratio on a second (log) axis; ``norms``: the norms."""
         return {
             "layers": lambda: plots.twin_axis_lines(
                 self.layers(), "layer", {"entropy_vn_norm": "von Neumann H1 / log min(T, d)", "entropy_renyi2_norm": "Rényi-2 H2 / log min(T, d)"},

@@ -240,6 +240,7 @@ class SpanResult(Result):
 
     @property
     def windows(self) -> tuple[int, ...]:
+        """Every window width the scan reduced (the grid up to the largest length, plus each length)."""
         return window_grid(self.lengths[-1], self.steps_per_octave, extra=self.lengths)
 
     def profile(self) -> pd.DataFrame:
@@ -263,6 +264,7 @@ class SpanResult(Result):
         return df.assign(elastic=df["span_slope"] > ELASTIC_SLOPE)
 
     def summary(self) -> str:
+        """The text a CLI prints: settings and grid resolution, share of elastic heads, the most elastic and the most local heads."""
         state = "" if self.complete else f" — cancelled, {self.n_texts} text(s) done"
         res = resolution(self.windows)
         lines = [f"span profile (MoA; smallest window holding q = {self.q:g} of each row's mass"
@@ -285,6 +287,7 @@ class SpanResult(Result):
         return "\n".join(lines)
 
     def figures(self) -> dict:
+        """``slope``: b per head (layer × head); ``elastic``: span vs N for the most and least elastic heads; ``spans``: median span at the largest N."""
         return {
             "slope": lambda: plots.head_grid(self.fit()[1], "span growth per head: b of span(N) = a + b·N (MoA elastic rule)",
                                              colorbar="b (span tokens per input token)"),

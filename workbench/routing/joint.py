@@ -184,6 +184,7 @@ class JointResult(Result):
         return out
 
     def summary(self) -> str:
+        """The text a CLI prints: per MoE layer, each kind's count, α, magnitude and its most frequent expert vs ordinary tokens."""
         t = self.tokens
         state = "" if self.complete else f" — cancelled, {self.n_texts} text(s) done"
         n_tok = int((t["layer"] == self.layers[0]).sum()) if len(t) else 0
@@ -210,6 +211,7 @@ class JointResult(Result):
         return "\n".join(lines)
 
     def figures(self) -> dict:
+        """``kinds``: per MoE layer, kind × expert share heatmaps; ``alpha``: mean α (max over heads) per layer and kind."""
         def kinds():
             df = self.experts()
             grids = []
