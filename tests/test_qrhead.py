@@ -127,3 +127,13 @@ def test_bad_config_fails_before_the_model_runs(tiny, bad, match):
     m = tiny("llama")
     with pytest.raises(wb.ProbeError, match=match):
         qrhead.scan(m, **{**FIELDS, **bad}, on_case=lambda c: pytest.fail("a case ran"), progress=False)
+
+
+def test_smollm2_qrhead_regression(smollm):
+    """SmolLM2 (one 400-token NIAH prompt): the top QR heads sit in the middle-to-late layers where Wu's
+    retrieval heads are (L17H3 among them)."""
+    r = qrhead.scan(smollm, lengths=[400], depths=[50], progress=False)
+    top = r.top_heads(5)
+    assert (17, 3) in [(l, h) for l, h, _ in top], top
+    assert sum(8 <= l <= 23 for l, _, _ in top) == 5 and top[0][2] > 0.3
+    assert abs(float(r.scores.median())) < 0.02  # most heads: the question does not change their needle mass

@@ -116,3 +116,13 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
 def test_bad_config_fails_before_the_model_runs(tiny, bad, match):
     with pytest.raises(wb.ProbeError, match=match):
         R.scan(tiny("llama"), **bad, on_case=lambda c: pytest.fail("a case ran"), progress=False)
+
+
+def test_smollm2_compression_valley_regression(smollm):
+    """SmolLM2 (one text, T = 128): the first token's norm jumps at layer 11 and the entropy collapses there."""
+    r = R.scan(smollm, T=128, texts=[wb.sinks.texts_for(128)[0]], progress=False)
+    v = r.valley()
+    assert v["peak_ratio_layer"] == 11 and v["peak_ratio"] > 100
+    assert 11 <= v["valley_layer"] <= 20 and v["valley_entropy"] < 0.05
+    layers = r.layers().set_index("layer")
+    assert layers.loc[10, "entropy_vn_norm"] > 0.3 and v["corr_entropy_log_ratio"] < -0.8

@@ -139,3 +139,12 @@ def test_bad_config_fails_before_the_model_runs(tiny, bad, match):
 def test_dense_model_is_refused(tiny):
     with pytest.raises(wb.ProbeError, match="has no MoE layers"):
         joint.scan(tiny("llama"), texts=TEXTS, progress=False)
+
+
+def test_tiny_moe_first_token_regression(tiny_moe):
+    """tiny-moe: its first token (<s>, always the same input at position 0) takes one route per layer, and it
+    is not a Gu et al. sink (α < ε = 0.3 in every head) on these texts."""
+    r = joint.scan(tiny_moe, texts=TEXTS, max_tokens=64, progress=False)
+    first = r.tokens[r.tokens["first"]]
+    assert (first.groupby("layer")["top1"].nunique() == 1).all()
+    assert (first["alpha_max"] < 0.3).all()

@@ -26,6 +26,7 @@ DuoAttention's gates (per KV head; a KV head's QR / Wu score is the maximum over
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -93,6 +94,15 @@ def build_case(model, needle: niah.Needle, length: int, depth: float, *, null_qu
                   (len(head) + n0, len(head) + n1), case.needle_span)  # fmt: skip
 
 
+def _cache_kwargs(model, past) -> dict:
+    """The KV cache argument under the name this transformers version uses (``cache`` from 5.2x, else
+    ``past_key_values``)."""
+    if past is None:
+        return {"use_cache": False}
+    name = "cache" if "cache" in inspect.signature(model.hf.forward).parameters else "past_key_values"
+    return {name: past, "use_cache": True}
+
+
 @torch.no_grad()
 def gold_mass(model, ids: torch.Tensor, rows: tuple[int, int], span: tuple[int, int], *, past=None) -> torch.Tensor:
     """Mean over query ``rows`` (start, end) of each head's attention mass on key ``span`` ``[layer, head]``,
@@ -101,7 +111,7 @@ def gold_mass(model, ids: torch.Tensor, rows: tuple[int, int], span: tuple[int, 
     q0, q1 = rows
     x = ids[:, q0:q1] if past is not None else ids[:, :q1]
     with capture(model, AttentionStats(sink_keys=0, spans={"gold": tuple(span)}), names_filter="blocks.*.attn.span.gold") as cap:
-        model.hf(input_ids=x.to(model.device), past_key_values=past, use_cache=past is not None, logits_to_keep=1)
+        model.hf(input_ids=x.to(model.device), **_cache_kwargs(model, past), logits_to_keep=1)
     mass = cap.stack("attn.span.gold")[:, 0].double()  # [L, H, rows run]
     return (mass if past is not None else mass[..., q0:q1]).mean(-1)
 
@@ -114,7 +124,8 @@ def run_case(model, case: QRCase) -> dict:
     start = case.query[0]
     if case.null_query[0] != start or not torch.equal(case.ids[:, :start], case.null_ids[:, :start]):
         raise ProbeError("the real and the null prompt must share every token before the question")
-    cache = model.hf(input_ids=case.ids[:, :start].to(model.device), use_cache=True, logits_to_keep=1).past_key_values
+    out = model.hf(input_ids=case.ids[:, :start].to(model.device), use_cache=True, logits_to_keep=1)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     null_cache = copy.deepcopy(cache)
     return {"real": gold_mass(model, case.ids, case.query, case.needle_span, past=cache),
             "null": gold_mass(model, case.null_ids, case.null_query, case.needle_span, past=null_cache)}  # fmt: skip
