@@ -24,6 +24,8 @@ Definition, as implemented
 - Elastic rule. Per head, least squares over the scanned lengths: span(N) = a + b·N. MoA's static heads have
   b ≈ 0 (a fixed local window); elastic heads widen with the input (b > 0). Here a head is *elastic* when
   b > ``ELASTIC_SLOPE`` = 0.05 (its span grows by more than 5 tokens per 100 input tokens), else *static*.
+- Learned attention sinks (GPT-OSS) take part of each row's probability: the keys' mass then sums to less than
+  1, and a row that never reaches q reports the whole row.
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ Definitions, as implemented (per text, per MoE layer l, per token position p cou
   first that applies of first, hidden_sink, massive, other. ``experts()`` counts a token under each of its
   flags; ``other`` = no flag. Shares are of the kind's tokens whose top-k contains the expert (they sum to k
   over experts), next to the same expert's share among ordinary (``other``) tokens and their ratio (lift).
+- The first token sees only itself: when every text starts with the same token (a BOS), its route is the same in
+  every text by construction, and its row of ``experts()`` says where that token goes, not how often.
 - With ``chat=True`` (and a tokenizer with a chat template) each text is a user turn; else plain text.
 
 One forward pass per text captures ``AttentionStats(sink_keys=0, key_mass=True)``, ``Routing()``,
