@@ -15,7 +15,7 @@ LAYERS = {
     2: ["hooks", "capture", "activations", "attention", "kernels", "interop", "routing.rules", "routing.hooks", "routing.probe",
         "routing.edits"],
     3: ["scan", "result", "niah", "retrieval", "sinks", "duo", "heads", "effects", "taxonomy", "routing", "routing.analyses",
-        "routing.contrastive", "routing.scan"],
+        "routing.contrastive", "routing.scan", "spans", "qrhead", "representation", "routing.joint"],
     4: ["store"],
     5: ["report", "widgets", "dashboard", "study", "cli", "__main__", "zoo.train_tiny_moe"],
 }

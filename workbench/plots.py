@@ -99,3 +99,53 @@ def category_grid(codes: torch.Tensor, labels: list[str], title: str, *, heads: 
                                hovertemplate="layer %{y} head %{x}: %{text}<extra></extra>"))  # fmt: skip
     fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * L + 120), width=560)
     return fig
+
+
+def lines(frame: pd.DataFrame, x: str, y: str, group: str, title: str, *, x_title: str | None = None,
+          y_title: str | None = None, dash: dict | None = None):  # fmt: skip
+    """One line with markers per ``group`` value (e.g. span over input length, one line per head); ``dash``
+    maps a group to a plotly dash style (e.g. to set two sets of lines apart)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, g in frame.groupby(group, sort=False):
+        g = g.sort_values(x)
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=str(name),
+                                 line={"dash": (dash or {}).get(name, "solid")}))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=x_title or x, yaxis_title=y_title or y, height=380, width=680)
+    return fig
+
+
+def twin_axis_lines(frame: pd.DataFrame, x: str, left: dict[str, str], right: dict[str, str], title: str, *,
+                    x_title: str, left_title: str, right_title: str, right_log: bool = False):  # fmt: skip
+    """Lines on two y axes over a shared ``x``: ``left`` / ``right`` map column → legend label (units in the
+    axis titles); ``right_log`` puts the right axis on a log scale."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for col, label in left.items():
+        fig.add_trace(go.Scatter(x=frame[x], y=frame[col], mode="lines+markers", name=label, yaxis="y"))
+    for col, label in right.items():
+        fig.add_trace(go.Scatter(x=frame[x], y=frame[col], mode="lines+markers", name=label, yaxis="y2", line={"dash": "dot"}))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis={"title": left_title},
+                      yaxis2={"title": right_title, "overlaying": "y", "side": "right", "type": "log" if right_log else "linear"},
+                      legend={"x": 1.08}, height=380, width=760)  # fmt: skip
+    return fig
+
+
+def facet_heatmaps(grids: list[tuple[str, pd.DataFrame]], title: str, *, colorbar: str, x_title: str, zmax: float | None = None):
+    """Side-by-side heatmaps sharing one colour scale: ``grids`` is a list of (panel title, frame) with the
+    frame's index as rows and its columns as x (e.g. per MoE layer: token kind × expert shares)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    n = max(1, len(grids))
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[t for t, _ in grids] or [""], shared_yaxes=True, horizontal_spacing=0.03)
+    zmax = zmax if zmax is not None else max((float(f.to_numpy().max()) for _, f in grids if f.size), default=1.0)
+    for i, (name, f) in enumerate(grids):
+        fig.add_trace(go.Heatmap(z=f.to_numpy(), x=[str(c) for c in f.columns], y=[str(r) for r in f.index], coloraxis="coloraxis",
+                                 hovertemplate=f"{name}: %{{y}} → %{{x}}: %{{z:.3f}}<extra></extra>"), row=1, col=i + 1)  # fmt: skip
+        fig.update_xaxes(title_text=x_title, row=1, col=i + 1)
+    fig.update_layout(title=title, coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": zmax, "colorbar": {"title": colorbar}},
+                      height=340, width=max(520, 260 * n))  # fmt: skip
+    return fig
