@@ -297,11 +297,12 @@ def scan_duo(
     from . import duo, retrieval
 
     cfg = duo.DuoConfig(length=length, steps=steps, sink=sink, recent=recent, sweep=(0.0, 0.25, 0.5, 0.75, 1.0))
-    wu_cfg = retrieval.RetrievalConfig(lengths=[min(1000, length * 2)], depths=3)
     positions = _positions(model)
     if positions and length > positions:
         raise WorkbenchError(f"--length {length} exceeds the model's {positions} positions")
-    _check_lengths([min(1000, length * 2)], 32, positions)  # the comparison with Wu's heads scans at this length
+    wu_length = min(1000, length * 2, positions - 32 if positions else 1000)  # the comparison with Wu's heads scans here
+    wu_cfg = retrieval.RetrievalConfig(lengths=[wu_length], depths=3)
+    _check_lengths([wu_length], 32, positions)
     _out_dir(out)
     m = _load(model)
     d = duo.scan(m, cfg)
@@ -319,10 +320,13 @@ def scan_routing(
     model: str = typer.Option("tiny-moe", help="an MoE model source (default: the zoo's tiny-moe)"),
     texts: Path = typer.Option(None, help="a UTF-8 text file, one text per blank-line-separated paragraph (default: the shipped domains)"),
     max_tokens: int = typer.Option(256, min=2, help="tokens per text"),
+    joint: bool = typer.Option(True, help="also attention × routing: which experts sink and massive-activation tokens go to"),
     out: Path = typer.Option(Path("results/routing"), help="results directory"),
 ) -> None:
-    """MoE routing over labelled texts: expert load, specialisation by label, routing margins."""
+    """MoE routing over labelled texts: expert load, specialisation by label, routing margins; and where the
+    attention-sink and massive-activation tokens are routed."""
     from . import routing
+    from .routing import joint as attention_routing
 
     paragraphs = None
     if texts is not None:
@@ -331,11 +335,14 @@ def scan_routing(
         except UnicodeDecodeError:
             raise WorkbenchError(f"--texts {texts} is not UTF-8 text") from None
     cfg = routing.RoutingConfig(texts=paragraphs, max_tokens=max_tokens)
+    joint_cfg = attention_routing.JointConfig(texts=cfg.texts, max_tokens=max_tokens) if joint else None
     _out_dir(out)
     m = _load(model)
-    r = routing.scan(m, cfg)
-    typer.echo(r.summary())
-    _report(out, f"MoE routing — {m.source}", [r])
+    results = [routing.scan(m, cfg)]
+    if joint_cfg is not None:
+        results.append(attention_routing.scan(m, joint_cfg))
+    typer.echo("\n\n".join(r.summary() for r in results))
+    _report(out, f"MoE routing — {m.source}", results)
 
 
 @scan_app.command("heads")
@@ -345,26 +352,48 @@ def scan_heads(
     lengths: str = typer.Option("128,256,512", help="comma-separated input lengths in tokens"),
     texts: int = typer.Option(3, min=0, help="prose texts per length (plus one repeated random sequence)"),
     local_window: int = typer.Option(8, min=1, help="w of the local mass (keys i − j < w)"),
-    retrieval_lengths: str = typer.Option(None, help="also run Wu's NIAH scan at these lengths and place heads on it"),
+    retrieval_lengths: str = typer.Option(None, help="also run Wu's NIAH scan and QRHead at these lengths and place heads on them"),
+    spans: bool = typer.Option(True, help="also the MoA span profile (90% span per head over the lengths, span(N) = a + b·N)"),
+    representation: bool = typer.Option(True, help="also per-layer representation entropy and BOS norm (compression valley)"),
     out: Path = typer.Option(Path("results/heads"), help="results directory"),
 ) -> None:
-    """Head taxonomy at any length: previous-token, self, local, induction heads and distance profiles, next
-    to sink α₀ (and Wu's retrieval score with --retrieval-lengths)."""
-    from . import retrieval, taxonomy
+    """Head types at any length: previous-token, self, local, induction heads and distance profiles next to
+    sink α₀; the MoA span profile; the compression valley; with --retrieval-lengths Wu's retrieval score and
+    query-focused retrieval heads (QRHead) and how the three agree."""
+    from . import qrhead, retrieval, taxonomy
+    from . import representation as rep
+    from . import spans as span_profile
 
-    cfg = taxonomy.TaxonomyConfig(lengths=_ints(lengths, "lengths"), n_texts=texts, local_window=local_window)
+    lens = _ints(lengths, "lengths")
+    cfg = taxonomy.TaxonomyConfig(lengths=lens, n_texts=texts, local_window=local_window)
+    span_lens = lens if len(set(lens)) > 1 else [n for n in (max(lens) // 4, max(lens) // 2, max(lens)) if n >= 4]  # a rule needs 2+
+    span_cfg = span_profile.SpanConfig(lengths=span_lens) if spans else None
+    rep_cfg = rep.RepresentationConfig(T=max(lens)) if representation else None
     wu_cfg = retrieval.RetrievalConfig(lengths=_ints(retrieval_lengths, "retrieval lengths"), depths=3) if retrieval_lengths else None
+    qr_cfg = qrhead.QRConfig(lengths=wu_cfg.lengths, depths=3) if wu_cfg is not None else None
     positions = _positions(model)
-    if positions and max(cfg.lengths) > positions:
-        raise WorkbenchError(f"--lengths: {max(cfg.lengths)} exceeds the model's {positions} positions")
+    if positions and max(lens) > positions:
+        raise WorkbenchError(f"--lengths: {max(lens)} exceeds the model's {positions} positions")
     if wu_cfg is not None:
         _check_lengths(list(wu_cfg.lengths), wu_cfg.max_new_tokens, positions)
     _out_dir(out)
     m = _load(model)
+    results = []
     wu = retrieval.scan(m, wu_cfg) if wu_cfg is not None else None
     t = taxonomy.scan(m, cfg, retrieval=wu)
     typer.echo(t.summary())
-    _report(out, f"head taxonomy — {m.source}", [t] + ([wu] if wu is not None else []))
+    results.append(t)
+    if span_cfg is not None:
+        results.append(span_profile.scan(m, span_cfg))
+    if rep_cfg is not None:
+        results.append(rep.scan(m, rep_cfg))
+    if qr_cfg is not None:
+        qr = qrhead.scan(m, qr_cfg)
+        results += [qr, wu, ("QRHead vs Wu et al. (per head)", qr.agreement(wu))]
+    for r in results[1:]:
+        if hasattr(r, "summary"):
+            typer.echo("\n" + r.summary())
+    _report(out, f"head types — {m.source}", results)
 
 
 # --- scripted studies ------------------------------------------------------------------------------

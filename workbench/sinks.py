@@ -251,7 +251,7 @@ def scan(model, config: SinkConfig | None = None, *, edits=(), on_case=None, can
     ``[T, vocab]`` logits are built). ``SinkConfig`` fields as keywords: ``T``, ``eps``, ``texts``."""
     cfg = config_of(SinkConfig, config, fields)
     ids_list = cfg.token_ids(model)
-    probes = (AttentionStats(sink_keys=0, key_mass=True), Hook("blocks.*.hook_resid_post", _massive_entries, key="massive"))
+    probes = (AttentionStats(sink_keys=0, key_mass=True), Hook("blocks.*.hook_resid_post", massive_entries, key="massive"))
 
     def run(item):
         i, ids = item
@@ -278,7 +278,7 @@ def scan(model, config: SinkConfig | None = None, *, edits=(), on_case=None, can
                       T=cfg.T, massive=massive, provenance=prov, complete=complete)  # fmt: skip
 
 
-def _massive_entries(x: torch.Tensor, name) -> torch.Tensor:
+def massive_entries(x: torch.Tensor, name) -> torch.Tensor:
     """Sun et al.: entries of one layer's output with |x| > 100 and ≥ 1000 × its median |x| → ``[n, 3]``
     rows of (position, dim, value) for the first sequence."""
     a = x[0].abs().float()

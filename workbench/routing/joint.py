@@ -44,7 +44,7 @@ from ..errors import ProbeError
 from ..hooks import Hook
 from ..result import Result
 from ..scan import config_of, float_value, int_value, run_cases
-from ..sinks import HIDDEN_SINK_THRESHOLD, MIN_QUERIES, _massive_entries, alpha_all
+from ..sinks import HIDDEN_SINK_THRESHOLD, MIN_QUERIES, massive_entries, alpha_all
 from .probe import Routing, require_moe, rows
 from .scan import default_texts
 
@@ -273,7 +273,7 @@ def scan(model, config: JointConfig | None = None, *, edits=(), on_case=None, ca
     cfg = config_of(JointConfig, config, fields)
     ids = [_encode(model, t, cfg) for t in cfg.texts]
     probes = (AttentionStats(sink_keys=0, key_mass=True), Routing(), Activations("blocks.*.hook_resid_post.max_abs"),
-              Hook("blocks.*.hook_resid_post", _massive_entries, key="massive"))  # fmt: skip
+              Hook("blocks.*.hook_resid_post", massive_entries, key="massive"))  # fmt: skip
 
     def run(item):
         i, x = item
