@@ -3,20 +3,10 @@ import pytest
 import torch
 
 import workbench as wb
+from reference import eager_attentions
 from workbench.testing import TINY_CONFIGS
 
 ARCHS = sorted(TINY_CONFIGS)
-
-
-def eager_attentions(m, ids, mask=None):
-    """Per-layer probabilities [B, H, T, T] from HF's own eager attention."""
-    m.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = m.hf(input_ids=ids, attention_mask=mask, output_attentions=True)
-    finally:
-        m.hf.set_attn_implementation("workbench")
-    return torch.stack([a.double() for a in out.attentions]), out.logits
 
 
 def sdpa_logits(m, ids, mask=None):

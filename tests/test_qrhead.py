@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import workbench as wb
+from reference import assert_round_trip, eager_attentions
 from handbuilt import COPY_HEAD, SINK_HEAD, content_model
 from workbench import qrhead
 from workbench.testing import byte_tokenizer
@@ -15,13 +16,7 @@ FIELDS = dict(lengths=[400], depths=[10, 50, 90])
 
 
 def eager_probs(m, ids):
-    m.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = m.hf(input_ids=ids, output_attentions=True)
-    finally:
-        m.hf.set_attn_implementation("workbench")
-    return torch.stack([a[0].double() for a in out.attentions])  # [L, H, T, T]
+    return eager_attentions(m, ids)[0][:, 0]  # [L, H, T, T]
 
 
 @pytest.mark.parametrize("arch, depths", [("llama", [20, 80]), ("gemma3", [50])])  # gemma3: sliding-window layers
@@ -104,14 +99,7 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     assert "nothing to report" in empty.summary()
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
-        r.save(store)
-        back = qrhead.QRResult.load(store)
-        for name, frame in r.tables().items():
-            pd.testing.assert_frame_equal(back.tables()[name].reset_index(drop=True), frame.reset_index(drop=True), check_dtype=False, obj=name)
-        assert back.summary() == r.summary() and back.provenance.definition == r.provenance.definition
-        assert len(repr(r)) < 300 and "<pre>" in r._repr_html_()
-        for kind in r.figure_kinds:
-            assert r.figure(kind) is not None
+        back = assert_round_trip(r, store)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -3,11 +3,11 @@ computation on HF's hidden states; a planted rank-one residual has zero entropy;
 import math
 import threading
 
-import pandas as pd
 import pytest
 import torch
 
 import workbench as wb
+from reference import assert_round_trip
 from handbuilt import content_model
 from workbench import representation as R
 from workbench.testing import byte_tokenizer
@@ -96,15 +96,8 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     assert "nothing to report" in empty.summary() and len(empty.heads()) == m.spec.n_layers
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
-        r.save(store)
-        back = R.RepresentationResult.load(store)
-        for name, frame in r.tables().items():
-            pd.testing.assert_frame_equal(back.tables()[name].reset_index(drop=True), frame.reset_index(drop=True), check_dtype=False, obj=name)
-        assert back.summary() == r.summary() and back.provenance.definition == r.provenance.definition
-        assert len(repr(r)) < 300 and "<pre>" in r._repr_html_()
+        back = assert_round_trip(r, store)
         assert list(r.heads()["layer"]) == list(range(m.spec.n_layers)) and r.grids()["bos_ratio"].shape == (m.spec.n_layers, 1)
-        for kind in r.figure_kinds:
-            assert r.figure(kind) is not None
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import workbench as wb
+from reference import assert_round_trip
 from workbench import sinks
 from workbench.routing import joint
 
@@ -114,16 +115,9 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     assert "nothing to report" in empty.summary()
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
-        r.save(store)
-        back = joint.JointResult.load(store)
-        for name, frame in r.tables().items():
-            pd.testing.assert_frame_equal(back.tables()[name].reset_index(drop=True), frame.reset_index(drop=True), check_dtype=False, obj=name)
+        back = assert_round_trip(r, store)
         pd.testing.assert_frame_equal(back.experts(), r.experts(), check_dtype=False)
-        assert back.summary() == r.summary() and back.provenance.definition == r.provenance.definition
-        assert len(repr(r)) < 300 and "<pre>" in r._repr_html_()
         assert r.grids()["share_first"].shape == (m.spec.n_layers, m.spec.routers[0].n_experts)
-        for kind in r.figure_kinds:
-            assert r.figure(kind) is not None
 
 
 @pytest.mark.parametrize("bad, match", [

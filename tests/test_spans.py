@@ -2,11 +2,11 @@
 uniform and sink heads give their closed-form spans, and the scan follows the protocol."""
 import threading
 
-import pandas as pd
 import pytest
 import torch
 
 import workbench as wb
+from reference import assert_round_trip, eager_attentions
 from handbuilt import SINK_HEAD, content_model
 from workbench import spans
 from workbench.testing import byte_tokenizer, tiny_hf_model
@@ -15,13 +15,7 @@ TEXT = "Span profiles measure how far back each head looks. " * 8
 
 
 def eager_probs(m, ids):
-    m.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = m.hf(input_ids=ids, output_attentions=True)
-    finally:
-        m.hf.set_attn_implementation("workbench")
-    return torch.stack([a[0].double() for a in out.attentions])  # [L, H, T, T]
+    return eager_attentions(m, ids)[0][:, 0]  # [L, H, T, T]
 
 
 def exact_spans(p: torch.Tensor, q: float, sink: int = 0):
@@ -137,14 +131,7 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     assert not part.complete and part.n_texts == 2 and set(part.histogram["text"]) == {0, 1} and "cancel" in part.summary()
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
-        r.save(store)
-        back = spans.SpanResult.load(store)
-        for name, frame in r.tables().items():
-            pd.testing.assert_frame_equal(back.tables()[name].reset_index(drop=True), frame.reset_index(drop=True), check_dtype=False, obj=name)
-        assert back.summary() == r.summary() and back.provenance.definition == r.provenance.definition
-        assert len(repr(r)) < 300 and "<pre>" in r._repr_html_()
-        for kind in r.figure_kinds:
-            assert r.figure(kind) is not None
+        back = assert_round_trip(r, store)
     empty = spans.scan(m, **fields, cancel=lambda: True, progress=False)
     assert empty.n_texts == 0 and "nothing to report" in empty.summary()
 

@@ -7,7 +7,7 @@ import torch
 
 import workbench as wb
 from handbuilt import INDUCTION_HEAD, PREV_HEAD, local_model, taxonomy_model
-from test_attention_exact import eager_attentions
+from reference import eager_attentions
 from workbench.kernels.semantics import induction_keys
 from workbench.testing import TINY_CONFIGS, byte_tokenizer
 

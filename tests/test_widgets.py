@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import workbench as wb
+from reference import eager_attentions
 from workbench.errors import ProbeError, WorkbenchError
 from workbench.widgets import AttentionView, HeadGrid, NIAHGrid, RoutingView, head_scores, to_panel
 
@@ -14,13 +15,7 @@ TEXT = "Sinks soak up attention; retrieval heads copy."
 
 def eager_rows(m, ids, layer):
     """HF eager attention probabilities of one layer ``[head, T, T]`` (the reference)."""
-    m.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = m.hf(input_ids=ids, output_attentions=True)
-    finally:
-        m.hf.set_attn_implementation("workbench")
-    return out.attentions[layer][0].double()
+    return eager_attentions(m, ids)[0][layer, 0]
 
 
 # --- AttentionView -------------------------------------------------------------------------------------------
