@@ -73,9 +73,10 @@ def test_take_reuses_the_prompts_own_run(tiny):
     m = tiny("llama")
     ids = m.encode(TEXT)
     d = Drilldown(m, ids)
-    with wb.capture(m, wb.AttentionStats(sink_keys=4), *d.probes(pattern=True)) as cap, torch.no_grad():
+    with wb.capture(m, wb.AttentionStats(sink_keys=4)) as stats, d.recording(pattern=True) as cap, torch.no_grad():
         m.hf(input_ids=ids)
     assert d.take(cap) == [0, 1] and d.forward_passes == 0
+    assert stats["blocks.1.attn.entropy"].shape == (1, 4, d.T)  # the caller's own statistics are untouched
     torch.testing.assert_close(d.pattern(1, 2), cap["blocks.1.attn.tile.0"][0, 2], atol=1e-6, rtol=0)
     view = PatternView(m, ids, capture=cap, drilldown=d, layer=1, head=2)
     assert d.forward_passes == 0 and view.mode == "pattern"

@@ -52,14 +52,21 @@ def layers_within(spec, T: int, max_elements: int) -> list[int]:
     return list(range(n))
 
 
-def qk_probes(model, T: int, max_elements: int = DEFAULT_MAX_ELEMENTS, *, pattern: bool = False) -> list:
-    """Probes to add to a prompt's first run so that :meth:`Drilldown.take` can keep its queries and keys
-    (every layer that fits ``max_elements``); ``pattern=True`` adds the exact ``[T, T]`` tile of every layer
-    (``attn.tile.0``; short prompts only: ``T × T × heads`` numbers per layer)."""
+def NAMES(name: str) -> bool:  # noqa: N802 — a names_filter
+    """What a drill-down keeps from a capture (its own, nested capture block: :meth:`Drilldown.recording`):
+    ``attn.hook_q``, ``attn.hook_k`` and whole-prompt tiles."""
+    return name.endswith((".attn.hook_q", ".attn.hook_k")) or ".attn.tile." in name
+
+
+def qk_probes(model, T: int, max_elements: int = DEFAULT_MAX_ELEMENTS, *, qk: bool = True, pattern: bool = False) -> list:
+    """Probes for a prompt's first run so that :meth:`Drilldown.take` can keep its queries and keys (every layer
+    that fits ``max_elements``); ``pattern=True`` adds the exact ``[T, T]`` tile of every layer (``attn.tile.0``;
+    short prompts only: ``T × T × heads`` numbers per layer). Record them in a capture of their own (filtered
+    to :data:`NAMES`), nested in the caller's: two AttentionStats in one block would both emit the row statistics."""
     from ..attention import AttentionStats
 
     out = []
-    layers = layers_within(model.spec, T, max_elements)
+    layers = layers_within(model.spec, T, max_elements) if qk else []
     if layers:
         out.append(AttentionStats(sink_keys=0, topk=1, layers=layers, qk=True))
     if pattern:
@@ -130,13 +137,23 @@ class Drilldown:
         with self._lock:
             return sum(q.numel() + k.numel() for q, k in self._qk.values())
 
-    def probes(self, *, pattern: bool = False) -> list:
-        """The probes a caller adds to its own run of this prompt (then :meth:`take` the capture)."""
-        return qk_probes(self.model, self.T, self.max_elements, pattern=pattern)
+    def recording(self, *, pattern: bool = False, qk: bool | None = None):
+        """A capture block to open (nested) around the caller's own run of this prompt; then :meth:`take` it.
+        ``qk`` (default: when nothing is held yet) keeps queries and keys; ``pattern`` the whole-prompt tiles."""
+        from ..capture import capture
+
+        qk = not self._qk if qk is None else qk
+        probes = qk_probes(self.model, self.T, self.max_elements, qk=qk, pattern=pattern)
+        if not probes:
+            return nullcontext(None)
+        budget = max(qk_elements(self.model.spec, self.T, self.model.spec.n_layers) * 2, 1 << 28)
+        return capture(self.model, *probes, names_filter=NAMES, max_elements=budget)
 
     def take(self, cap) -> list[int]:
-        """Keep the queries and keys of this prompt from capture ``cap`` (made with :meth:`probes`); returns the layers."""
+        """Keep the queries and keys of this prompt from capture ``cap`` (opened with :meth:`recording`); returns the layers."""
         got = []
+        if cap is None or not any(n.endswith("attn.hook_q") for n in cap.names()):
+            return got
         for layer in cap.layers("attn.hook_q"):
             q, k = cap[f"blocks.{layer}.attn.hook_q"], cap[f"blocks.{layer}.attn.hook_k"]
             if q.shape[1] != self.T or k.shape[1] != self.T:
@@ -170,9 +187,7 @@ class Drilldown:
         probe = AttentionStats(sink_keys=0, topk=1, layers=layers, qk=True)
         stop = Hook(f"blocks.{layers[-1]}.hook_attn_out", _stop)  # an edit hook: nothing is kept
         with self._fetch_lock, self._using():
-            with torch.no_grad(), intervene(self.model, stop, cancel_hook(cancel)), capture(
-                self.model, probe, names_filter=["blocks.*.attn.hook_q", "blocks.*.attn.hook_k"]
-            ) as cap:
+            with torch.no_grad(), intervene(self.model, stop, cancel_hook(cancel)), capture(self.model, probe, names_filter=NAMES) as cap:
                 self.forward_passes += 1
                 try:
                     self.model.hf(input_ids=self.ids.to(self.model.device), use_cache=False)

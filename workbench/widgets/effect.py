@@ -118,8 +118,8 @@ class PromptEffect:
     losses_after: torch.Tensor
     text_before: str | None
     text_after: str | None
-    max_logit_change: float
-    mean_kl: float
+    max_logit_change: float | None  # None: not measured (two separate runs compared, logits not kept)
+    mean_kl: float | None
     labels: tuple[str, ...] = field(default=())
 
     @property
@@ -150,8 +150,11 @@ class PromptEffect:
     def summary(self) -> str:
         n = self.user[1] - self.user[0]
         tmpl = f" ({self.n_template} template tokens excluded)" if self.n_template else ""
+        extra = ""
+        if self.max_logit_change is not None:
+            extra = f"; max |Δlogit| {self.max_logit_change:.4g}; mean KL {self.mean_kl:.4g}"
         return (f"edits: {'; '.join(self.edits)}\nloss on your {n} tokens{tmpl}: {self.loss_before:.4f} -> {self.loss_after:.4f} "
-                f"(Δ {self.delta_loss:+.4f} nats); max |Δlogit| {self.max_logit_change:.4g}; mean KL {self.mean_kl:.4g}")  # fmt: skip
+                f"(Δ {self.delta_loss:+.4f} nats){extra}")  # fmt: skip
 
     def edit_effect(self):
         """The same numbers as a library :class:`workbench.effects.EditEffect`."""
@@ -159,7 +162,8 @@ class PromptEffect:
 
         diff = tuple(f"{op} {w}" for op, w in self.diff() if op != "=")
         return EditEffect(labels=self.labels, loss_before=self.loss_before, loss_after=self.loss_after,
-                          max_logit_change=self.max_logit_change, mean_kl=self.mean_kl, text_before=self.text_before,
+                          max_logit_change=float("nan") if self.max_logit_change is None else self.max_logit_change,
+                          mean_kl=float("nan") if self.mean_kl is None else self.mean_kl, text_before=self.text_before,
                           text_after=self.text_after, diff=diff)  # fmt: skip
 
     def payload(self) -> dict:

@@ -46,7 +46,7 @@ class PatternView(AttentionView):
     hover a token to see its row, click a token to keep it as the query. Longer prompts: the row view of
     :class:`AttentionView` (jump to the query, its top keys, a heat strip of the whole text).
 
-    ``capture``: a capture of this prompt that already holds the tiles (``Drilldown.probes(pattern=True)``)
+    ``capture``: a capture of this prompt that already holds the tiles (``Drilldown.recording(pattern=True)``)
     — then nothing runs again; otherwise the view runs the prompt once."""
 
     _esm = esm("attention_rows", "pattern_view")
@@ -71,13 +71,11 @@ class PatternView(AttentionView):
 
     def _pattern_tiles(self, model, drill: Drilldown, cap) -> list[torch.Tensor]:
         """``[head, T, T]`` per layer, from the backend's tiles (one forward pass unless ``cap`` holds them)."""
-        from ..capture import capture as open_capture
-
         names = [f"blocks.{l}.attn.tile.0" for l in range(model.spec.n_layers)]
         if cap is None or not all(n in cap for n in names):
             if cap is not None:
-                raise ProbeError("PatternView: the capture holds no whole-prompt tiles; make it with Drilldown.probes(pattern=True)")
-            with torch.no_grad(), open_capture(model, *drill.probes(pattern=True)) as cap:
+                raise ProbeError("PatternView: the capture holds no whole-prompt tiles; record it with Drilldown.recording(pattern=True)")
+            with torch.no_grad(), drill.recording(pattern=True) as cap:
                 model.hf(input_ids=drill.ids.to(model.device), use_cache=False)
         T = drill.T
         tiles = [cap[n][0] for n in names]

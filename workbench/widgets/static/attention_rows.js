@@ -23,7 +23,7 @@ function rowView(model, opts = {}) {
   const controls = opts.controls === false ? null : h("div", { class: "wb-bar" }, title, h("label", { text: "layer " }, layer),
     h("label", { text: "head " }, head), h("label", { text: "query " }, goto), jump, which);
   if (opts.controls === false) wrap.append(h("div", { class: "wb-bar" }, title, which));
-  wrap.append(...[controls, h("div", { style: "display:flex;gap:4px;align-items:stretch" }, box, strip), topKeys, legend,
+  wrap.append(...[controls, h("div", { style: "display:flex;gap:4px;align-items:flex-start" }, box, strip), topKeys, legend,
     h("div", { class: "wb-hover" }, h("span", { text: "click a token to make it the query (shift-click adds one) · " }), hover)].filter((x) => x));
 
   let spans = [], active = null, shown = null, preview = null;
@@ -56,6 +56,8 @@ function rowView(model, opts = {}) {
   }
   let weights = null, queryOf = null;
   function drawStrip() {
+    const tall = Math.max(40, Math.min(320, box.offsetHeight || 320));  // as tall as the text box beside it
+    if (strip.height !== tall) { strip.height = tall; strip.style.height = tall + "px"; }
     const ctx = strip.getContext("2d"), Hh = strip.height;
     ctx.clearRect(0, 0, strip.width, Hh);
     if (!spans.length) return;

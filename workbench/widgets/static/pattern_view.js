@@ -9,7 +9,8 @@ function render({ model, el }) {
   const bigTitle = h("div", { class: "wb-title wb-pattern-title" });
   const cellHover = h("div", { class: "wb-hover wb-cell-hover" });
   const bigBox = h("div", { class: "wb-enlarged", style: "flex:none" }, bigTitle, big, cellHover);
-  const lower = h("div", { style: "display:flex;gap:10px;align-items:flex-start" }, bigBox, h("div", { style: "flex:1;min-width:0" }, rows.el));
+  const lower = h("div", { style: "display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start" }, bigBox,
+    h("div", { style: "flex:1 1 380px;min-width:340px" }, rows.el));
   r.append(head, thumbsBox, lower, statusLine(model));
 
   const LUT = Array.from({ length: 256 }, (_, u) => blues(u / 255).match(/\d+/g).map(Number));
