@@ -146,7 +146,7 @@ class PromptLab(Page):
 
     def _show_run(self, result) -> None:
         base, view, edited = result
-        grid, grid_pane = head_grid(base.metrics, title="per-head statistics (capture names)")
+        grid, grid_pane = head_grid(base.metrics, title="per-head statistics (capture names)", editable=True)
         grid.selected = list(self.selected)  # the grid opens on its best cell; keep the page's selection
         grid.ablate = [list(x) for x in self.ablate]
         for old in self._links:  # the previous run's views let go of the page

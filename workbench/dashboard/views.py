@@ -19,11 +19,12 @@ def to_panel_component(widget):
 _to_panel = to_panel_component  # older name
 
 
-def head_grid(scores, *, title: str = ""):
-    """A :class:`~workbench.widgets.HeadGrid` of scores only (``HeadGrid(...)``, its component)."""
+def head_grid(scores, *, title: str = "", editable: bool = False):
+    """A :class:`~workbench.widgets.HeadGrid` of scores only (``HeadGrid(...)``, its component); ``editable``:
+    shift-click collects heads in its ``ablate`` list (the page runs the edits)."""
     from ..widgets import HeadGrid
 
-    widget = HeadGrid(scores, title=title)
+    widget = HeadGrid(scores, title=title, editable=editable)
     return widget, to_panel_component(widget)
 
 

@@ -40,6 +40,7 @@ class HeadGrid(WorkbenchWidget):
     mode = traitlets.Unicode("zero").tag(sync=True)
     modes = traitlets.List(traitlets.Unicode(), list(ABLATION_MODES)).tag(sync=True)
     can_ablate = traitlets.Bool(False).tag(sync=True)
+    editable = traitlets.Bool(False).tag(sync=True)  # shift-click collects heads in `ablate` (default: can_ablate)
     run = traitlets.Int(0).tag(sync=True)  # the view increments it to ask for an ablation run
     effect = traitlets.Dict().tag(sync=True)
     _inputs = ("metric", "selected", "ablate", "mode", "run")  # what the view sets; the rest is output
@@ -66,7 +67,8 @@ class HeadGrid(WorkbenchWidget):
             self.attention = PatternView(model, prompt, layer=best[0], head=best[1], chat=chat)
         super().__init__(
             heading=title or "", metrics=names, metric=names[0], values={n: nested(v) for n, v in self.scores.items()},
-            selected=[best[0], best[1]], can_ablate=model is not None and prompt is not None, **kwargs,
+            selected=[best[0], best[1]], can_ablate=model is not None and prompt is not None,
+            **{"editable": model is not None and prompt is not None, **kwargs},
         )  # fmt: skip
         if self.attention is not None:  # one selection: the grid and the drill-down show the same head
             self._link = traitlets.link((self, "selected"), (self.attention, "selected"))

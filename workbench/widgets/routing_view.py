@@ -110,7 +110,7 @@ class RoutingView(WorkbenchWidget):
         if not edits:
             return None
         rec = route(self.model, self.ids, edits)
-        return rec, prompt_effect(self.model, self.ids, edits, max_new_tokens=self.max_new_tokens, cancel=self.stop_event)
+        return rec, prompt_effect(self.model, self.text, edits, max_new_tokens=self.max_new_tokens, cancel=self.stop_event)
 
     def _show(self, result) -> None:
         if result is None:

@@ -37,7 +37,7 @@ function render({ model, el }) {
         rect.addEventListener("mouseenter", () => { hover.textContent = `L${l}H${hd}: ${fmt(v)} (${metric})`; });
         rect.addEventListener("mousedown", (ev) => { if (ev.shiftKey) ev.preventDefault(); });  // shift-click: no text selection
         rect.addEventListener("click", (ev) => {
-          if (ev.shiftKey) {
+          if (ev.shiftKey && get(model, "editable")) {
             const cur = get(model, "ablate") || [];
             const i = cur.findIndex((x) => x[0] === l && x[1] === hd);
             put(model, "ablate", i >= 0 ? cur.filter((_, j) => j !== i) : [...cur, [l, hd]]);
@@ -47,7 +47,7 @@ function render({ model, el }) {
       }
     }
     svgBox.replaceChildren(svg, h("div", { class: "wb-bar" }, colorbar(viridis, lo, hi, metric)),
-      h("div", { class: "wb-hover", text: "click a cell to select it, shift-click to add it to the edit set" }));
+      h("div", { class: "wb-hover", text: "click a cell to select it" + (get(model, "editable") ? ", shift-click to add it to the edit set (or take it out)" : "") }));
   }
 
   function drawAblation() {
