@@ -47,10 +47,13 @@ def user_span(model, text: str, ids: torch.Tensor) -> tuple[int, int]:
     return p, len(seq) - s
 
 
-def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (nats) of each next token: entry ``t - 1`` is the loss of predicting token ``t`` (``[T - 1]``)."""
-    ids = ids.flatten()
-    return torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="none").cpu()
+def token_losses(logits: torch.Tensor, ids: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
+    """Cross-entropy (nats) of each next token: entry ``t - 1`` is the loss of predicting token ``t`` (``[T - 1]``).
+    In chunks of rows: an 8K prompt's log-softmax over a 49K vocabulary would be another 1.6 GB at once."""
+    ids = ids.flatten().to(logits.device)
+    out = [torch.nn.functional.cross_entropy(logits[i : min(i + chunk, len(ids) - 1)].float(), ids[i + 1 : i + 1 + chunk],
+                                             reduction="none") for i in range(0, len(ids) - 1, chunk)]  # fmt: skip
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 def targets(span: tuple[int, int]) -> range:
