@@ -71,13 +71,15 @@ def test_names_come_from_the_server_only(wb):
     with pytest.raises(DashboardError, match="unknown MoE model"):
         wb.route("gpt2", "hello")
     spec = wb.model().spec
-    assert parse_heads(["L1H2", (0, 3), "1:2"], spec) == ((1, 2), (0, 3))
-    for bad in (["L9H0"], ["L0H99"], ["nonsense"], ["__import__('os')"]):
+    assert parse_heads(["L1H2", (0, 3), [1, 2]], spec) == ((1, 2), (0, 3))  # ModelSpec.heads: the library's validator
+    for bad in (["L9H0"], ["L0H99"], ["nonsense"], ["__import__('os')"], ["1:2"]):
         with pytest.raises(DashboardError):
             parse_heads(bad, spec)
-    moe = wb.moe_spec("tiny-moe")
-    assert parse_experts(["L1E3"], moe) == ((1, 3),)
-    with pytest.raises(DashboardError):
+    with pytest.raises(DashboardError, match="layer 9 does not exist"):  # the library's own wording
+        parse_heads(["L9H0"], spec)
+    moe = wb.moe_model("tiny-moe")
+    assert parse_experts(["L1E3", (2, 0), "l1e3"], moe) == ((1, 3), (2, 0))
+    with pytest.raises(DashboardError, match="out of range"):  # ExpertMask's own check
         parse_experts(["L1E99"], moe)
 
 
@@ -98,13 +100,33 @@ def test_safe_path_refuses_traversal(tmp_path):
 
 
 def test_prompt_edits_change_loss_and_attention_is_exact(wb):
+    from workbench import heads
+
     base = wb.run_prompt(TEXT, max_new_tokens=4)
-    assert set(base.metrics) >= {"attn.alpha[0]", "previous-token share"}
-    assert all(v.shape == (2, 4) for v in base.metrics.values())
+    with wb.using() as m, wb_capture(m) as cap:
+        m.hf(input_ids=torch.tensor([base.token_ids]))
+    assert list(base.metrics) == list(heads.summary(cap))  # one vocabulary: the capture names, as in notebooks
+    assert "attn.alpha[0]" in base.metrics and all(v.shape == (2, 4) for v in base.metrics.values())
     abl = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(ablate=((1, 2), (0, 1)), mode="zero"))
     cal = wb.run_prompt(TEXT, max_new_tokens=4, edits=HeadEdits(calibrate=((1, 2),), sink_keys=(0,), beta=0.4))
     assert abl.loss != pytest.approx(base.loss, abs=1e-6) and cal.loss != pytest.approx(base.loss, abs=1e-6)
     assert wb.run_prompt(TEXT, max_new_tokens=4).loss == pytest.approx(base.loss, abs=1e-6)  # edits detached again
+
+
+def wb_capture(m):
+    import workbench
+
+    return workbench.capture(m, workbench.AttentionStats(sink_keys=4))
+
+
+def test_loss_counts_only_the_users_tokens(wb):
+    """The byte tokenizer prepends <s>: a template token, not counted; the loss is the mean over the user's tokens."""
+    out = wb.run_prompt(TEXT, max_new_tokens=0)
+    assert out.user == (1, len(out.token_ids)) and out.n_template == 1
+    # every next-token prediction targets a user token here (<s> at position 0 is never a target)
+    assert len(out.losses) == len(out.token_ids) - 1 and out.loss == pytest.approx(float(out.losses.double().mean()), abs=1e-6)
+    assert out.drill is not None and out.drill.layers == [0, 1]  # the same pass kept the drill-down
+    assert out.pattern_capture is not None  # and, for a short prompt, every head's pattern
 
 
 def test_two_sessions_at_once_do_not_mix_captures(wb):
@@ -173,24 +195,73 @@ def dash(wb):
     return build(wb).dashboard
 
 
-def test_prompt_lab_page_flow(dash):
+def test_prompt_lab_one_selection_drives_view_and_edits(dash):
+    """Grid click → the page's selection → the pattern view shows that head → the edit button ablates *that* head."""
     lab = dash.pages["Prompt lab"]
     lab.prompt.value = TEXT
     lab.run()
     lab.wait()
-    assert lab.last_error == "" and "loss" in lab.output.object
-    lab.grid.select(1, 3)  # what a click on the grid does
+    assert lab.last_error == "" and "loss on your tokens" in lab.output.object
+    grid, view = lab._grid_pane, lab._view_pane
+    grid.selected = [1, 3]  # what a click on a grid cell does (the browser sets the component's param)
     lab.wait()
-    assert (lab.layer, lab.head) == (1, 3)
-    assert lab.attention_area.objects  # the head's attention is shown
-    lab.toggle_ablation()
+    assert lab.selected == [1, 3] and view.selected == [1, 3] and lab.view.selected == [1, 3]
+    assert lab.view.pattern["layer"] == 1 and lab.view.pattern["head"] == 3  # the enlarged pattern followed
+    assert lab.view.rows[0]["layer"] == 1 and lab.view.rows[0]["head"] == 3
+    view.selected = [0, 2]  # a click on a pattern thumbnail: the grid follows
     lab.wait()
-    assert lab.ablate == ["L1H3"] and lab.edited is not None
+    assert lab.selected == [0, 2] and grid.selected == [0, 2] and lab.grid.selected == [0, 2]
+    lab.toggle_ablation()  # "Ablate selected head": the head the user is looking at
+    lab.wait()
+    assert lab.ablate == [[0, 2]] and grid.ablate == [[0, 2]] and lab.edited is not None
+    assert lab.edited.edits.ablate == ((0, 2),)
     assert lab.edited.loss != pytest.approx(lab.baseline.loss, abs=1e-6)
-    assert "With edits" in lab.edited_output.object
-    lab.toggle_ablation()
+    html = lab.edited_output.object
+    assert "With edits" in html and "L0H2" in html and "Δloss per token" in html and "template token" in html
+    grid.ablate = [[0, 2], [1, 1]]  # shift-click in the grid adds to the same edit set
+    lab.wait()
+    assert lab.ablate == [[0, 2], [1, 1]] and lab.edited.edits.ablate == ((0, 2), (1, 1))
+    lab.set_heads("L1H0")
+    lab.wait()
+    assert lab.ablate == [[1, 0]] and lab.edited.edits.ablate == ((1, 0),)
+    lab.toggle_ablation()  # L0H2 is selected: added
+    lab.param.update(ablate=[])
     lab.wait()
     assert lab.ablate == [] and lab.edited is None
+
+
+def test_prompt_lab_clicks_run_in_a_worker_without_the_model_lock(dash, wb):
+    """A query click is served from the cached queries and keys in a worker thread: it neither runs on the
+    caller's thread (the server's event loop) nor waits for a model another session holds."""
+    lab = dash.pages["Prompt lab"]
+    lab.prompt.value = TEXT
+    lab.run()
+    lab.wait()
+    view = lab.view
+    passes = view.drill.forward_passes
+    threads = []
+    orig = view.drill.rows
+    view.drill.rows = lambda *a, **k: (threads.append(threading.current_thread()), orig(*a, **k))[1]
+    held, release = threading.Event(), threading.Event()
+
+    def other_session():
+        with wb.using():
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other_session)
+    t.start()
+    held.wait(10)
+    try:
+        lab._view_pane.queries = [5]  # a click on token 5 in the browser
+        lab.wait(20)
+        assert view.rows[0]["query"] == 5 and view.error == ""  # answered while the other session holds the model
+        assert threads and all(th is not threading.main_thread() for th in threads)
+    finally:
+        release.set()
+        t.join()
+        view.drill.rows = orig
+    assert view.drill.forward_passes == passes  # no forward pass for a click
 
 
 def test_a_failing_computation_shows_in_the_page(dash, wb, monkeypatch):
@@ -245,6 +316,13 @@ class FakeRun:
     def __init__(self, path):
         self.path = Path(path)
 
+    @property
+    def study(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(task=SimpleNamespace(kind="niah"), model=SimpleNamespace(source="tiny:llama"),
+                               ablation=SimpleNamespace(target="heads", mode="uniform"))  # fmt: skip
+
     def summary(self):
         return pd.DataFrame({"condition": ["top", "random"], "accuracy": [0.2 if "a" in self.path.name else 0.5, 0.9]})
 
@@ -277,6 +355,29 @@ class FakeStudy:
         return pd.DataFrame(rows)
 
 
+def test_runs_compare_refuses_unlike_metrics(tmp_path, wb):
+    """A loss run and a logit-difference run: side by side with a warning, no Δ."""
+    from types import SimpleNamespace
+
+    from workbench.dashboard.runs_page import RunsPage
+
+    class Study(FakeStudy):
+        class Run(FakeRun):
+            @property
+            def study(self):
+                kind = "loss" if self.path.name == "run-a" else "logit_diff"
+                return SimpleNamespace(task=SimpleNamespace(kind=kind), model=SimpleNamespace(source="tiny:llama"),
+                                       ablation=SimpleNamespace(target="heads", mode="zero"))  # fmt: skip
+
+    for name in ("run-a", "run-b"):
+        (tmp_path / name).mkdir()
+    page = RunsPage(wb, store=RunsStore(tmp_path, api=Study()))
+    page.compare()
+    note, table = page.compare_area.objects[1], page.compare_area.objects[-1].object
+    assert "not comparable" in note.object and "loss" in note.object and "logit difference" in note.object
+    assert not [c for c in table.columns if c.startswith("Δ")]
+
+
 def test_runs_page_lists_opens_and_compares(tmp_path, wb):
     from workbench.dashboard.runs_page import RunsPage
 
@@ -292,7 +393,7 @@ def test_runs_page_lists_opens_and_compares(tmp_path, wb):
     page.wait()
     assert "report run-b" in page.report_area.objects[0].object and "sandbox" in page.report_area.objects[0].object
     page.compare()
-    table = page.compare_area.objects[1].object
+    table = page.compare_area.objects[-1].object
     assert "Δ accuracy" in table.columns and table.set_index("condition").loc["top", "Δ accuracy"] == pytest.approx(0.3)
     bad = RunsStore(tmp_path, api=FakeStudy(extra_path=str(tmp_path.parent)))
     assert list(bad.list()["run_id"]) == ["run-a", "run-b"] and bad.refused == ["evil"]
@@ -347,7 +448,8 @@ def test_runs_page_on_real_study_runs(tmp_path, wb):
     assert page.last_error == "" and "srcdoc" in page.report_area.objects[0].object
     assert (root / "second" / "report" / "index.html").is_file()
     page.compare()
-    assert page.last_error == "" and len(page.compare_area.objects[1].object) == 3
+    assert page.last_error == "" and len(page.compare_area.objects[-1].object) == 3
+    assert r"loss \(nats\)" in page.compare_area.objects[0].object  # the metric both runs measure is named
     assert len(RunsStore(tmp_path / "missing").list()) == 0
 
 
@@ -367,36 +469,22 @@ def test_prompt_lab_on_the_embedded_model(smollm):
     assert edited.loss != pytest.approx(base.loss, abs=1e-6)
 
 
-def test_retrieval_page_cancel(dash):
+def test_retrieval_page_cancel_keeps_finished_tests(dash):
     rt = dash.pages["Retrieval"]
     rt.param.update(lengths=[300], depths=4, new_tokens=8)
     rt.scan()
     rt.cancel()  # from the page's Cancel button: stops between tests, keeping the finished ones
     rt.wait()
-    assert rt.last_error == "" and not rt.busy
-    assert rt.progress.done < 4 and rt.result is not None and not rt.result.complete and len(rt.result.tests) == rt.progress.done
+    assert rt.last_error == "" and not rt.alert.visible and not rt.busy  # not an error
+    assert rt.progress.done < 4 and rt.result is not None and not rt.result.complete
+    partial = [o for o in rt.results_area.objects if "wb-partial" in (o.css_classes or [])]
+    assert partial and "finished before Cancel are shown" in partial[0].object
 
 
-def test_widget_clicks_do_not_wait_forever_for_a_busy_model(wb):
-    from workbench.dashboard import views
-
-    view = views.locked_attention_view(wb, TEXT, 1, 0)
-    view._dash_timeout = 0.2
-    held, release = threading.Event(), threading.Event()
-
-    def other_session():
-        with wb.using():
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=other_session)
-    t.start()
-    held.wait(10)
-    try:
-        view.show(0, 1)  # what a click in the browser does; the widget reports the failure itself
-        assert "busy" in view.error
-    finally:
-        release.set()
-        t.join()
-    view.show(1, 1)
-    assert view.error == "" and view.rows
+def test_prompt_lab_cancel_is_a_notice(dash):
+    lab = dash.pages["Prompt lab"]
+    lab.prompt.value = TEXT * 5
+    lab.run()
+    lab.cancel()  # stops the forward pass at the next layer
+    lab.wait()
+    assert lab.last_error == "" and "stopped" in lab.last_notice and lab.notice.visible and not lab.alert.visible

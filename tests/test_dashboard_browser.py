@@ -107,16 +107,16 @@ def test_prompt_lab_routing_and_every_tab_in_chromium(browser, dashboard_url):
     page.get_by_text("type a prompt first").wait_for(state="hidden", timeout=30_000)
     base_text = page.locator(".wb-output pre").inner_text()
 
-    # click a head in the HeadGrid: the page's selection and the attention view follow
+    # click a head in the HeadGrid: the page's selection and the pattern view follow
     page.click('rect.wb-cell[data-layer="1"][data-head="2"]')
-    page.wait_for_function("() => true")
     page.locator(".wb-selected strong", has_text="L1H2").wait_for(timeout=30_000)
+    page.locator('.wb-pattern-title[data-layer="1"][data-head="2"]').wait_for(timeout=30_000)
 
     # toggle an ablation of that head: the edited run appears, and its output differs from the baseline
     page.click(".wb-toggle-ablation button")
     page.wait_for_selector(".wb-edited-output .wb-loss", timeout=60_000)
     edited_loss = float(page.locator(".wb-edited-output .wb-loss").inner_text())
-    edited_text = page.locator(".wb-edited-output pre").inner_text()
+    edited_text = page.locator(".wb-edited-output .wb-diff").inner_text()
     assert "L1H2" in page.locator(".wb-edited-output .wb-edits").inner_text()
     assert edited_loss != base_loss or edited_text != base_text
     page.screenshot(path=str(out / "dashboard-prompt-lab.png"), full_page=True)
@@ -142,7 +142,7 @@ def test_prompt_lab_routing_and_every_tab_in_chromium(browser, dashboard_url):
     page.click("button.wb-apply")
     page.wait_for_selector("div.wb-effect", timeout=60_000)
     effect = page.locator("div.wb-effect").first.inner_text()
-    assert "expert-mask" in effect and "loss" in effect
+    assert "expert-mask L1E3" in effect and "loss" in effect  # the expert is named
     page.screenshot(path=str(out / "dashboard-routing.png"), full_page=True)
 
     # Runs: the study run made by the fixture, its summary and its report

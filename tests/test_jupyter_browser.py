@@ -66,10 +66,16 @@ def test_quickstart_headgrid_click_updates_attention(jupyterlab):
             page.locator('.wb-headgrid rect.wb-cell[data-layer="5"][data-head="2"]').click()
             page.locator('.wb-av-title[data-layer="5"][data-head="2"]').wait_for(timeout=30_000)
             assert "layer 5 · head 2" in title.inner_text()
-            tokens = page.locator(".wb-attention .wb-tok")
+            tokens = page.locator(".wb-pattern .wb-rowview .wb-tok")
             assert tokens.count() > 20
             assert tokens.first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"  # coloured
-            output = page.locator(".jp-OutputArea-output", has=page.locator(".wb-attention"))
+            assert page.locator(".wb-pattern canvas.wb-thumb").count() == 270  # every head's pattern (PatternView)
+            # one selection: a click on a pattern thumbnail moves the grid's selection too
+            page.locator('.wb-pattern canvas.wb-thumb[data-layer="17"][data-head="3"]').click()
+            page.locator('.wb-pattern-title[data-layer="17"][data-head="3"]').wait_for(timeout=30_000)
+            cell = page.locator('.wb-headgrid rect.wb-cell[data-layer="17"][data-head="3"]')
+            sync_api.expect(cell).to_have_attribute("stroke", "#d62728", timeout=30_000)
+            output = page.locator(".jp-OutputArea-output", has=page.locator(".wb-pattern"))
             output.screenshot(path=str(artifacts() / "quickstart_headgrid.png"))  # the grid and its drill-down
         except Exception:
             page.screenshot(path=str(artifacts() / "quickstart_failure.png"), full_page=True)

@@ -45,26 +45,39 @@ def test_attention_view_smollm_row_equals_eager(smollm):
     torch.testing.assert_close(torch.tensor(view.rows[0]["weights"], dtype=torch.double), ref[4, q], atol=1e-5, rtol=0)
 
 
-def test_attention_view_runs_only_what_the_row_needs(tiny):
-    """A fetch runs the tokens up to the query only; without prefetch only the layers up to the shown
-    one, with prefetch every layer once and later head/layer switches run nothing. Nothing N×N is kept."""
+def test_attention_view_clicks_run_no_forward_pass(tiny):
+    """The first run keeps every layer's queries and keys (one forward pass); then another query, head or
+    layer costs one layer's rows — no forward pass. Nothing N×N is kept."""
     m = tiny("llama")
     seen = []
     hooks = [m.hf.get_submodule(p).register_forward_pre_hook(lambda mod, a, kw, i=i: seen.append((i, kw["hidden_states"].shape[1])),
                                                             with_kwargs=True)
              for i, p in enumerate(m.spec.attention_paths)]  # fmt: skip
     try:
-        view = AttentionView(m, TEXT, layer=0, head=0, queries=[7], prefetch=False)
-        assert seen == [(0, 8)]
-        assert len(view.rows) == 1 and len(view.rows[0]["weights"]) == 8
-        seen.clear()
         view = AttentionView(m, TEXT, layer=0, head=0, queries=[7])
-        assert seen == [(0, 8), (1, 8)]
+        T = view.ids.shape[1]
+        assert seen == [(0, T), (1, T)] and view.drill.forward_passes == 1
+        assert len(view.rows) == 1 and len(view.rows[0]["weights"]) == 8
         view.show(1, 3)
-        assert seen == [(0, 8), (1, 8)]  # served from the cache
+        view.queries = [3, 20]
+        view.selected = [0, 2]
+        assert seen == [(0, T), (1, T)]  # served from the cached queries and keys
+        assert view.drill.elements == T * (4 + 2) * 16 * 2  # [T, heads + kv heads, d_head] per layer
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_attention_view_rows_name_their_head_and_top_keys(tiny):
+    m = tiny("gpt_oss")  # learned sinks and a sliding-window layer
+    view = AttentionView(m, TEXT, layer=0, head=3, queries=[30], top_k=5)
+    ref = eager_rows(m, view.ids, 0)
+    (row,) = view.rows
+    assert (row["layer"], row["head"], row["query"]) == (0, 3, 30)
+    want = sorted(range(31), key=lambda j: (-float(ref[3, 30, j]), j))[:5]
+    assert [k for k, _ in row["top"]] == want
+    torch.testing.assert_close(torch.tensor([p for _, p in row["top"]], dtype=torch.double), ref[3, 30, want], atol=1e-5, rtol=0)
+    assert view.top_keys(30, 2) == [tuple(x) for x in row["top"][:2]]
 
 
 def test_attention_view_state_grows_linearly_with_length(tiny):
@@ -75,7 +88,7 @@ def test_attention_view_state_grows_linearly_with_length(tiny):
     ids = torch.randint(3, 250, (1, 500), generator=torch.Generator().manual_seed(0))
     size = {}
     for n in (250, 500):
-        view = AttentionView(m, ids[:, :n], layer=1, head=0, prefetch=False)
+        view = AttentionView(m, ids[:, :n], layer=1, head=0)
         size[n] = len(json.dumps({k: getattr(view, k) for k in ("tokens", "rows")}))
     assert size[500] < 2.2 * size[250]
     assert len(view.rows) == 1 and len(view.rows[0]["weights"]) == 500
@@ -99,6 +112,8 @@ def test_attention_view_bad_input(tiny):
         view.queries = [10_000]
     with pytest.raises(ProbeError, match="head 9 does not exist"):
         view.head = 9
+    with pytest.raises(ProbeError, match="at most 32 queries"):
+        view.queries = list(range(33))
     with pytest.raises(ProbeError, match="empty prompt"):
         AttentionView(m, "  ")
 
@@ -310,7 +325,11 @@ def test_to_panel_mirrors_both_ways(tiny):
     comp.selected = [1, 2]  # the browser clicks a cell in Panel
     assert grid.selected == [1, 2]  # -> trait
     assert (grid.attention.layer, grid.attention.head) == (1, 2)  # -> the widget's observers ran
-    assert (view.layer, view.head) == (1, 2) and view.rows == grid.attention.rows  # -> reaction pushed back
+    assert view.selected == [1, 2] and view.rows == grid.attention.rows  # -> reaction pushed back
+    assert view.pattern["layer"] == 1 and view.pattern["head"] == 2  # the enlarged pattern followed
+    view.selected = [0, 3]  # a click on a pattern thumbnail: the grid follows (one selection)
+    assert grid.selected == [0, 3] and comp.selected == [0, 3]
+    comp.selected = [1, 2]
     comp.run = comp.run + 1  # "run ablation" in Panel
     assert comp.effect == grid.effect and comp.effect["heads"] == [[1, 2]]
     grid.metric = "x"

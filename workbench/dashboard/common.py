@@ -1,4 +1,5 @@
-"""What every dashboard page shares: background computations, progress, errors shown in the page."""
+"""What every dashboard page shares: background computations (a spinner and a Cancel button; never on the
+server's event loop), errors and notices shown in the page, compact tables."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import panel as pn
 import param
 
 from ..errors import WorkbenchError
-from .state import Cancelled, Progress, Workbench
+from .state import Progress, Workbench
+from .validation import is_cancel
 
 log = logging.getLogger("workbench.dashboard")
 
@@ -51,14 +53,42 @@ def html_text(text) -> str:
     return html.escape(str(text), quote=True).replace("\n", "<br>")
 
 
+TABLE_CSS = """
+table { border-collapse: collapse; font: 12px/1.35 system-ui, sans-serif; width: auto; }
+th, td { text-align: left !important; padding: 2px 10px 2px 4px; border-bottom: 1px solid #e5e5e5; white-space: nowrap; }
+th { background: #f4f5f7; font-weight: 600; }
+td { max-width: 36em; overflow: hidden; text-overflow: ellipsis; }
+"""
+
+
 def table(frame, **kwargs) -> pn.pane.DataFrame:
-    """A DataFrame pane whose cells are always escaped (run files, tokens and texts are data, never HTML)."""
+    """A compact, left-aligned DataFrame pane (as wide as its columns, not the page) whose cells are always
+    escaped (run files, tokens and texts are data, never HTML)."""
+    kwargs["sizing_mode"] = "fixed"  # as wide as its columns (the app's default stretches panes to the page)
+    kwargs["stylesheets"] = [*kwargs.get("stylesheets", []), TABLE_CSS]
+    kwargs.setdefault("float_format", lambda x: f"{x:.4g}")
     return pn.pane.DataFrame(frame, escape=True, **kwargs)
+
+
+def with_heads(frame, layer: str = "layer", head: str = "head", name: str = "head"):
+    """Heads as names (``L17H3``) in one column instead of two number columns."""
+    if layer not in frame or head not in frame:
+        return frame
+    out = frame.copy()
+    names = [f"L{int(l)}H{int(h)}" for l, h in zip(out[layer], out[head])]
+    out = out.drop(columns=[layer, head])
+    out.insert(0, name, names)
+    return out
+
+
+def details(title: str, *objects, **kwargs) -> pn.Card:
+    """Secondary detail (token ids, unit configs, JSON) behind a toggle, collapsed."""
+    return pn.Card(*objects, title=title, collapsed=True, sizing_mode="stretch_width", css_classes=["wb-details"], **kwargs)
 
 
 def message(err: BaseException) -> str:
     """What the page shows for a failure: workbench errors verbatim, anything else by type (logged in full)."""
-    if isinstance(err, Cancelled):
+    if is_cancel(err):
         return "stopped."
     if isinstance(err, WorkbenchError):
         return str(err)
@@ -66,35 +96,123 @@ def message(err: BaseException) -> str:
     return f"internal error ({type(err).__name__}): {err}. The server keeps running; see its log."
 
 
+class Worker:
+    """Runs a widget's model computations (its :attr:`~workbench.widgets._base.WorkbenchWidget.runner`) in a
+    thread — never on the server's event loop — and hands the result back on the session's loop. One job
+    at a time; a newer request replaces a queued one (clicks that follow a selection). ``lock``: the model
+    name whose lock the job holds (``None``: the job takes no lock — drill-down rows from the cache, which
+    fetch under the lock themselves only when they must run the model)."""
+
+    def __init__(self, wb: Workbench, lock: str | None | bool = False):
+        self.wb, self.lock = wb, lock
+        self.doc = pn.state.curdoc
+        self._queued = None
+        self._running = False
+        self._guard = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, label: str, work: Callable, finish: Callable) -> None:
+        with self._guard:
+            if self._running:
+                self._queued = (label, work, finish)
+                return
+            self._running = True
+        self._start(label, work, finish)
+
+    def _start(self, label, work, finish) -> None:
+        def target():
+            try:
+                if self.lock is False:
+                    result, err = work(), None
+                else:
+                    with self.wb.using(self.lock):
+                        result, err = work(), None
+            except BaseException as e:  # noqa: BLE001 — shown in the widget
+                result, err = None, e
+                if not isinstance(e, WorkbenchError):
+                    log.error("widget computation failed", exc_info=e)
+            _in_session(self.doc, self._done, finish, result, err)
+
+        self.thread = threading.Thread(target=target, daemon=True, name=f"workbench-widget {label}")
+        self.thread.start()
+
+    def _done(self, finish, result, err) -> None:
+        if err is not None and not isinstance(err, WorkbenchError):
+            err = WorkbenchError(message(err))
+        finish(result, err)
+        with self._guard:
+            queued, self._queued = self._queued, None
+            if queued is None:
+                self._running = False
+        if queued is not None:
+            self._start(*queued)
+
+    def wait(self, timeout: float = 60) -> None:
+        """Block until nothing runs or waits (tests, scripts)."""
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self._running and self._queued is None:
+                return
+            time.sleep(0.01)
+
+
 class Page(pn.viewable.Viewer):
-    """A tab: ``busy`` while its computation runs in a worker thread; errors land in :attr:`alert`."""
+    """A tab: ``busy`` while its computation runs in a worker thread (a spinner and a Cancel button show);
+    errors land in :attr:`alert`, neutral notices (a cancelled run) in :attr:`notice`."""
 
     busy = param.Boolean(default=False, doc="a computation of this page is running")
     last_error = param.String(default="", doc="the last failure shown in the page")
+    last_notice = param.String(default="", doc="the last neutral notice shown in the page")
 
     title = "page"
 
     def __init__(self, wb: Workbench, **params):
         super().__init__(**params)
         self.wb = wb
-        self.alert = pn.pane.Alert(
-            "", alert_type="danger", visible=False, css_classes=["wb-error"], sizing_mode="stretch_width"
-        )
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["wb-error"], sizing_mode="stretch_width")
+        self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wb-notice"], sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", css_classes=["wb-status"])
+        self.spinner = pn.indicators.LoadingSpinner(value=self.param.busy, visible=self.param.busy, size=18, width=18, height=18,
+                                                    css_classes=["wb-spinner"])  # fmt: skip
+        self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", width=90, disabled=True, css_classes=["wb-cancel"])
+        self.cancel_button.on_click(self.cancel)
+        self.param.watch(lambda e: setattr(self.cancel_button, "disabled", not e.new), "busy")
         self.task: threading.Thread | None = None
         self.progress: Progress | None = None
         self._queued: tuple | None = None
+        self.workers: list[Worker] = []
 
-    # errors
+    def host(self, widget, *, lock: str | None | bool = False):
+        """``widget`` as a Panel component whose computations run in a :class:`Worker` (off the event loop)."""
+        from .views import to_panel_component
+
+        worker = Worker(self.wb, lock)
+        self.workers.append(worker)
+        self.workers[:] = self.workers[-8:]
+        widget.runner = worker
+        return to_panel_component(widget)
+
+    def status_row(self) -> pn.Row:
+        return pn.Row(self.spinner, self.status, self.cancel_button, align="center")
+
+    # errors and notices
     def fail(self, err: BaseException | str) -> None:
         text = err if isinstance(err, str) else message(err)
         self.last_error = text
         self.alert.object = md_escape(text)  # error texts quote run ids, file contents and prompts
         self.alert.visible = True
 
+    def inform(self, text: str) -> None:
+        self.last_notice = text
+        self.notice.object = md_escape(text)
+        self.notice.visible = True
+
     def clear(self) -> None:
-        self.last_error = ""
+        self.last_error = self.last_notice = ""
         self.alert.visible = False
+        self.notice.visible = False
 
     def guarded(self, fn: Callable) -> Callable:
         """A synchronous callback whose failures show in the page instead of escaping to the server."""
@@ -112,7 +230,8 @@ class Page(pn.viewable.Viewer):
               progress: Progress | None = None, on_progress: Callable[[Progress], None] | None = None,
               queue: bool = False) -> bool:  # fmt: skip
         """Run ``work()`` in a worker thread; then ``done(result)`` on the session's loop. One at a time per
-        page: another request while busy is refused (shown in the page), or with ``queue=True`` run after it."""
+        page: another request while busy is refused (shown in the page), or with ``queue=True`` run after it.
+        ``progress``: what Cancel sets (a fresh one is made when not given; ``work`` reads :attr:`progress`)."""
         if self.busy:
             if queue:  # views that follow a selection: the latest request runs next, older ones are dropped
                 self._queued = (label, work, done)
@@ -123,14 +242,18 @@ class Page(pn.viewable.Viewer):
         self.clear()
         self.busy = True
         self.status.object = f"running: {md_escape(label)} …"
+        progress = progress or Progress()
         self.progress = progress
         if progress is not None and on_progress is not None:
             progress.callback = lambda p: _in_session(doc, on_progress, p)
 
         def finish(result, err):
             self.busy = False
-            if err is not None:
-                self.status.object = f"{md_escape(label)}: {'stopped' if isinstance(err, Cancelled) else 'failed'}"
+            if err is not None and is_cancel(err):
+                self.status.object = f"{md_escape(label)}: stopped"
+                self.inform(f"{label}: stopped before it finished; nothing was changed.")
+            elif err is not None:
+                self.status.object = f"{md_escape(label)}: failed"
                 self.fail(err)
             else:
                 try:
@@ -155,7 +278,7 @@ class Page(pn.viewable.Viewer):
         return True
 
     def wait(self, timeout: float = 120) -> None:
-        """Block until the running computation and any queued one finished (tests, scripts)."""
+        """Block until the running computation, any queued one and the hosted widgets' jobs finished (tests, scripts)."""
         import time
 
         end = time.monotonic() + timeout
@@ -163,14 +286,78 @@ class Page(pn.viewable.Viewer):
             task = self.task
             if task is not None:
                 task.join(max(0.0, end - time.monotonic()))
-            if not self.busy and self._queued is None and (self.task is task):
+            for w in list(self.workers):
+                w.wait(max(0.0, end - time.monotonic()))
+            if not self.busy and self._queued is None and (self.task is task) and not any(w._running for w in self.workers):
                 return
             time.sleep(0.01)
 
     def cancel(self, *_) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.busy:
             self.progress.cancel()
-            self.status.object = "stopping after the current step …"
+            self.status.object = "stopping at the next step …"
 
     def header(self, text: str) -> pn.pane.Markdown:
         return pn.pane.Markdown(text, sizing_mode="stretch_width")
+
+
+def _diverging(v: float, mx: float) -> str:
+    """Blue (loss went down) … white … red (loss went up)."""
+    t = max(-1.0, min(1.0, v / mx if mx else 0.0))
+    a, b = ((247, 247, 247), (178, 24, 43)) if t >= 0 else ((247, 247, 247), (33, 102, 172))
+    u = abs(t)
+    return "rgb({},{},{})".format(*(round(x + u * (y - x)) for x, y in zip(a, b)))
+
+
+def tokens_html(tokens, notes, user, delta=None, *, css: str = "wb-delta-tokens") -> str:
+    """The prompt's tokens as escaped spans: the user's own tokens coloured by ``delta`` (Δloss per token, a
+    diverging scale with its colour bar), template tokens greyed out and labelled."""
+    mx = max((abs(d) for d in (delta or []) if d is not None), default=0.0) or 1.0
+    spans = []
+    for i, t in enumerate(tokens):
+        label = html.escape(str(t).replace("\n", "↵\n"))
+        note = (notes[i] if notes and i < len(notes) else "") or ""
+        if not user[0] <= i < user[1]:
+            spans.append(f"<span class='wb-template' title='template token (not counted)' style='color:#999;background:#f2f2f2'>{label}</span>")
+            continue
+        d = delta[i] if delta and i < len(delta) else None
+        tip = html.escape((f"Δloss {d:+.4f} nats" if d is not None else "not predicted (first token)") + (f"; {note}" if note else ""), quote=True)
+        style = f"background:{_diverging(d, mx)}" if d is not None else ""
+        spans.append(f"<span class='wb-user-tok' title='{tip}' style='{style}'>{label}</span>")
+    bar = ""
+    if delta is not None:
+        stops = ", ".join(_diverging(v, 1.0) for v in (-1, -0.5, 0, 0.5, 1))
+        bar = (f"<div style='font-size:11px;color:#444;margin:2px 0'>Δloss per token: <b>{-mx:+.3g}</b> "
+               f"<span style='display:inline-block;width:120px;height:10px;vertical-align:middle;border:1px solid #ccc;"
+               f"background:linear-gradient(to right, {stops})'></span> <b>{mx:+.3g}</b> nats (blue: better, red: worse; "
+               "grey: template tokens, not counted)</div>")  # fmt: skip
+    return (f"{bar}<div class='{css}' style='white-space:pre-wrap;font:12px/1.7 ui-monospace,monospace;max-height:220px;"
+            f"overflow-y:auto;border:1px solid #ddd;padding:4px'>{''.join(spans)}</div>")
+
+
+def words_html(words) -> str:
+    """A word diff (``[[op, word]]``) as one text: removed words struck through in red, added ones in green."""
+    out = []
+    for op, w in words:
+        w = html.escape(w)
+        out.append(f"<del class='wb-del' style='background:#fdd'>{w}</del>" if op == "-" else
+                   f"<ins class='wb-add' style='background:#dfd;text-decoration:none'>{w}</ins>" if op == "+" else w)  # fmt: skip
+    return " ".join(out)
+
+
+def effect_html(pe, *, title: str = "With edits") -> str:
+    """What an edit did (a :class:`workbench.widgets.PromptEffect`): the edits named, the loss on the user's own
+    tokens before → after, the continuation as a word diff, Δloss per token."""
+    n = pe.user[1] - pe.user[0]
+    tmpl = f" ({pe.n_template} template tokens excluded)" if pe.n_template else ""
+    extra = ""
+    if pe.max_logit_change is not None:
+        extra = f", max |Δlogit| {pe.max_logit_change:.3g}, mean KL {pe.mean_kl:.3g}"
+    changed = pe.text_before != pe.text_after
+    cont = ("<i>no continuation generated</i>" if pe.text_before is None else
+            f"<div class='wb-diff' style='white-space:pre-wrap'>{words_html(pe.diff())}</div>" if changed else
+            f"<div class='wb-diff' style='white-space:pre-wrap'>unchanged: {html.escape(pe.text_before)}</div>")  # fmt: skip
+    return (f"<div><b>{html.escape(title)}</b> <span class='wb-edits'>[{html.escape('; '.join(pe.edits))}]</span>: loss on your {n} tokens{tmpl} "
+            f"<span class='wb-loss-before'>{pe.loss_before:.4f}</span> → <span class='wb-loss'>{pe.loss_after:.4f}</span> "
+            f"(Δ <span class='wb-delta-loss'>{pe.delta_loss:+.4f}</span> nats){extra} — <b>{'output changed' if changed else 'output unchanged'}</b>"
+            f"<div><b>continuation</b> (before → after):</div>{cont}{tokens_html(pe.tokens, pe.notes, pe.user, pe.token_delta())}</div>")  # fmt: skip

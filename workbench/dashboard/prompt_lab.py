@@ -1,4 +1,10 @@
-"""Prompt lab: run a prompt, see per-head statistics, drill into a head, ablate / calibrate heads live."""
+"""Prompt lab: run a prompt, see per-head statistics and every head's pattern, drill into a head, ablate /
+calibrate heads live.
+
+Panel idiom: the page's state is its ``param`` parameters; one selection (``selected``, the head looked at)
+is shared by the HeadGrid, the pattern view and the edit buttons — the grid and the view are linked to it
+with Panel's own ``link(..., bidirectional=True)``, the inputs are ``from_param`` widgets, and the output
+panes are methods that depend on the parameters they show. No hand-written two-way sync."""
 
 from __future__ import annotations
 
@@ -8,286 +14,265 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page, md_escape
-from .state import HeadEdits, PromptOutcome, head_name, parse_heads
-from .views import HeadGridView, locked_attention_view
+from .common import Page, effect_html, md_escape, tokens_html
+from .state import HeadEdits, Progress, PromptOutcome, head_name
+from .validation import parse_heads
+from .views import head_grid
 
 EXAMPLE = "The lighthouse keeper climbed the stairs every evening. Where did the keeper go every evening?"
 
 
 class PromptLab(Page):
-    """Prompt → kernel statistics per head (HeadGrid) → attention of the clicked head → edits, re-run live."""
+    """Prompt → kernel statistics per head (HeadGrid) → every head's pattern / the clicked head's rows →
+    edits, re-run live."""
 
     title = "Prompt lab"
-    layer = param.Integer(default=0, bounds=(0, None), doc="selected head's layer")
-    head = param.Integer(default=0, bounds=(0, None), doc="selected head")
-    ablate = param.List(default=[], doc="heads to ablate, as 'L3H2'")
+    text = param.String(default=EXAMPLE, doc="the prompt")
+    chat = param.Boolean(default=False, doc="wrap the prompt in the model's chat template (its tokens are not counted in the loss)")
+    new_tokens = param.Integer(default=16, bounds=(0, 64), doc="greedy continuation length")
+    selected = param.List(default=[0, 0], item_type=int, doc="the head the grid, the pattern view and the edit buttons act on: [layer, head]")
+    ablate = param.List(default=[], doc="heads to ablate, [[layer, head], ...] (shift-click in the grid, or the buttons)")
     mode = param.Selector(default="zero", objects=list(ABLATION_MODES), doc="ablation mode")
-    calibrate = param.List(default=[], doc="heads to ACT-calibrate")
+    calibrate = param.List(default=[], doc="heads to ACT-calibrate, [[layer, head], ...]")
     sink_keys = param.String(default="0", doc="key positions the calibration scales (comma-separated)")
     beta = param.Number(default=0.4, bounds=(0.05, 1.0), doc="ACT β")
+    baseline = param.Parameter(default=None, doc="the last run without edits (PromptOutcome)")
+    edited = param.Parameter(default=None, doc="the last run with the edits (PromptOutcome), None without edits")
 
     def __init__(self, wb, **params):
         super().__init__(wb, **params)
         caps = wb.caps
-        self.baseline: PromptOutcome | None = None
-        self.edited: PromptOutcome | None = None
-        self.prompt = pn.widgets.TextAreaInput(label="Prompt", value=EXAMPLE, max_length=caps.max_prompt_chars, height=110,
-                                               sizing_mode="stretch_width", css_classes=["wb-prompt"])  # fmt: skip
-        self.chat = pn.widgets.Checkbox(label="chat template", value=False, css_classes=["wb-chat"])
-        self.new_tokens = pn.widgets.IntSlider(
-            label="new tokens", start=0, end=caps.max_new_tokens, value=min(16, caps.max_new_tokens), width=200
-        )
+        self.param.new_tokens.bounds = (0, caps.max_new_tokens)
+        self.new_tokens = min(self.new_tokens, caps.max_new_tokens)
+        self.prompt = pn.widgets.TextAreaInput.from_param(self.param.text, label="Prompt", max_length=caps.max_prompt_chars, height=110,
+                                                          sizing_mode="stretch_width", css_classes=["wb-prompt"])  # fmt: skip
+        self.chat_input = pn.widgets.Checkbox.from_param(self.param.chat, label="chat template", css_classes=["wb-chat"])
+        self.tokens_input = pn.widgets.IntSlider.from_param(self.param.new_tokens, label="new tokens", width=200)
         self.run_button = pn.widgets.Button(label="Run", color="primary", css_classes=["wb-run"], width=100)
         self.run_button.on_click(lambda e: self.run())
-        self.output = pn.pane.HTML("", css_classes=["wb-output"], sizing_mode="stretch_width")
-        self.edited_output = pn.pane.HTML("", css_classes=["wb-edited-output"], sizing_mode="stretch_width")
-        self.grid_area = pn.Column(pn.pane.Markdown("Run a prompt to see its heads."), sizing_mode="stretch_width")
-        self.attention_area = pn.Column(sizing_mode="stretch_width")
-        self.selected_label = pn.pane.Markdown("", css_classes=["wb-selected"])
-        self.grid: HeadGridView | None = None
-
-        self.layer_input = pn.widgets.IntInput.from_param(
-            self.param.layer, label="layer", width=90, css_classes=["wb-layer"]
-        )
-        self.head_input = pn.widgets.IntInput.from_param(
-            self.param.head, label="head", width=90, css_classes=["wb-head"]
-        )
-        self.toggle_button = pn.widgets.Button(
-            label="Toggle ablation of selected head", css_classes=["wb-toggle-ablation"], width=260
-        )
+        self.toggle_button = pn.widgets.Button(label="Ablate selected head (toggle)", css_classes=["wb-toggle-ablation"], width=230)
         self.toggle_button.on_click(lambda e: self.guarded(self.toggle_ablation)())
-        self.calib_button = pn.widgets.Button(
-            label="Toggle ACT calibration of selected head", css_classes=["wb-toggle-calibration"], width=280
-        )
+        self.calib_button = pn.widgets.Button(label="Calibrate selected head (toggle)", css_classes=["wb-toggle-calibration"], width=240)
         self.calib_button.on_click(lambda e: self.guarded(self.toggle_calibration)())
-        self.ablate_input = pn.widgets.MultiChoice(
-            label="ablated heads", options=[], css_classes=["wb-ablate"], sizing_mode="stretch_width"
-        )
-        self.calib_input = pn.widgets.MultiChoice(
-            label="calibrated heads (ACT)", options=[], css_classes=["wb-calibrate"], sizing_mode="stretch_width"
-        )
-        self._sync(self.ablate_input, "ablate")
-        self._sync(self.calib_input, "calibrate")
+        self.clear_button = pn.widgets.Button(label="Clear edits", css_classes=["wb-clear-edits"], width=110)
+        self.clear_button.on_click(lambda e: self.param.update(ablate=[], calibrate=[]))
+        self.heads_input = pn.widgets.TextInput(label="or type heads to ablate", placeholder="L17H3, L20H1", width=220, max_length=400,
+                                                css_classes=["wb-heads-input"])  # fmt: skip
+        self.heads_button = pn.widgets.Button(label="Set", width=60, css_classes=["wb-heads-set"])
+        self.heads_button.on_click(lambda e: self.guarded(self.set_heads)(self.heads_input.value_input or self.heads_input.value))
         self.mode_input = pn.widgets.Select.from_param(self.param.mode, label="ablation mode", width=140)
-        self.keys_input = pn.widgets.TextInput.from_param(self.param.sink_keys, label="sink keys", width=120)
+        self.keys_input = pn.widgets.TextInput.from_param(self.param.sink_keys, label="sink keys", width=120, max_length=8 * caps.max_sink_keys)
         self.beta_input = pn.widgets.FloatSlider.from_param(self.param.beta, label="β", step=0.05, width=180)
-        self.param.watch(self._select_changed, ["layer", "head"])
-        self.param.watch(self.guarded(self._ablate_to_grid), ["ablate"])
-        self.param.watch(self._edits_changed, ["ablate", "mode", "calibrate", "sink_keys", "beta"])
+        self.grid = None  # the HeadGrid widget of the current baseline (tests, scripts)
+        self.view = None  # the PatternView widget of the current baseline
+        self._grid_pane = pn.pane.Markdown("Run a prompt to see its heads.")
+        self._view_pane = pn.Column()
+        self._links: list = []
         self._configure_bounds()
-
-    def _sync(self, widget, name: str) -> None:
-        """Widget value ⇄ parameter ``name``, both ways, without echo loops."""
-        widget.param.watch(
-            lambda e: setattr(self, name, list(e.new)) if list(e.new) != getattr(self, name) else None, "value"
-        )
-        self.param.watch(
-            lambda e: setattr(widget, "value", list(e.new)) if list(e.new) != list(widget.value) else None, name
-        )
 
     def _configure_bounds(self) -> None:
         try:
-            spec = self.wb.model().spec
+            m = self.wb.model()
         except Exception as e:  # noqa: BLE001 — the page still renders and shows why
             self.fail(e)
             return
-        self.chat.value = bool(
-            getattr(self.wb.model().tokenizer, "chat_template", None)
-        )  # instruct models answer in chat form
-        self.param.layer.bounds = (0, spec.n_layers - 1)
-        self.param.head.bounds = (0, spec.n_heads - 1)
-        names = [head_name(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)]
-        self.ablate_input.options = names
-        self.calib_input.options = names
+        self.chat = bool(getattr(m.tokenizer, "chat_template", None))  # instruct models answer in chat form
+        self.selected = [m.spec.n_layers // 2, 0]
 
-    # --- actions ------------------------------------------------------------------------------------------
+    # --- the selection and the edits ----------------------------------------------------------------------
     def edits(self) -> HeadEdits:
-        spec = self.wb.model().spec
-        from .state import DashboardError
+        return self.wb.head_edits(self.ablate, self.mode, self.calibrate, self.sink_keys, self.beta)
 
-        cap = self.wb.caps.max_sink_keys
-        text = self.sink_keys
-        if len(text) > 8 * cap:
-            raise DashboardError(f"sink keys: at most {cap} comma-separated positions, got {len(text)} characters")
-        try:
-            keys = tuple(int(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise DashboardError(f"sink keys must be comma-separated integers, got {text[:40]!r}") from None
-        if len(keys) > cap:
-            raise DashboardError(f"sink keys: at most {cap} positions, got {len(keys)}")
-        limit = self.wb.caps.prompt_tokens(self.wb.model())
-        if any(not 0 <= k < limit for k in keys):
-            raise DashboardError(f"sink keys must be token positions in 0..{limit - 1}")
-        return HeadEdits(ablate=parse_heads(self.ablate, spec), mode=self.mode, calibrate=parse_heads(self.calibrate, spec),
-                         sink_keys=keys or (0,), beta=float(self.beta))  # fmt: skip
-
-    def run(self) -> None:
-        """Run the prompt: baseline (statistics, loss, continuation), then the edited run if edits are set."""
-        text, chat, n = self.prompt.value_input or self.prompt.value, self.chat.value, self.new_tokens.value
-        self.prompt.value = text
-        try:
-            edits = self.edits()
-        except Exception as e:  # noqa: BLE001
-            self.fail(e)
-            return
-
-        def work():
-            base = self.wb.run_prompt(text, chat=chat, max_new_tokens=n)
-            edited = self.wb.run_prompt(text, chat=chat, max_new_tokens=n, edits=edits) if edits else None
-            return base, edited
-
-        self.start("prompt", work, self._show_run)
-
-    def _show_run(self, result) -> None:
-        base, edited = result
-        self.baseline, self.edited = base, edited
-        self.output.object = _outcome_html("Output", base)
-        self.edited_output.object = (
-            _outcome_html("With edits", edited, base)
-            if edited
-            else "<i>no edits: toggle an ablation or a calibration</i>"
-        )
-        self.grid = HeadGridView(base.metrics, title="per-head statistics", on_select=self._grid_selected,
-                                 on_ablate=self._grid_ablate)  # fmt: skip
-        self.grid_area.objects = [self.grid.panel]
-        if self.grid.widget is not None:  # the grid opens on its best cell; keep the page's selection instead
-            self.grid.widget.selected = [self.layer, self.head]
-        self._show_head()
-
-    def _grid_selected(self, layer: int, head: int) -> None:
-        if (layer, head) != (self.layer, self.head):
-            self.param.update(layer=layer, head=head)  # one event → _select_changed
-
-    def _grid_ablate(self, heads) -> None:
-        names = [head_name(l, h) for l, h in heads]
-        if names != list(self.ablate):
-            self.ablate = names
-
-    def _ablate_to_grid(self, *_) -> None:
-        if self.grid is not None and self.grid.widget is not None:
-            heads = [list(h) for h in parse_heads(self.ablate, self.wb.model().spec)]
-            if heads != self.grid.widget.ablate:
-                self.grid.widget.ablate = heads
-
-    def _select_changed(self, *_):
-        if (
-            self.grid is not None
-            and self.grid.widget is not None
-            and list(self.grid.widget.selected) != [self.layer, self.head]
-        ):
-            self.grid.widget.selected = [
-                self.layer,
-                self.head,
-            ]  # the grid follows the inputs (its callback is a no-op then)
-        self._show_head()
-
-    def _show_head(self) -> None:
-        """The selected head's attention over the tokens (the AttentionView widget: exact rows)."""
-        self.selected_label.object = f"selected head: **{head_name(self.layer, self.head)}**"
-        if self.baseline is None:
-            return
-        text, chat = self.baseline.text, self.chat.value
-        layer, head = self.layer, self.head
-        view = getattr(self, "_attention_widget", None)
-        if view is not None and getattr(view, "_text", None) == (text, chat):
-            try:
-                view.show(layer, head)
-            except Exception as e:  # noqa: BLE001
-                self.fail(e)
-            return
-        self.start("attention", lambda: locked_attention_view(self.wb, text, layer, head, chat=chat), self._show_attention_widget,
-                   queue=True)  # fmt: skip
-
-    def _show_attention_widget(self, view) -> None:
-        from .views import _to_panel
-
-        view._text = (self.baseline.text, self.chat.value)
-        self._attention_widget = view
-        self.attention_area.objects = [_to_panel(view)]
-        if (view.layer, view.head) != (self.layer, self.head):
-            view.show(self.layer, self.head)
+    def _toggle(self, name: str) -> None:
+        sel = [int(x) for x in self.selected]
+        parse_heads([sel], self.wb.model().spec)
+        cur = [list(x) for x in getattr(self, name)]
+        setattr(self, name, [x for x in cur if x != sel] if sel in cur else [*cur, sel])
 
     def toggle_ablation(self) -> None:
-        name = head_name(self.layer, self.head)
-        self.ablate = [h for h in self.ablate if h != name] if name in self.ablate else [*self.ablate, name]
+        """Add the selected head to the ablation set, or take it out."""
+        self._toggle("ablate")
 
     def toggle_calibration(self) -> None:
-        name = head_name(self.layer, self.head)
-        self.calibrate = [h for h in self.calibrate if h != name] if name in self.calibrate else [*self.calibrate, name]
+        self._toggle("calibrate")
 
-    def _edits_changed(self, *_):
+    def set_heads(self, text: str) -> None:
+        """``"L17H3, L20H1"`` → the ablation set (validated by ``ModelSpec.heads``)."""
+        items = [x for x in str(text)[:400].replace(";", ",").split(",") if x.strip()]
+        self.ablate = [list(h) for h in parse_heads(items, self.wb.model().spec)]
+
+    @param.depends("selected", "ablate", "calibrate", "mode", "beta", "sink_keys")
+    def selection_view(self):
+        names = lambda hs: ", ".join(head_name(l, h) for l, h in hs) or "—"  # noqa: E731
+        return pn.pane.Markdown(
+            f"selected head: **{head_name(*self.selected)}** · ablate ({self.mode}): {names(self.ablate)} · "
+            f"ACT calibrate (β={self.beta:g}, keys {md_escape(self.sink_keys)}): {names(self.calibrate)}",
+            css_classes=["wb-selected"], sizing_mode="stretch_width")  # fmt: skip
+
+    # --- runs ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the prompt: baseline (statistics, loss, continuation, drill-down), then the edited run if edits are set."""
+        text = self.prompt.value_input or self.text
+        self.text = text
+        chat, n = self.chat, self.new_tokens
+        try:
+            edits = self.edits()
+        except Exception as e:  # noqa: BLE001
+            self.fail(e)
+            return
+        prog = Progress()
+        layer, head = self.selected
+
+        def work():
+            base = self.wb.run_prompt(text, chat=chat, max_new_tokens=n, progress=prog)
+            view = self._pattern_view(base, layer, head, prog)
+            edited = self.wb.run_prompt(text, chat=chat, max_new_tokens=n, edits=edits, progress=prog) if edits else None
+            return base, view, edited
+
+        self.start("prompt", work, self._show_run, progress=prog)
+
+    def _pattern_view(self, base: PromptOutcome, layer: int, head: int, prog):
+        """The PatternView of a baseline run: built from that run's own tiles and drill-down (no forward pass)."""
+        import torch
+
+        from ..widgets import PatternView
+
+        caps = self.wb.caps
+        with self.wb.using() as m:
+            view = PatternView(m, torch.tensor([base.token_ids]), capture=base.pattern_capture, drilldown=base.drill, layer=layer,
+                               head=head, max_pattern_tokens=caps.max_pattern_tokens, max_queries=caps.max_view_queries)  # fmt: skip
+        base.pattern_capture = None  # the thumbnails and the drill-down are all that is kept
+        return view
+
+    def _show_run(self, result) -> None:
+        base, view, edited = result
+        grid, grid_pane = head_grid(base.metrics, title="per-head statistics (capture names)", editable=True)
+        grid.selected = list(self.selected)  # the grid opens on its best cell; keep the page's selection
+        grid.ablate = [list(x) for x in self.ablate]
+        for old in self._links:  # the previous run's views let go of the page
+            _unlink(old)
+        view_pane = self.host(view)
+        self._links = [_link(grid_pane, self, selected="selected", ablate="ablate"), _link(view_pane, self, selected="selected")]
+        self.grid, self.view = grid, view
+        self._grid_pane, self._view_pane = grid_pane, view_pane
+        self.param.update(baseline=base, edited=edited)
+
+    @param.depends("ablate", "mode", "calibrate", "sink_keys", "beta", watch=True)
+    def _edits_changed(self) -> None:
         """Live: every change of the edits re-runs the prompt under them (the baseline stays)."""
-        if self.baseline is None:
+        base = self.baseline
+        if base is None:
             return
         try:
             edits = self.edits()
         except Exception as e:  # noqa: BLE001
             self.fail(e)
             return
-        base, chat, n = self.baseline, self.chat.value, self.new_tokens.value
         if not edits:
             self.edited = None
-            self.edited_output.object = "<i>no edits: toggle an ablation or a calibration</i>"
             return
+        chat, n = base.chat, self.new_tokens
+        prog = Progress()
 
         def done(outcome):
             try:
-                if self.edits() != edits:  # changed meanwhile: a newer run is queued, or edits were cleared
+                if self.edits() != edits or self.baseline is not base:  # changed meanwhile: a newer run is queued
                     return
             except Exception:  # noqa: BLE001
                 return
             self.edited = outcome
-            self.edited_output.object = _outcome_html("With edits", outcome, base)
 
-        self.start(
-            "edited run",
-            lambda: self.wb.run_prompt(base.text, chat=chat, max_new_tokens=n, edits=edits),
-            done,
-            queue=True,
-        )
+        self.start("edited run", lambda: self.wb.run_prompt(base.text, chat=chat, max_new_tokens=n, edits=edits, progress=prog),
+                   done, progress=prog, queue=True)  # fmt: skip
+
+    # --- derived views --------------------------------------------------------------------------------------
+    @param.depends("baseline")
+    def grid_view(self):
+        return self._grid_pane
+
+    @param.depends("baseline")
+    def pattern_view(self):
+        return self._view_pane
+
+    @param.depends("baseline")
+    def output_view(self):
+        return pn.pane.HTML(_outcome_html("Output", self.baseline), css_classes=["wb-output"], sizing_mode="stretch_width")
+
+    @param.depends("edited", "baseline")
+    def edited_view(self):
+        base, ed = self.baseline, self.edited
+        if base is None:
+            body = ""
+        elif ed is None:
+            body = "<i>no edits: select a head (grid or pattern thumbnails) and ablate or calibrate it</i>"
+        else:
+            body = effect_html(base.effect_of(ed), title="With edits") + f"<div style='color:#666;font-size:11px'>{ed.seconds:.1f} s</div>"
+        return pn.pane.HTML(body, css_classes=["wb-edited-output"], sizing_mode="stretch_width")
+
+    # compatibility with scripts that read the panes
+    @property
+    def output(self):
+        return self.output_view()
+
+    @property
+    def edited_output(self):
+        return self.edited_view()
 
     # --- layout -------------------------------------------------------------------------------------------
     def __panel__(self):
         spec_line = ""
         try:
             m = self.wb.model()
-            spec_line = f"model **{md_escape(m.source)}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to {self.wb.caps.prompt_tokens(m)} tokens"
+            spec_line = (f"model **{md_escape(m.source)}** — {m.spec.n_layers} layers × {m.spec.n_heads} heads; prompts up to "
+                         f"{self.wb.caps.prompt_tokens(m)} tokens (every head's pattern up to {self.wb.caps.max_pattern_tokens})")  # fmt: skip
         except Exception:  # noqa: BLE001 — shown in the alert by _configure_bounds
             pass
         edits_box = pn.Column(
             pn.pane.Markdown("### Edits (re-run live)"),
-            pn.Row(self.toggle_button, self.calib_button),
-            pn.Row(self.ablate_input, self.mode_input),
-            pn.Row(self.calib_input, self.keys_input, self.beta_input),
-            self.edited_output,
+            self.selection_view,
+            pn.Row(self.toggle_button, self.calib_button, self.clear_button),
+            pn.Row(self.heads_input, self.heads_button, self.mode_input, self.keys_input, self.beta_input),
+            self.edited_view,
             sizing_mode="stretch_width",
         )
         return pn.Column(
             self.header(f"## Prompt lab\n{spec_line}"),
             self.alert,
-            pn.Row(self.prompt, pn.Column(self.chat, self.new_tokens, self.run_button)),
-            self.status,
-            self.output,
+            self.notice,
+            pn.Row(self.prompt, pn.Column(self.chat_input, self.tokens_input, self.run_button)),
+            self.status_row(),
+            self.output_view,
             edits_box,
-            pn.Row(
-                self.grid_area,
-                pn.Column(
-                    pn.Row(self.layer_input, self.head_input),
-                    self.selected_label,
-                    self.attention_area,
-                    sizing_mode="stretch_width",
-                ),
-            ),  # fmt: skip
+            pn.Row(pn.Column(self.grid_view), pn.Column(self.pattern_view, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
 
 
-def _outcome_html(title: str, o: PromptOutcome | None, base: PromptOutcome | None = None) -> str:
+def _link(component, target, **links) -> tuple:
+    """``component.link(target, bidirectional=True, **links)`` (Panel's own two-way link); returns what
+    :func:`_unlink` needs to undo it."""
+    forward = component.link(target, bidirectional=True, **links)
+    reverse = component._links[-1].bidirectional_watcher if getattr(component, "_links", None) else None
+    return component, target, forward, reverse
+
+
+def _unlink(link) -> None:
+    """Undo :func:`_link`: both watchers go (the old views, and what they hold — a drill-down of a long prompt —
+    can be freed)."""
+    if not link:
+        return
+    component, target, forward, reverse = link
+    component.param.unwatch(forward)
+    if reverse is not None:
+        target.param.unwatch(reverse)
+
+
+def _outcome_html(title: str, o: PromptOutcome | None) -> str:
     if o is None:
         return ""
-    delta = "" if base is None else f" (Δ {o.loss - base.loss:+.4f})"
-    changed = "" if base is None else (" — <b>output changed</b>" if o.output != base.output else " — output unchanged")
-    return (f"<div><b>{html.escape(title)}</b> <span class='wb-edits'>[{html.escape(o.edits.describe())}]</span>: "
-            f"{len(o.token_ids)} tokens, loss <span class='wb-loss'>{o.loss:.4f}</span>{delta}{changed}, {o.seconds:.1f} s"
-            f"<pre class='wb-text' style='white-space:pre-wrap'>{html.escape(o.output)}</pre></div>")  # fmt: skip
+    n = o.user[1] - o.user[0]
+    tmpl = f"; {o.n_template} template tokens not counted" if o.n_template else ""
+    return (f"<div><b>{html.escape(title)}</b>: {len(o.token_ids)} tokens ({n} yours{tmpl}), loss on your tokens "
+            f"<span class='wb-loss'>{o.loss:.4f}</span> nats, {o.seconds:.1f} s"
+            f"<pre class='wb-text' style='white-space:pre-wrap'>{html.escape(o.output)}</pre>"
+            f"<details><summary>tokens ({len(o.token_ids)})</summary>{tokens_html(o.tokens, o.notes, o.user)}</details></div>")  # fmt: skip

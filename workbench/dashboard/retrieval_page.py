@@ -8,7 +8,7 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page, md_escape, table
+from .common import Page, details, md_escape, table, with_heads
 from .state import Progress
 from .views import HeadGridView, niah_view
 
@@ -48,16 +48,11 @@ class RetrievalPage(Page):
         )
         self.progress_text = pn.pane.Markdown("", css_classes=["wb-progress-text"])
         self.scan_button = pn.widgets.Button(label="Scan", color="primary", css_classes=["wb-scan"], width=100)
-        self.cancel_button = pn.widgets.Button(
-            label="Cancel", color="warning", css_classes=["wb-cancel"], width=100, disabled=True
-        )
         self.ablate_button = pn.widgets.Button(
             label="Run top-K vs random-K ablation", css_classes=["wb-ablation"], disabled=True
         )
         self.scan_button.on_click(lambda e: self.scan())
         self.ablate_button.on_click(lambda e: self.run_ablation())
-        self.cancel_button.on_click(self.cancel)
-        self.param.watch(lambda e: setattr(self.cancel_button, "disabled", not e.new), "busy")
         self.results_area = pn.Column(sizing_mode="stretch_width")
         self.ablation_area = pn.Column(sizing_mode="stretch_width")
 
@@ -81,13 +76,14 @@ class RetrievalPage(Page):
     def _show_scan(self, r) -> None:
         self.result = r
         self.ablation = None
-        top = r.heads().head(10)[["layer", "head", "retrieval_score"]]
+        top = with_heads(r.heads().head(10)[["layer", "head", "retrieval_score"]])
         sp = r.sparsity()
         note = [] if r.scores.isfinite().any() else [pn.pane.Alert(
             "No NIAH test was answered (ROUGE-1 recall > 0.5): retrieval scores are undefined, so the causal test "
             "has no top heads to ablate. Try other lengths or more new tokens.", alert_type="warning")]  # fmt: skip
         if not r.complete:
-            note.append(pn.pane.Alert(f"Cancelled: the {len(r.tests)} test(s) finished before Cancel are shown.", alert_type="info"))
+            note.append(pn.pane.Alert(f"Cancelled: the {len(r.tests)} test(s) finished before Cancel are shown.", alert_type="info",
+                                      css_classes=["wb-partial"]))  # fmt: skip
         self.ablate_button.disabled = bool(note)
         self.results_area.objects = [
             *note,
@@ -98,13 +94,11 @@ class RetrievalPage(Page):
             pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)").panel),
             pn.pane.Markdown("### Top retrieval heads"),
             table(top, index=False, css_classes=["wb-top-heads"]),
-            table(
-                r.tests[["length", "depth", "needle", "rouge1_recall", "counted", "response"]],
-                index=False,
-                max_rows=50,
-                sizing_mode="stretch_width",
-            ),  # fmt: skip
-        ]
+            pn.pane.Markdown("### Tests"),
+            table(r.tests[[c for c in ("length", "depth", "rouge1_recall", "counted", "response") if c in r.tests]], index=False,
+                  max_rows=50, css_classes=["wb-tests"]),
+            details("test details (needles, token ids)", table(_detail_columns(r.tests), index=False, max_rows=50)),
+        ]  # fmt: skip
         self.ablation_area.objects = []
 
     def run_ablation(self) -> None:
@@ -119,16 +113,15 @@ class RetrievalPage(Page):
     def _show_ablation(self, ab) -> None:
         frame = ab.runs
         self.ablation = frame
-        done = [] if ab.complete else [pn.pane.Alert("Cancelled: the runs finished before Cancel are shown.", alert_type="info")]
+        done = [] if ab.complete else [pn.pane.Alert("Cancelled: the runs finished before Cancel are shown.", alert_type="info",
+                                                     css_classes=["wb-partial"])]  # fmt: skip
         grids = [niah_view(self.result, ab.accuracy_grid(1))] if (ab.tests["run"] == 1).any() else []
         self.ablation_area.objects = [
             *done,
             pn.pane.Markdown(f"### Causal test ({md_escape(frame['mode'].iloc[0])} ablation, k = {int(frame['k'].max())})"),
-            table(
-                frame[["ablated", "seed", "k", "mode", "accuracy", "mean_rouge1_recall"]],
-                index=False,
-                css_classes=["wb-ablation-table"],
-            ),  # fmt: skip
+            table(frame[[c for c in ("ablated", "seed", "k", "mode", "accuracy", "mean_rouge1_recall") if c in frame]], index=False,
+                  css_classes=["wb-ablation-table"]),
+            details("which heads were ablated", table(_heads_column(frame), index=False)),
             *grids,
         ]
 
@@ -140,7 +133,7 @@ class RetrievalPage(Page):
                 pn.widgets.IntSlider.from_param(self.param.needles, label="needles per cell", width=180),
                 pn.widgets.IntSlider.from_param(self.param.new_tokens, label="new tokens", width=180),
             ),  # fmt: skip
-            pn.Row(self.scan_button, self.cancel_button, self.bar, self.progress_text),
+            pn.Row(self.scan_button, self.bar, self.progress_text),
         )
         ablation = pn.Row(pn.widgets.IntInput.from_param(self.param.k, label="K", width=90),
                           pn.widgets.Select.from_param(self.param.mode, label="mode", width=120),
@@ -152,11 +145,35 @@ class RetrievalPage(Page):
                 "so other sessions keep working; Cancel stops after the current test."
             ),  # fmt: skip
             self.alert,
+            self.notice,
             controls,
-            self.status,
+            self.status_row(),
             self.results_area,
             pn.pane.Markdown("### Ablation"),
             ablation,
             self.ablation_area,
             sizing_mode="stretch_width",
         )
+
+
+def _detail_columns(tests: pd.DataFrame) -> pd.DataFrame:
+    """The tests' secondary columns (needle, token ids, …), lists shortened."""
+    cols = [c for c in tests.columns if c not in ("length", "depth", "rouge1_recall", "counted", "response")]
+    out = tests[cols].copy()
+    for c in out.columns:
+        out[c] = [_short(v) for v in out[c]]
+    return out
+
+
+def _heads_column(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each ablation run's heads as names (``L17H3``)."""
+    col = next((c for c in ("heads", "ablated_heads") if c in frame), None)
+    if col is None:
+        return frame[[c for c in frame.columns if c in ("ablated", "seed")]]
+    names = [", ".join(f"L{int(h[0])}H{int(h[1])}" for h in (hs if hs is not None else [])) for hs in frame[col]]
+    return pd.DataFrame({"ablated": frame["ablated"], "seed": frame.get("seed"), "heads": names})
+
+
+def _short(v, width: int = 60):
+    s = str(list(v)) if hasattr(v, "__len__") and not isinstance(v, str) else str(v)
+    return s if len(s) <= width else s[: width - 1] + "…"

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import html
-
 import panel as pn
 import param
 
-from .common import Page, md_escape, table
-from .state import expert_name
-from .views import locked_routing_view
+from .common import Page, effect_html, md_escape, table
+from .state import Progress, expert_name
 
 EXAMPLE = "def add(a, b):\n    return a + b\n\nThe river flows to the sea. 2 + 3 = 5"
 
@@ -61,21 +58,22 @@ class RoutingPage(Page):
         self.text.value = text
 
         def work():
+            from ..widgets import RoutingView
+
             outcome = self.wb.route(name, text)
-            view = locked_routing_view(self.wb, name, text, max_new_tokens=8)
+            with self.wb.using(name) as m:
+                view = RoutingView(m, text, max_new_tokens=8)
             return outcome, view, self._expert_options()
 
         self.start("routing", work, self._show)
 
     def _show(self, result) -> None:
-        from .views import _to_panel
-
         outcome, view, options = result
         self.outcome = outcome
         self.mask_input.options = options
         self.force_input.options = options
         rec = outcome.record
-        main = _to_panel(view)
+        main = self.host(view, lock=self.model_name)  # its edit runs hold this model's lock, in a worker
         if view is not None:  # the view's own deactivate / force toggles show up in this page's lists too
             names = lambda pairs: [expert_name(l, e) for l, e in pairs]  # noqa: E731
             view.observe(lambda c: setattr(self.mask_input, "value", names(c["new"])), names="masked")
@@ -90,7 +88,7 @@ class RoutingPage(Page):
             pn.pane.Markdown("### Token specialisation (OpenMoE: I(expert; token id), per layer)"),
             table(outcome.specialisation.round(3), index=False),
             pn.pane.Markdown("### Top-1 expert per token"),
-            table(outcome.per_token(), index=False, max_rows=60),
+            table(outcome.per_token(), index=False, max_rows=60, css_classes=["wb-per-token"]),
         ]
 
     def compare(self) -> None:
@@ -101,23 +99,14 @@ class RoutingPage(Page):
             list(self.force),
             self.new_tokens.value,
         )
-        self.start(
-            "compare",
-            lambda: self.wb.routing_effect(name, text, mask=mask, force=force, max_new_tokens=n),
-            self._show_effect,
-        )
+        prog = Progress()
+        self.start("compare", lambda: self.wb.routing_effect(name, text, mask=mask, force=force, max_new_tokens=n, progress=prog),
+                   self._show_effect, progress=prog)  # fmt: skip
 
     def _show_effect(self, eff) -> None:
+        """The effect on the text's own tokens: experts named, loss, per-token Δloss, the continuation as a word diff."""
         self.effect = eff
-        changed = eff.text_before != eff.text_after
-        self.effect_area.object = (
-            f"<div><b>{html.escape(', '.join(eff.labels))}</b>: loss <span class='wb-loss-before'>{eff.loss_before:.4f}</span> → "
-            f"<span class='wb-loss-after'>{eff.loss_after:.4f}</span> (Δ {eff.delta_loss:+.4f} nats), max |Δlogit| "
-            f"{eff.max_logit_change:.3g}, mean KL {eff.mean_kl:.3g} — <b>{'output changed' if changed else 'output unchanged'}</b>"
-            f"<table><tr><th>before</th><th>after</th></tr><tr><td><pre class='wb-before' style='white-space:pre-wrap'>"
-            f"{html.escape(eff.text_before or '')}</pre></td><td><pre class='wb-after' style='white-space:pre-wrap'>"
-            f"{html.escape(eff.text_after or '')}</pre></td></tr></table></div>"
-        )  # fmt: skip
+        self.effect_area.object = effect_html(eff, title="Experts edited")
 
     def __panel__(self):
         return pn.Column(
@@ -126,13 +115,14 @@ class RoutingPage(Page):
                 "experts get −∞ logits before top-k, forced ones are always chosen."
             ),  # fmt: skip
             self.alert,
+            self.notice,
             pn.Row(
                 pn.widgets.Select.from_param(self.param.model_name, label="MoE model", width=220),
                 self.new_tokens,
                 self.route_button,
             ),
             self.text,
-            self.status,
+            self.status_row(),
             self.view_area,
             pn.pane.Markdown("### Deactivate / force experts"),
             pn.Row(self.mask_input, self.force_input, self.compare_button),

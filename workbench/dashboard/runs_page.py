@@ -7,7 +7,7 @@ import html
 import pandas as pd
 import panel as pn
 
-from .common import Page, md_escape, table
+from .common import Page, details, md_escape, table, with_heads
 
 
 class RunsPage(Page):
@@ -25,6 +25,7 @@ class RunsPage(Page):
         self.b_select = pn.widgets.Select(label="run B", options=[], width=260)
         self.compare_button = pn.widgets.Button(label="Compare", css_classes=["wb-compare-runs"], width=100)
         self.detail = pn.Column(sizing_mode="stretch_width")
+        self.more = pn.Column(sizing_mode="stretch_width")
         self.report_area = pn.Column(sizing_mode="stretch_width")
         self.compare_area = pn.Column(sizing_mode="stretch_width")
         self.refresh_button.on_click(lambda e: self.guarded(self.refresh)())
@@ -54,19 +55,30 @@ class RunsPage(Page):
             self.fail("no run selected")
             return
         run = self.store.run(rid)
-        parts = [pn.pane.Markdown(f"### Run {md_escape(rid)}"), pn.pane.Markdown("**Summary**"),
+        from .runs import run_metric
+
+        metric = run_metric(run)
+        parts = [pn.pane.Markdown(f"### Run {md_escape(rid)}"),
+                 pn.pane.Markdown(f"**Summary** — `metric_mean` is {md_escape(metric['label'])}"
+                                  + (f" (ablation {md_escape(metric['ablation'])}, model {md_escape(metric['model'])})" if metric["task"] else "")),
                  table(run.summary(), index=False, max_rows=100, css_classes=["wb-run-summary"])]  # fmt: skip
+        more = []  # secondary detail, behind toggles (tables escape their cells too)
         fail = run.failures()
         if len(fail):
             parts += [
                 pn.pane.Markdown(f"**Failures ({len(fail)})**"),
-                table(fail, index=False, max_rows=50),
-            ]
+                table(_short(fail[[c for c in ("unit", "error", "worker") if c in fail]] if "error" in fail else fail), index=False,
+                      max_rows=50),
+            ]  # fmt: skip
+            more.append(details("failure details (tracebacks, unit configs)", table(_short(fail, 200), index=False, max_rows=50)))
         res = run.results()
+        main, rest = _split_columns(res)
         parts += [
             pn.pane.Markdown(f"**Results** ({len(res)} rows, first 100)"),
-            table(_short(res.head(100)), index=False),
+            table(_short(with_heads(main.head(100))), index=False, css_classes=["wb-run-results"]),
         ]
+        more.append(details("result details (token ids, unit configs, provenance)", table(_short(rest.head(100)), index=False)))
+        self.more.objects = more
         self.detail.objects = parts
 
     def show_report(self) -> None:
@@ -89,23 +101,40 @@ class RunsPage(Page):
         if not a or not b or a == b:
             self.fail("choose two different runs")
             return
-        self.compare_area.objects = [pn.pane.Markdown(f"### {md_escape(a)} vs {md_escape(b)}"),
-                                     table(self.store.compare(a, b), index=False, css_classes=["wb-compare-table"])]  # fmt: skip
+        cmp = self.store.compare(a, b)
+        notes = [pn.pane.Alert(md_escape(n), alert_type="warning", css_classes=["wb-compare-note"]) for n in cmp.notes]
+        head = f"### {md_escape(a)} vs {md_escape(b)}" + (f" — {md_escape(cmp.metric)}" if cmp.metric else "")
+        self.compare_area.objects = [pn.pane.Markdown(head), *notes, table(cmp.frame, index=False, css_classes=["wb-compare-table"])]
 
     def __panel__(self):
         return pn.Column(
             self.header(f"## Study runs\nRuns under {md_escape(self.store.root)} (only files inside it are opened)."),
             self.alert,
-            pn.Row(self.refresh_button, self.status),
+            self.notice,
+            pn.Row(self.refresh_button, self.spinner, self.status),
             self.table,
             pn.Row(self.run_select, self.open_button, self.report_button),
             self.detail,
+            self.more,
             self.report_area,
             pn.pane.Markdown("### Compare two runs"),
             pn.Row(self.a_select, self.b_select, self.compare_button),
             self.compare_area,
             sizing_mode="stretch_width",
         )
+
+
+#: result columns shown in the main table; the rest (ids, configs, provenance) go behind the details toggle
+MAIN_COLUMNS = ("grid", "select", "k", "seed", "repetition", "layer", "head", "expert", "length", "depth", "item", "metric")
+
+
+def _split_columns(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    main = [c for c in MAIN_COLUMNS if c in df.columns]
+    if not main:
+        return df, df.iloc[:, :0]
+    rest = [c for c in df.columns if c not in main]
+    keys = [c for c in ("grid", "k", "seed") if c in df.columns]
+    return df[main], df[keys + [c for c in rest if c not in keys]]
 
 
 def _short(df: pd.DataFrame, width: int = 48) -> pd.DataFrame:

@@ -6,7 +6,7 @@ import panel as pn
 import param
 
 from .. import plots
-from .common import Page, table
+from .common import Page, details, table, with_heads
 from .views import HeadGridView
 
 
@@ -45,13 +45,16 @@ class SinksPage(Page):
         raw = (self.texts.value_input or self.texts.value or "").strip()
         texts = [t for t in raw.split("\n\n") if t.strip()] if raw else None
         T, eps = self.T, self.eps
-        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts), self._show)
+        from .state import Progress
+
+        prog = Progress()
+        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts, progress=prog), self._show, progress=prog)
 
     def _show(self, s) -> None:
         self.result = s
         mv = s.massive_vs_sinks()
         massive = s.massive.reindex(s.massive["value"].abs().sort_values(ascending=False).index).head(30)
-        hidden = s.hidden_sinks().sort_values("alpha", ascending=False).head(50)
+        hidden = with_heads(s.hidden_sinks().sort_values("alpha", ascending=False).head(50))
         self.results_area.objects = [
             pn.pane.Markdown(
                 f"**Sink_1^{s.eps} = {s.sink_rate(0):.1f}%** of heads (T = {s.T}, {len(s.token_ids)} texts)",
@@ -62,13 +65,14 @@ class SinksPage(Page):
             pn.pane.Markdown("### Hidden sinks (ACT: α_k > 0.1, k ≥ 1)"),
             pn.Row(
                 table(s.hidden_sink_tokens().head(20), index=False, css_classes=["wb-hidden-tokens"]),
-                table(hidden, index=False, max_rows=50),
+                table(hidden[[c for c in ("head", "position", "token", "alpha") if c in hidden]], index=False, max_rows=50),
             ),  # fmt: skip
+            details("hidden sinks: per text", table(hidden, index=False, max_rows=50)),
             pn.pane.Markdown(
                 f"### Massive activations (Sun et al.)\n{mv['massive_entries']} entries; share on sink tokens: "
                 f"{mv['on_sink_token']:.2f}"
             ),  # fmt: skip
-            table(massive, index=False, css_classes=["wb-massive"]),
+            table(massive[[c for c in ("layer", "position", "token", "dim", "value") if c in massive]], index=False, css_classes=["wb-massive"]),
         ]
 
     def __panel__(self):
@@ -78,13 +82,14 @@ class SinksPage(Page):
                 "sinks and massive activations, from one forward pass per text (no N×N matrix)."
             ),  # fmt: skip
             self.alert,
+            self.notice,
             pn.Row(
                 pn.widgets.IntInput.from_param(self.param.T, label="T (tokens)", width=120),
                 pn.widgets.FloatInput.from_param(self.param.eps, label="ε", step=0.05, width=100),
                 self.scan_button,
             ),  # fmt: skip
             self.texts,
-            self.status,
+            self.status_row(),
             self.results_area,
             sizing_mode="stretch_width",
         )

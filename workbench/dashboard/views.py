@@ -1,18 +1,14 @@
 """The views the pages show: the notebook widgets of :mod:`workbench.widgets` hosted through
-``workbench.widgets.panel.to_panel`` (one view, two hosts), with every model access they make
-taken under the dashboard's per-model lock. Static figures (pages) reuse :mod:`workbench.report` via
-``pn.pane.Plotly`` (works offline).
-"""
+``workbench.widgets.panel.to_panel`` (one view, two hosts). Pages host a widget with
+:meth:`workbench.dashboard.common.Page.host`, which sets its ``runner`` so that every model computation the
+widget makes runs in a worker thread (under the model's lock when it runs the model), never on the
+server's event loop. Static figures reuse :mod:`workbench.report` via ``pn.pane.Plotly`` (works offline)."""
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
 
-from .state import Workbench
-
-
-def _to_panel(widget):
+def to_panel_component(widget):
+    """The widget as a Panel component (``wb-widget`` CSS class)."""
     from ..widgets.panel import to_panel
 
     pane = to_panel(widget)
@@ -20,85 +16,31 @@ def _to_panel(widget):
     return pane
 
 
-# --- locked widget subclasses: the widgets run the model when the browser asks; here under the lock --------
+_to_panel = to_panel_component  # older name
 
 
-EVENT_LOOP_WAIT = 3.0  # seconds a click inside a widget waits for a busy model before saying so
+def head_grid(scores, *, title: str = "", editable: bool = False):
+    """A :class:`~workbench.widgets.HeadGrid` of scores only (``HeadGrid(...)``, its component); ``editable``:
+    shift-click collects heads in its ``ablate`` list (the page runs the edits)."""
+    from ..widgets import HeadGrid
 
-
-@functools.lru_cache(maxsize=1)
-def _locked_classes():
-    """Widget subclasses (defined once: ``to_panel`` caches a component class per widget class) whose
-    model runs hold the dashboard's lock of their model (``_wb``, ``_dash_model``)."""
-    from ..widgets import AttentionView, RoutingView
-
-    class LockedAttentionView(AttentionView):
-        def _rows(self, layer, queries):
-            # clicks in the view run on the server's event loop: wait briefly, then say "busy" in the view
-            with self._dash_wb.using(self._dash_model, timeout=getattr(self, "_dash_timeout", None)):
-                return super()._rows(layer, queries)
-
-    class LockedRoutingView(RoutingView):
-        def apply(self):
-            with self._dash_wb.using(self._dash_model, timeout=getattr(self, "_dash_timeout", None)):
-                return super().apply()
-
-    return LockedAttentionView, LockedRoutingView
-
-
-def locked_attention_view(wb: Workbench, text: str, layer: int, head: int, *, chat: bool = False):
-    """An :class:`~workbench.widgets.AttentionView` whose row fetches hold the main model's lock."""
-    cls = _locked_classes()[0]
-    with wb.using() as m:
-        ids = m.encode(text, chat=chat)
-        view = cls.__new__(cls)
-        view._dash_wb, view._dash_model = wb, None
-        view.__init__(m, ids, layer=layer, head=head, max_queries=wb.caps.max_view_queries)
-    view._dash_timeout = EVENT_LOOP_WAIT
-    return view
-
-
-def locked_routing_view(wb: Workbench, name: str, text: str, max_new_tokens: int = 8):
-    """A :class:`~workbench.widgets.RoutingView` whose edit runs hold model ``name``'s lock."""
-    cls = _locked_classes()[1]
-    with wb.using(name) as m:
-        view = cls.__new__(cls)
-        view._dash_wb, view._dash_model = wb, name
-        view.__init__(m, text, max_new_tokens=max_new_tokens)
-    view._dash_timeout = EVENT_LOOP_WAIT
-    return view
-
-
-# --- grids ------------------------------------------------------------------------------------------------
+    widget = HeadGrid(scores, title=title, editable=editable)
+    return widget, to_panel_component(widget)
 
 
 class HeadGridView:
-    """The :class:`~workbench.widgets.HeadGrid` (scores only: the dashboard runs edits itself, under the
-    lock) with ``on_select(layer, head)`` when a cell is clicked and ``on_ablate(heads)`` on shift-click."""
+    """A scores-only HeadGrid and its Panel component (``.widget``, ``.panel``); ``select(layer, head)`` sets
+    its selection from Python (what a click does)."""
 
-    def __init__(self, scores, *, title: str = "", on_select: Callable[[int, int], None] | None = None,
-                 on_ablate: Callable[[list], None] | None = None):  # fmt: skip
-        from ..widgets import HeadGrid
-
-        self.on_select = on_select
-        self.widget = HeadGrid(scores, title=title)
-        self.widget.observe(self._widget_selected, names="selected")
-        if on_ablate is not None:
-            self.widget.observe(lambda c: on_ablate([tuple(x) for x in c["new"]]), names="ablate")
-        self.panel = _to_panel(self.widget)
-
-    def _widget_selected(self, change):
-        sel = change["new"]
-        if sel and self.on_select is not None:
-            self.on_select(int(sel[0]), int(sel[1]))
+    def __init__(self, scores, *, title: str = ""):
+        self.widget, self.panel = head_grid(scores, title=title)
 
     def select(self, layer: int, head: int) -> None:
-        """Select a cell from Python (the page's layer/head inputs)."""
         self.widget.selected = [int(layer), int(head)]
 
 
-def niah_view(baseline, ablated=None):
+def niah_view(baseline, ablated=None, titles=("baseline", "ablated")):
     """NIAH accuracy grids (baseline and, when given, ablated): the NIAHGrid widget."""
     from ..widgets import NIAHGrid
 
-    return _to_panel(NIAHGrid(baseline, ablated))
+    return to_panel_component(NIAHGrid(baseline, ablated, titles=titles))

@@ -1,9 +1,10 @@
 """The base of every workbench widget: an anywidget whose front-end is an ESM file shipped in ``static/``."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import anywidget
 import traitlets
@@ -14,10 +15,18 @@ STATIC = Path(__file__).parent / "static"
 MAX_INPUT_CHARS = 200  # a string input from the page (metric names, modes) is short
 
 
-def esm(name: str) -> str:
-    """The ESM source of view ``name``: the shared helpers (``_common.js``) followed by ``{name}.js``.
-    One string, not imports: anywidget and Panel load a module from text, where relative imports fail."""
-    return (STATIC / "_common.js").read_text() + "\n" + (STATIC / f"{name}.js").read_text()
+def esm(*names: str) -> str:
+    """The ESM source of a view: the shared helpers (``_common.js``) followed by ``{name}.js`` for each name
+    (parts first, the file with ``export default`` last). One string, not imports: anywidget and Panel load a
+    module from text, where relative imports fail."""
+    return "\n".join((STATIC / f"{n}.js").read_text() for n in ("_common", *names))
+
+
+#: ``runner(label, work, finish)``: how a widget runs a model computation. ``work()`` computes (it may take
+#: seconds and touches the model); ``finish(result, error)`` (error None, or the exception ``work`` raised)
+#: sets traits. Hosts that must not block (the dashboard's event loop) run ``work`` in a worker thread under
+#: their model lock and call ``finish`` on their own loop.
+Runner = Callable[[str, Callable[[], object], Callable[[object], None]], None]
 
 
 class WorkbenchWidget(anywidget.AnyWidget):
@@ -33,12 +42,14 @@ class WorkbenchWidget(anywidget.AnyWidget):
 
     status = traitlets.Unicode("").tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
+    cancel = traitlets.Int(0).tag(sync=True)  # the view increments it to stop a running computation
     _inputs: tuple[str, ...] = ()
-
+    #: set by a host: how computations run (None: here and now, in the caller's thread — notebooks)
+    runner: Runner | None = None
     @classmethod
     def accepts_from_page(cls, name: str) -> bool:
         """Whether the front-end may set trait ``name``."""
-        return name in cls._inputs
+        return name in cls._inputs or name == "cancel"
 
     def input_limit(self, name: str) -> int | None:
         """The most items input ``name`` may hold (lists), checked before any item is looked at."""
@@ -78,6 +89,48 @@ class WorkbenchWidget(anywidget.AnyWidget):
             self.error = str(e)
         finally:
             self.status = ""
+
+    @property
+    def stop_event(self) -> threading.Event:
+        """Set when the view's cancel button is pressed; computations check it between layers / steps."""
+        if getattr(self, "_stop_event", None) is None:
+            self._stop_event = threading.Event()
+        return self._stop_event
+
+    @traitlets.observe("cancel")
+    def _cancel_requested(self, change):
+        if self.status:
+            self.stop_event.set()
+
+    def _compute(self, label: str, work: Callable[[], object], apply: Callable[[object], None]) -> None:
+        """Run a model computation: ``work()`` then ``apply(result)``, with ``status`` shown meanwhile (the view
+        draws a spinner and a cancel button) and failures put into ``error``. Through :attr:`runner` when a host
+        set one (never on its event loop); here and now otherwise."""
+        self.stop_event.clear()
+        self.error, self.status = "", label
+
+        def done(result, err=None):
+            self.status = ""
+            if err is not None:
+                self.error = "stopped" if getattr(err, "stopped", False) else str(err)
+                return
+            try:
+                apply(result)
+            except WorkbenchError as e:
+                self.error = str(e)
+
+        if self.runner is None:
+            try:
+                result = work()
+            except WorkbenchError as e:
+                done(None, e)
+                return
+            except BaseException:
+                self.status = ""
+                raise
+            done(result)
+        else:
+            self.runner(label, work, done)
 
 
 def capped(value, limit: int, what: str) -> list:

@@ -30,7 +30,8 @@ class RoutingView(WorkbenchWidget):
     that expert (any of their top-k slots) light up. ``masked`` / ``forced`` list the experts to
     deactivate (:class:`~workbench.ExpertMask`) or force (:class:`~workbench.ExpertForce`); the view's
     *apply* (or :meth:`apply`) re-runs the text with them and shows the new top-1 grid (changed cells
-    outlined) and the effect on loss, logits and greedy text."""
+    outlined) and the effect on the text's own tokens (loss, per-token Δloss, logits, the greedy continuation as a
+    word diff, the experts named)."""
 
     _esm = esm("routing_view")
     tokens = traitlets.List(traitlets.Unicode()).tag(sync=True)
@@ -49,15 +50,17 @@ class RoutingView(WorkbenchWidget):
     _inputs = ("selected", "masked", "forced", "run")  # what the view sets; the rest is output
 
     def __init__(self, model, text, *, max_new_tokens: int = 8, **kwargs):
-        from ..routing.probe import require_moe
+        from .tokens import token_labels
 
-        require_moe(model, "RoutingView")
+        if not model.spec.is_moe:
+            raise ProbeError(f"RoutingView: {model.source} has no MoE layers (no router to show); load an MoE model")
         self.model, self.text, self.max_new_tokens = model, text, max_new_tokens
         self.ids = model.encode(text)
         self.record = route(model, self.ids)
         self.edited_record = None
         self.last_effect = None
-        super().__init__(tokens=model.tokens(self.ids[0]), layers=list(self.record.layers),
+        self.last_prompt_effect = None
+        super().__init__(tokens=token_labels(model.tokenizer, self.ids[0])[0], layers=list(self.record.layers),
                          n_experts=self.record.n_experts, **self._arrays(self.record), **kwargs)  # fmt: skip
 
     def input_limit(self, name: str) -> int | None:
@@ -91,29 +94,37 @@ class RoutingView(WorkbenchWidget):
 
     @traitlets.observe("run")
     def _run_requested(self, change):
-        with self._action("re-running with expert edits"):
-            self.apply()
+        edits = self._edits()
+        self._compute("re-running with expert edits", lambda: self._measure(edits), self._show)
+
+    def _edits(self) -> list:
+        from ..routing import ExpertForce, ExpertMask
+
+        return ([ExpertMask([tuple(p) for p in self.masked])] if self.masked else []) + (
+            [ExpertForce([tuple(p) for p in self.forced])] if self.forced else []
+        )
+
+    def _measure(self, edits):
+        from .effect import prompt_effect
+
+        if not edits:
+            return None
+        rec = route(self.model, self.ids, edits)
+        return rec, prompt_effect(self.model, self.text, edits, max_new_tokens=self.max_new_tokens, cancel=self.stop_event)
+
+    def _show(self, result) -> None:
+        if result is None:
+            self.edited_record, self.last_effect, self.last_prompt_effect = None, None, None
+            self.edited_top1, self.edited_load, self.effect = [], [], {}
+            return
+        rec, pe = result
+        arrays = self._arrays(rec)
+        self.edited_record, self.last_prompt_effect, self.last_effect = rec, pe, pe.edit_effect()
+        changed = (rec.experts[..., 0] != self.record.experts[..., 0]).sum().item()
+        self.edited_top1, self.edited_load = arrays["top1"], arrays["load"]
+        self.effect = {"changed_top1": changed, **pe.payload()}
 
     def apply(self):
         """Re-run the text with ``masked`` / ``forced``; returns the EditEffect (None when no edits: reset)."""
-        from ..routing import ExpertForce, ExpertMask
-        from ..effects import edit_effect
-
-        edits = ([ExpertMask([tuple(p) for p in self.masked])] if self.masked else []) + (
-            [ExpertForce([tuple(p) for p in self.forced])] if self.forced else []
-        )
-        if not edits:
-            self.edited_record, self.last_effect = None, None
-            self.edited_top1, self.edited_load, self.effect = [], [], {}
-            return None
-        rec = route(self.model, self.ids, edits)
-        eff = edit_effect(self.model, self.ids, *edits, max_new_tokens=self.max_new_tokens)
-        arrays = self._arrays(rec)
-        self.edited_record, self.last_effect = rec, eff
-        changed = (rec.experts[..., 0] != self.record.experts[..., 0]).sum().item()
-        self.edited_top1, self.edited_load = arrays["top1"], arrays["load"]
-        self.effect = {
-            "summary": eff.summary(), "changed_top1": changed, "delta_loss": eff.delta_loss, "mean_kl": eff.mean_kl,
-            "text_before": eff.text_before, "text_after": eff.text_after, "diff": list(eff.diff),
-        }  # fmt: skip
-        return eff
+        self._show(self._measure(self._edits()))
+        return self.last_effect

@@ -34,9 +34,10 @@ function render({ model, el }) {
           fill: viridis((v - lo) / (hi - lo)), class: "wb-cell", "data-layer": l, "data-head": hd,
           stroke: isSel ? "#d62728" : isAbl ? "#000" : "none", "stroke-width": isSel || isAbl ? 2 : 0,
           "stroke-dasharray": isAbl && !isSel ? "3,2" : "none" });
-        rect.addEventListener("mouseenter", () => { hover.textContent = `layer ${l} head ${hd}: ${fmt(v)} (${metric})`; });
+        rect.addEventListener("mouseenter", () => { hover.textContent = `L${l}H${hd}: ${fmt(v)} (${metric})`; });
+        rect.addEventListener("mousedown", (ev) => { if (ev.shiftKey) ev.preventDefault(); });  // shift-click: no text selection
         rect.addEventListener("click", (ev) => {
-          if (ev.shiftKey) {
+          if (ev.shiftKey && get(model, "editable")) {
             const cur = get(model, "ablate") || [];
             const i = cur.findIndex((x) => x[0] === l && x[1] === hd);
             put(model, "ablate", i >= 0 ? cur.filter((_, j) => j !== i) : [...cur, [l, hd]]);
@@ -45,8 +46,8 @@ function render({ model, el }) {
         svg.append(rect);
       }
     }
-    svgBox.replaceChildren(svg, h("div", { class: "wb-hover", text: `colour: ${fmt(lo)} … ${fmt(hi)}; click a cell to select it` +
-      (get(model, "can_ablate") ? ", shift-click to add it to the ablation set" : "") }));
+    svgBox.replaceChildren(svg, h("div", { class: "wb-bar" }, colorbar(viridis, lo, hi, metric)),
+      h("div", { class: "wb-hover", text: "click a cell to select it" + (get(model, "editable") ? ", shift-click to add it to the edit set (or take it out)" : "") }));
   }
 
   function drawAblation() {
@@ -57,8 +58,7 @@ function render({ model, el }) {
     mode.addEventListener("change", () => put(model, "mode", mode.value));
     const chips = heads.length ? heads.map((x) => h("span", { class: "wb-chip", text: `L${x[0]}H${x[1]} ×`,
       onclick: () => put(model, "ablate", heads.filter((y) => y !== x)) })) : [h("span", { text: sel.length ? `(selected L${sel[0]}H${sel[1]})` : "(none)" })];
-    const eff = get(model, "effect") || {};
-    const effBox = eff.summary ? h("div", {}, h("div", { class: "wb-effect wb-effect-summary", text: eff.summary }), diffView(eff.diff)) : "";
+    const effBox = effectView(get(model, "effect") || {});
     ablation.replaceChildren(h("div", { class: "wb-bar" }, h("b", { text: "ablate" }), ...chips,
       h("button", { text: "+ selected", onclick: () => sel.length && put(model, "ablate", [...heads, sel]) }),
       h("button", { text: "clear", onclick: () => put(model, "ablate", []) }), h("label", { text: "mode " }, mode),

@@ -3,7 +3,8 @@ function render({ model, el }) {
   const r = root(el, "wb-niah");
   const row = h("div", { class: "wb-bar", style: "align-items:flex-start" });
   const hover = h("div", { class: "wb-hover" });
-  r.append(row, h("div", { class: "wb-hover", text: "columns: context length (tokens); rows: needle depth" }), hover, statusLine(model));
+  r.append(row, h("div", { class: "wb-bar" }, colorbar(rdylgn, 0, 1, "NIAH accuracy"),
+    h("span", { class: "wb-hover", text: "columns: context length (tokens); rows: needle depth" })), hover, statusLine(model));
   const CW = 56, CH = 26, LEFT = 48, TOP = 20;
   function draw() {
     row.replaceChildren(...get(model, "panels").map((p) => {

@@ -58,7 +58,8 @@ function render({ model, el }) {
         svg.append(rect);
       }
     });
-    return h("div", {}, h("div", { class: "wb-title", text: "expert load per layer (click a cell: select that expert)" }), svg);
+    return h("div", {}, h("div", { class: "wb-title", text: "expert load per layer (click a cell: select that expert)" }), svg,
+      h("div", { class: "wb-bar" }, colorbar(viridis, lo, hi, "share of assignments")));
   }
 
   function toggle(name) {
@@ -86,7 +87,7 @@ function render({ model, el }) {
     const after = get(model, "edited_top1") || [], eff = get(model, "effect") || {};
     if (!after.length) { afterBox.replaceChildren(); return; }
     afterBox.replaceChildren(tokenGrid(after, get(model, "top1"), `after edits: top-1 expert (${eff.changed_top1} cells changed, outlined)`),
-      h("div", { class: "wb-effect", text: eff.summary || "" }), diffView(eff.diff));
+      effectView(eff));
   }
 
   const drawMain = () => { loadBox.replaceChildren(loadGrid()); gridBox.replaceChildren(tokenGrid(get(model, "top1"), null, "top-1 expert per token")); };

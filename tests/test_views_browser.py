@@ -1,0 +1,220 @@
+"""Issue 15 in a real browser (Debian chromium through playwright; never `playwright install`):
+
+- the PatternView of a 40-token prompt on SmolLM2 shows 270 head thumbnails and enlarges one on click; the
+  one selection (thumbnail → grid → "Ablate selected head") drives the ablation;
+- on a 4K-token prompt a query click answers under the drill-down target (< 1 s, no forward pass), and
+  ``/liveness`` stays fast while a long ablation runs in another session.
+
+The 4K test serves a small random llama (2 layers × 4 heads, byte tokenizer, 8K positions) saved to a
+temporary directory, so its first run takes seconds; the per-click cost does not depend on the model's
+width (one layer's rows from cached queries and keys; SmolLM2 at 8K: benchmarks/drilldown.py).
+Screenshots land in ``test-artifacts/`` (or ``$WORKBENCH_ARTIFACTS``)."""
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from browser import CHROMIUM_ARGS, artifacts, free_port, served
+
+CHROMIUM = shutil.which("chromium")
+CLICK_TARGET_S = 1.0  # issue 15: any query of an 8K prompt under 1 s after the prompt's first run
+LIVENESS_TARGET_S = 0.1  # issue 15: /liveness within 100 ms while a 4K ablation runs ...
+LIVENESS_SHARE = 0.9  # ... for at least this share of the polls; on a shared 2-core machine (load 6-8 from other jobs)
+LIVENESS_MAX_S = 1.0  # the OS alone delays a few; none may wait like the old event-loop forward pass did (40 s)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (`make browser` installs it); browser tests skipped")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _serve(tmp, *args, name: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "panel", "serve", "apps/dashboard.py", "--address", "127.0.0.1", "--port", str(port),
+           f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness", "--warm", "--args", "--moe", "tiny-moe",
+           "--runs", str(tmp / "runs"), *args]  # fmt: skip
+    return port, served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / f"{name}-server.log")
+
+
+def _open(browser, port):
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(f"http://127.0.0.1:{port}/dashboard", timeout=120_000)
+    page.wait_for_selector(".wb-run button", timeout=120_000)
+    return page
+
+
+def _run(page, text: str, *, chat: bool = False, timeout: float = 180_000):
+    page.fill(".wb-prompt textarea", text)
+    box = page.locator(".wb-chat input[type=checkbox]")
+    if box.is_checked() != chat:
+        box.click()
+    page.click(".wb-run button")
+    page.locator(".wb-status", has_text="prompt: done").wait_for(timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pattern_view_shows_every_head_and_the_selection_drives_the_ablation(browser, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    port, server = _serve(tmp_path, name="views-smollm")  # the default model: the embedded SmolLM2
+    with server:
+        page = _open(browser, port)
+        try:
+            text = ("The lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
+                    "that passed the rocks at night saw the light and kept away from the shore before the storm came.")  # fmt: skip
+            _run(page, text)
+            thumbs = page.locator("canvas.wb-thumb")
+            thumbs.first.wait_for(timeout=60_000)
+            n_tokens = len(page.locator(".wb-rowview .wb-tok").all())
+            assert 30 <= n_tokens <= 45, n_tokens  # a ~40-token prompt, no chat template
+            assert thumbs.count() == 270  # 30 layers × 9 heads, every head's exact pattern
+            page.screenshot(path=str(artifacts() / "views-pattern-270-heads.png"), full_page=True)
+
+            # click a thumbnail: it is enlarged, and the page's one selection follows (grid, label, edit button)
+            page.click('canvas.wb-thumb[data-layer="14"][data-head="4"]')
+            page.locator('.wb-pattern-title[data-layer="14"][data-head="4"]').wait_for(timeout=30_000)
+            page.locator(".wb-selected strong", has_text="L14H4").wait_for(timeout=30_000)
+            cell = page.locator('rect.wb-cell[data-layer="14"][data-head="4"]')
+            sync_api.expect(cell).to_have_attribute("stroke", "#d62728", timeout=30_000)  # the grid follows the thumbnail
+            canvas = page.locator("canvas.wb-pattern-canvas")
+            box = canvas.bounding_box()
+            assert box["width"] >= 240
+            page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.9)  # hover a cell
+            hover = page.locator(".wb-cell-hover").inner_text()
+            assert "query" in hover and "key" in hover
+            page.screenshot(path=str(artifacts() / "views-pattern-enlarged.png"), full_page=True)
+
+            # the edit button ablates the head the user is looking at
+            page.click(".wb-toggle-ablation button")
+            page.wait_for_selector(".wb-edited-output .wb-loss", timeout=120_000)
+            assert "L14H4" in page.locator(".wb-edited-output .wb-edits").inner_text()
+            assert page.locator(".wb-edited-output .wb-template").count() == 0  # chat off: no template tokens
+            sync_api.expect(cell).to_have_attribute("stroke", "#d62728")
+            page.screenshot(path=str(artifacts() / "views-selection-ablation.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(artifacts() / "views-pattern-failure.png"), full_page=True)
+            raise
+        finally:
+            page.close()
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """A random llama of the tiny test shape with 8K positions and the byte tokenizer, as a local model dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workbench.testing import byte_tokenizer, tiny_config
+
+    path = tmp_path_factory.mktemp("long-llama")
+    cfg = tiny_config("llama")
+    cfg.max_position_embeddings = 8192
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+POLLER = """
+import sys, time, urllib.request
+port, out = sys.argv[1], open(sys.argv[2], "w", buffering=1)
+while True:
+    t = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/liveness", timeout=10) as r:
+        assert r.status == 200
+    out.write(f"{time.perf_counter() - t}\\n")
+    time.sleep(0.05)
+"""
+
+
+class LivenessPoller:
+    """GET /liveness every 50 ms from a process of its own (this process's playwright client must not delay it)."""
+
+    def __init__(self, port: int, path):
+        self.port, self.path = port, path
+
+    def __enter__(self):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", POLLER, str(self.port), str(self.path)])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def times(self) -> list[float]:
+        return [float(x) for x in self.path.read_text().split()]
+
+
+def test_long_prompt_clicks_are_fast_and_the_server_never_blocks(browser, long_model, tmp_path):
+    from workbench.niah import haystack
+
+    text = haystack()[:4000]  # ~4K tokens with the byte tokenizer
+    port, server = _serve(tmp_path, "--model", str(long_model), "--max-new-tokens", "16", name="views-long")
+    with server:
+        a = _open(browser, port)
+        b = _open(browser, port)
+        try:
+            _run(a, text)
+            title = a.locator(".wb-av-title")
+            title.wait_for(timeout=60_000)
+            T = int(title.get_attribute("data-query")) + 1
+            assert T >= 4000 and a.locator("canvas.wb-thumb").count() == 0  # long: the row view, no thumbnails
+            assert a.locator(".wb-top-key").count() >= 5 and a.locator("canvas.wb-heat").count() == 1
+
+            def click(pos: int) -> float:
+                a.locator(".wb-goto").fill(str(pos))  # "query: token #" jumps there and asks for its row
+                t = time.perf_counter()
+                a.locator(".wb-goto").press("Enter")
+                a.locator(f'.wb-av-title[data-query="{pos}"]').wait_for(timeout=30_000)
+                return time.perf_counter() - t
+
+            clicks = [click(p) for p in (3999, 17, 2048, 3500, 777)]
+            span = a.locator('.wb-tok[data-pos="1500"]')
+            span.scroll_into_view_if_needed()
+            t = time.perf_counter()
+            span.click()  # a real click on a token
+            a.locator('.wb-av-title[data-query="1500"]').wait_for(timeout=30_000)
+            clicks.append(time.perf_counter() - t)
+            assert max(clicks) < CLICK_TARGET_S, clicks
+            a.screenshot(path=str(artifacts() / "views-long-prompt-rows.png"), full_page=True)
+
+            # session B runs the same long prompt with an ablation; /liveness and A's clicks stay fast meanwhile
+            _run(b, text)
+            b.click(".wb-toggle-ablation button")
+            b.locator(".wb-status", has_text="edited run").wait_for(timeout=30_000)
+            with LivenessPoller(port, tmp_path / "liveness.txt") as poller:
+                started = time.perf_counter()
+                during = [click(p) for p in (100, 3000)]
+                b.locator(".wb-status", has_text="edited run: done").wait_for(timeout=300_000)
+                busy_s = time.perf_counter() - started
+            times = poller.times()
+            b.screenshot(path=str(artifacts() / "views-long-ablation.png"), full_page=True)
+            assert busy_s > 1.0 and len(times) >= 5, (busy_s, len(times))  # the ablation really ran a while
+            assert max(during) < CLICK_TARGET_S, during
+            fast = sum(x <= LIVENESS_TARGET_S for x in times) / len(times)
+            report = (f"/liveness while another session ablated a 4K prompt: {len(times)} polls, median "
+                      f"{statistics.median(times) * 1000:.1f} ms, {fast:.0%} within {LIVENESS_TARGET_S * 1000:.0f} ms, "
+                      f"max {max(times) * 1000:.0f} ms; query clicks before {[round(x, 3) for x in clicks]} s, during "
+                      f"{[round(x, 3) for x in during]} s (browser click to redrawn row)")  # fmt: skip
+            (artifacts() / "views-liveness.txt").write_text(report + "\n")
+            print(report)
+            assert fast >= LIVENESS_SHARE and max(times) < LIVENESS_MAX_S, report
+        except Exception:
+            a.screenshot(path=str(artifacts() / "views-long-failure-a.png"), full_page=True)
+            b.screenshot(path=str(artifacts() / "views-long-failure-b.png"), full_page=True)
+            raise
+        finally:
+            a.close()
+            b.close()
