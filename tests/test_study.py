@@ -448,3 +448,19 @@ def test_unreadable_study_files(tmp_path, content, message):
         load_study(tmp_path)
     with pytest.raises(StudyError, match=r"is a directory"):
         load_study(str(tmp_path))
+
+
+def test_report_joins_points_of_one_family_only():
+    """metric vs k: top-k and random-k sizes are one family (a line); explicit sets are unrelated (points only)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from workbench.study.report import metric_vs_k
+
+    summary = pd.DataFrame({"grid": ["top", "top", "sets", "sets", "none"], "select": ["top", "top", "explicit", "explicit", "none"],
+                            "k": [2, 4, 1, 3, 0], "metric_mean": [0.5, 0.3, 0.9, 0.1, 1.0], "metric_std": [0.0] * 5})  # fmt: skip
+    run = SimpleNamespace(study=SimpleNamespace(name="s", task=SimpleNamespace(kind="loss"),
+                                                ablation=SimpleNamespace(target="heads", mode="zero")))  # fmt: skip
+    modes = {t.name: t.mode for t in metric_vs_k(run, summary).data}
+    assert modes == {"top (top)": "lines+markers", "sets (explicit)": "markers"}

@@ -23,7 +23,9 @@ def metric_vs_k(run, summary: pd.DataFrame):
     fig = go.Figure()
     base = summary[summary["select"] == "none"]
     for (grid, select), part in summary[~summary["select"].isin(["none", "layer"])].groupby(["grid", "select"], sort=False):
-        fig.add_trace(go.Scatter(x=part["k"], y=part["metric_mean"], name=grid, mode="lines+markers",
+        # a line joins the sizes of one family (top-k, random-k); explicit sets are unrelated: points, no line
+        fig.add_trace(go.Scatter(x=part["k"], y=part["metric_mean"], name=f"{grid} ({select})",
+                                 mode="markers" if select == "explicit" else "lines+markers",
                                  error_y={"type": "data", "array": part["metric_std"].tolist(), "visible": True}))  # fmt: skip
     for _, row in base.iterrows():
         fig.add_hline(y=row["metric_mean"], line_dash="dash", annotation_text=f"{row['grid']} (no ablation)")
