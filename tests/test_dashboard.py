@@ -309,6 +309,35 @@ def test_sinks_routing_retrieval_pages(dash):
     assert "limit is 4" in rt.last_error
 
 
+def test_heads_page_taxonomy_with_the_retrieval_join(dash, wb):
+    """The Heads tab scans head types within the caps; the Retrieval tab's scan joins as Wu's axis."""
+    with pytest.raises(DashboardError, match="lengths must lie in 16..2048"):
+        wb.taxonomy_scan(lengths=[4096])
+    with pytest.raises(DashboardError, match="15 cases asked for; the limit is 12"):
+        wb.taxonomy_scan(lengths=[64, 128, 256], n_texts=4)
+    h = dash.pages["Heads"]
+    h.param.update(lengths=[64], n_texts=1)
+    h.join.value = False
+    h.scan()
+    h.wait()
+    assert h.last_error == "" and h.result is not None and len(h.result.cases) == 2  # one text + the repeated sequence
+    direct = __import__("workbench.taxonomy", fromlist=["scan"]).scan(wb.model(), lengths=[64], n_texts=1, progress=False)
+    torch.testing.assert_close(h.result.values, direct.values, equal_nan=True)
+    assert "retrieval_score" not in h.result.grids()
+    rt = dash.pages["Retrieval"]
+    if rt.result is None:
+        rt.param.update(lengths=[300], depths=1, new_tokens=4)
+        rt.scan()
+        rt.wait()
+    h.join.value = True
+    h.kind = "retrieval"
+    h.scan()
+    h.wait()
+    assert h.last_error == ""
+    torch.testing.assert_close(h.result.grids()["retrieval_score"], rt.result.scores, equal_nan=True)
+    assert "retrieval_score" in h.kind_table.objects[1].object.columns
+
+
 # --- runs ----------------------------------------------------------------------------------------------------
 
 

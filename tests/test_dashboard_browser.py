@@ -133,6 +133,13 @@ def test_prompt_lab_routing_and_every_tab_in_chromium(browser, dashboard_url):
     page.wait_for_selector(".wb-sink-rate strong", timeout=120_000)
     page.screenshot(path=str(out / "dashboard-sinks.png"), full_page=True)
 
+    # Heads: the taxonomy scan, joined with the Retrieval tab's scan
+    _tab(page, "Heads")
+    page.click(".wb-heads-scan button")
+    page.wait_for_selector(".wb-heads-kind table", timeout=120_000)
+    assert "retrieval heads that are also induction heads" in " ".join(page.locator(".wb-heads-summary pre").all_inner_texts())
+    page.screenshot(path=str(out / "dashboard-heads.png"), full_page=True)
+
     # Routing: route the text, select an expert in the RoutingView, deactivate it, re-run
     _tab(page, "Routing")
     page.click(".wb-route button")

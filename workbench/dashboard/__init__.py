@@ -2,11 +2,11 @@
 
 - :mod:`.pool`: the models a server serves, loaded once, one lock per model;
 - :mod:`.validation`: caps and the checks of every request, on the library's validators
-  (``ModelSpec.heads``, ``ExpertMask.bind``, ``RetrievalConfig`` / ``SinkConfig`` / ``RoutingConfig``);
+  (``ModelSpec.heads``, ``ExpertMask.bind``, ``RetrievalConfig`` / ``SinkConfig`` / ``TaxonomyConfig`` / ``RoutingConfig``);
 - :mod:`.runs`: the runs browser (study runs inside one directory; comparisons of like metrics only);
 - :mod:`.state`: the computations the pages ask for (plain Python: the :class:`Workbench` all sessions share);
 - one module per tab (Panel ``Viewer`` classes with ``param``): :mod:`.prompt_lab`,
-  :mod:`.retrieval_page`, :mod:`.sinks_page`, :mod:`.routing_page`, :mod:`.runs_page`; :mod:`.common` (background
+  :mod:`.retrieval_page`, :mod:`.sinks_page`, :mod:`.heads_page`, :mod:`.routing_page`, :mod:`.runs_page`; :mod:`.common` (background
   work off the event loop, notices, tables);
 - :mod:`.views`: the notebook widgets hosted through ``workbench.widgets.panel.to_panel``;
 - :mod:`.app` builds the page, :func:`workbench.dashboard.serve.serve` serves it.

@@ -1,4 +1,4 @@
-"""The dashboard page: one template with the five tabs, built per browser session over a shared Workbench."""
+"""The dashboard page: one template with the six tabs, built per browser session over a shared Workbench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import html
 import panel as pn
 
 from .common import Page
+from .heads_page import HeadsPage
 from .prompt_lab import PromptLab
 from .retrieval_page import RetrievalPage
 from .routing_page import RoutingPage
@@ -14,7 +15,7 @@ from .runs_page import RunsPage
 from .sinks_page import SinksPage
 from .state import Workbench
 
-PAGES = (PromptLab, RetrievalPage, SinksPage, RoutingPage, RunsPage)
+PAGES = (PromptLab, RetrievalPage, SinksPage, HeadsPage, RoutingPage, RunsPage)
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -26,7 +27,7 @@ class Dashboard(pn.viewable.Viewer):
         self.pages: dict[str, Page] = {}
         for cls in PAGES:
             try:
-                self.pages[cls.title] = cls(wb)
+                self.pages[cls.title] = cls(wb, **self._links(cls))
             except Exception as e:  # noqa: BLE001 — one broken page must not take the app down
                 page = Page(wb)
                 page.title = cls.title
@@ -35,6 +36,12 @@ class Dashboard(pn.viewable.Viewer):
                 self.pages[cls.title] = page
         self.tabs = pn.Tabs(*[(name, p) for name, p in self.pages.items()], dynamic=True, sizing_mode="stretch_width",
                             css_classes=["wb-tabs"])  # fmt: skip
+
+    def _links(self, cls) -> dict:
+        """What a page reads from another: the Heads tab joins the Retrieval tab's scan."""
+        if cls is HeadsPage:
+            return {"retrieval": lambda: getattr(self.pages.get(RetrievalPage.title), "result", None)}
+        return {}
 
     def __panel__(self):
         return self.tabs

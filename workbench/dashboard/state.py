@@ -25,7 +25,7 @@ from ..errors import ProbeError
 from .pool import ModelPool
 from .runs import Comparison, RunsStore, compare_frames, run_metric, safe_path
 from .validation import (Cancelled, Caps, DashboardError, HeadEdits, check_prompt, expert_name, head_name, is_cancel,
-                         new_tokens, parse_experts, parse_heads, retrieval_config, routing_text, sink_config)  # fmt: skip
+                         new_tokens, parse_experts, parse_heads, retrieval_config, routing_text, sink_config, taxonomy_config)  # fmt: skip
 
 Head = tuple[int, int]
 
@@ -251,6 +251,22 @@ class Workbench:
         cfg = sink_config(self.caps, T, eps, texts)
         with self.using() as m:
             return sinks.scan(m, cfg, progress=False, cancel=progress)
+
+    # --- head types --------------------------------------------------------------------------------------
+    def taxonomy_scan(self, *, lengths: Sequence[int] = (256,), n_texts: int = 2, local_window: int = 8, repeated: bool = True,
+                      retrieval=None, progress: Progress | None = None):  # fmt: skip
+        """The head taxonomy (:func:`workbench.taxonomy.scan`), progress per case; ``retrieval``: a retrieval
+        scan of this model to join (Wu's axis). Takes the model's lock per case; Cancel keeps finished cases."""
+        from .. import taxonomy
+
+        cfg = taxonomy_config(self.caps, lengths, n_texts, local_window, repeated)
+        progress = progress or Progress()
+        m = self.model()
+        if retrieval is not None and retrieval.provenance.weights_hash != m.provenance.weights_hash:
+            raise DashboardError("the retrieval scan is of another model; run it again on this one")
+        progress.update(done=0, total=len(cfg.cases(m)), message="head taxonomy")
+        with self.using() as m:
+            return taxonomy.scan(m, cfg, retrieval=retrieval, on_case=self._between_tests(progress), cancel=progress, progress=False)
 
     # --- routing ------------------------------------------------------------------------------------------
     def moe_model(self, name: str):

@@ -1,6 +1,6 @@
 """What a browser may ask for: the dashboard's caps and the checks of every request, built on the
 library's own validators (``ModelSpec.heads`` for heads, routing edits' ``bind`` for experts, the scan
-config dataclasses ``RetrievalConfig`` / ``SinkConfig`` / ``RoutingConfig`` for scans) plus the caps.
+config dataclasses ``RetrievalConfig`` / ``SinkConfig`` / ``TaxonomyConfig`` / ``RoutingConfig`` for scans) plus the caps.
 
 Everything a page sends is data (text, numbers, head and expert names, names from fixed lists). Lists and
 strings are refused by size in O(1) before anything looks at their items."""
@@ -47,6 +47,8 @@ class Caps:
     max_seeds: int = 3
     max_sink_T: int = 512
     max_sink_texts: int = 16
+    max_taxonomy_length: int = 2048  # tokens per case of the Heads tab's taxonomy scan
+    max_taxonomy_cases: int = 12
     max_routing_chars: int = 4000
     max_view_queries: int = 32  # query rows one view request may ask for
     max_sink_keys: int = 16  # key positions the prompt lab's calibration may scale
@@ -224,6 +226,30 @@ def sink_config(caps: Caps, T: int, eps: float, texts: Sequence[str] | None):
             raise DashboardError(f"at most {caps.max_sink_texts} texts and {caps.max_prompt_chars} characters")
     try:
         return sinks.SinkConfig(T=int(T), eps=float(eps), texts=texts if texts is not None else sinks.texts_for(int(T)))
+    except ProbeError as e:
+        raise DashboardError(str(e)) from None
+
+
+def taxonomy_config(caps: Caps, lengths: Sequence[int], n_texts: int, local_window: int = 8, repeated: bool = True):
+    """A :class:`workbench.taxonomy.TaxonomyConfig` within the caps (lengths, number of cases)."""
+    from ..taxonomy import TaxonomyConfig
+
+    try:
+        lengths = sorted({int(x) for x in lengths})
+        n_texts, local_window = int(n_texts), int(local_window)
+    except (TypeError, ValueError):
+        raise DashboardError("lengths, texts and the window must be whole numbers") from None
+    if not lengths:
+        raise DashboardError("choose at least one length")
+    if min(lengths) < 16 or max(lengths) > caps.max_taxonomy_length:
+        raise DashboardError(f"lengths must lie in 16..{caps.max_taxonomy_length}")
+    if not 0 <= n_texts <= caps.max_taxonomy_cases:
+        raise DashboardError(f"texts per length must lie in 0..{caps.max_taxonomy_cases}")
+    n = len(lengths) * (n_texts + bool(repeated))
+    if n > caps.max_taxonomy_cases:
+        raise DashboardError(f"{n} cases asked for; the limit is {caps.max_taxonomy_cases} (fewer lengths or texts)")
+    try:
+        return TaxonomyConfig(lengths=lengths, n_texts=n_texts, local_window=local_window, repeated=bool(repeated))
     except ProbeError as e:
         raise DashboardError(str(e)) from None
 

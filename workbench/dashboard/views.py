@@ -16,8 +16,6 @@ def to_panel_component(widget):
     return pane
 
 
-_to_panel = to_panel_component  # older name
-
 
 def head_grid(scores, *, title: str = "", editable: bool = False):
     """A :class:`~workbench.widgets.HeadGrid` of scores only (``HeadGrid(...)``, its component); ``editable``:
