@@ -3,6 +3,7 @@ every statistic (entropy, lse, top-3, key columns, spans, windows, key mass, til
 every edit (uniform, calibrate, span mask, streaming, zero/mean), with padding, sliding windows, learned
 sinks and decode steps over a KV cache."""
 import os
+from pathlib import Path
 from contextlib import ExitStack
 
 import pytest
@@ -219,3 +220,5 @@ def test_capability_table_drives_covers():
     assert table.count("\n") == len(capabilities.CAPABILITIES) + 1
     for name in ("key_mass", "tiles", "uniform", "calibrate", "mask_keys", "streaming", "decode split"):
         assert f"| {name} |" in table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table in readme  # regenerate with kernels.capabilities.markdown() when a path's coverage changes
