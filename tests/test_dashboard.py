@@ -69,7 +69,7 @@ def test_names_come_from_the_server_only(wb):
     with pytest.raises(DashboardError, match="unknown model"):
         wb.model("/etc/passwd")
     with pytest.raises(DashboardError, match="unknown MoE model"):
-        wb.route("gpt2", "hello")
+        wb.routing_of("gpt2", "hello")
     spec = wb.model().spec
     assert parse_heads(["L1H2", (0, 3), [1, 2]], spec) == ((1, 2), (0, 3))  # ModelSpec.heads: the library's validator
     for bad in (["L9H0"], ["L0H99"], ["nonsense"], ["__import__('os')"], ["1:2"]):
@@ -163,7 +163,7 @@ def test_two_sessions_at_once_do_not_mix_captures(wb):
 
 
 def test_routing_and_expert_edits(wb):
-    r = wb.route("tiny-moe", "def add(a, b):\n    return a + b\n2 + 2 = 4")
+    r = wb.routing_of("tiny-moe", "def add(a, b):\n    return a + b\n2 + 2 = 4")
     assert r.load.shape == (4, 8) and torch.allclose(r.load.sum(1), torch.ones(4))
     assert list(r.per_token().columns[:2]) == ["position", "token"]
     eff = wb.routing_effect("tiny-moe", "2 + 2 = 4 and 3 + 3 =", mask=["L1E3", "L2E1"], max_new_tokens=4)
@@ -292,7 +292,7 @@ def test_sinks_routing_retrieval_pages(dash):
     s.wait()
     assert s.last_error == "" and s.result.T == 32
     r = dash.pages["Routing"]
-    r.route()
+    r.show_routing()
     r.wait()
     assert r.last_error == "" and r.outcome is not None and "L1E3" in r.mask_input.options
     r.mask_input.value = ["L1E3"]

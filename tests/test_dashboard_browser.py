@@ -142,7 +142,7 @@ def test_prompt_lab_routing_and_every_tab_in_chromium(browser, dashboard_url):
 
     # Routing: route the text, select an expert in the RoutingView, deactivate it, re-run
     _tab(page, "Routing")
-    page.click(".wb-route button")
+    page.click(".wb-show-routing button")
     page.wait_for_selector("rect.wb-load-cell", timeout=60_000)
     page.click('rect.wb-load-cell[data-layer="1"][data-expert="3"]')
     page.click("button.wb-mask")

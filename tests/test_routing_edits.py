@@ -195,7 +195,7 @@ def test_edit_applies_during_generate_and_is_removed_after():
 def test_contrastive_logits_formula():
     g = torch.Generator().manual_seed(0)
     s, w = torch.randn(50, generator=g), torch.randn(50, generator=g)
-    out = wb.routing.contrastive_logits(s, w, beta=0.7, alpha=0.2)
+    out = wb.routing.contrastive_logits(s, w, beta=0.7, plausibility=0.2)
     ls, lw = torch.log_softmax(s, 0), torch.log_softmax(w, 0)
     ps = ls.exp()
     keep = ps >= 0.2 * ps.max()
@@ -207,16 +207,16 @@ def test_scmoe_generate():
     m = routing_model("mixtral")
     greedy = m.generate("hi", max_new_tokens=6, chat=False)
     # β = 0 is plain greedy decoding; a weak routing equal to the strong one changes nothing either
-    assert wb.routing.scmoe_generate(m, "hi", beta=0.0, alpha=0.0, max_new_tokens=6, chat=False) == greedy
-    assert wb.routing.scmoe_generate(m, "hi", beta=1.0, alpha=0.0, weak=[wb.TopK(2)], max_new_tokens=6, chat=False) == greedy
+    assert wb.routing.scmoe_generate(m, "hi", beta=0.0, plausibility=0.0, max_new_tokens=6, chat=False) == greedy
+    assert wb.routing.scmoe_generate(m, "hi", beta=1.0, plausibility=0.0, weak=[wb.TopK(2)], max_new_tokens=6, chat=False) == greedy
     # first token = argmax of the formula over a strong and a top-1 forward
     ids = m.encode("hi", chat=False)
     with torch.no_grad():
         strong = m.hf(input_ids=ids).logits[0, -1]
         with wb.intervene(m, wb.TopK(1)):
             weak = m.hf(input_ids=ids).logits[0, -1]
-    want = int(wb.routing.contrastive_logits(strong, weak, beta=2.0, alpha=0.1).argmax())
-    got = wb.routing.scmoe_generate(m, "hi", beta=2.0, alpha=0.1, max_new_tokens=1, chat=False)
+    want = int(wb.routing.contrastive_logits(strong, weak, beta=2.0, plausibility=0.1).argmax())
+    got = wb.routing.scmoe_generate(m, "hi", beta=2.0, plausibility=0.1, max_new_tokens=1, chat=False)
     assert got == m.tokenizer.decode([want], skip_special_tokens=True)
 
 

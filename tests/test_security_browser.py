@@ -78,7 +78,7 @@ def test_no_script_from_run_names_or_files_runs_in_the_app(browser, hostile_serv
         page.wait_for_timeout(1000)
         page.locator(".bk-tab", has_text="Routing").first.click()
         page.fill(".wb-routing-text textarea", XSS)
-        page.click(".wb-route button")
+        page.click(".wb-show-routing button")
         page.wait_for_selector("rect.wb-load-cell", timeout=60_000)
         page.locator(".bk-tab", has_text="Runs").first.click()
         page.wait_for_selector(".wb-open button", timeout=30_000)

@@ -26,7 +26,7 @@ class RoutingPage(Page):
         self.new_tokens = pn.widgets.IntSlider(
             label="new tokens", start=0, end=wb.caps.max_new_tokens, value=min(12, wb.caps.max_new_tokens), width=200
         )
-        self.route_button = pn.widgets.Button(label="Route", color="primary", css_classes=["wb-route"], width=100)
+        self.show_button = pn.widgets.Button(label="Show routing", color="primary", css_classes=["wb-show-routing"], width=130)
         self.compare_button = pn.widgets.Button(label="Compare outputs", css_classes=["wb-compare"], width=160)
         self.mask_input = pn.widgets.MultiChoice(
             label="deactivate experts", options=[], css_classes=["wb-dash-mask"], sizing_mode="stretch_width"
@@ -36,7 +36,7 @@ class RoutingPage(Page):
         )
         self.mask_input.param.watch(lambda e: setattr(self, "mask", list(e.new)), "value")
         self.force_input.param.watch(lambda e: setattr(self, "force", list(e.new)), "value")
-        self.route_button.on_click(lambda e: self.route())
+        self.show_button.on_click(lambda e: self.show_routing())
         self.compare_button.on_click(lambda e: self.compare())
         self.param.watch(lambda e: self._model_changed(), "model_name")
         self.outcome = None
@@ -53,14 +53,14 @@ class RoutingPage(Page):
         spec = self.wb.moe_spec(self.model_name)
         return [expert_name(r.layer, e) for r in spec.routers for e in range(r.n_experts)]
 
-    def route(self) -> None:
+    def show_routing(self) -> None:
         name, text = self.model_name, self.text.value_input or self.text.value
         self.text.value = text
 
         def work():
             from ..widgets import RoutingView
 
-            outcome = self.wb.route(name, text)
+            outcome = self.wb.routing_of(name, text)
             with self.wb.using(name) as m:
                 view = RoutingView(m, text, max_new_tokens=8)
             return outcome, view, self._expert_options()
@@ -119,7 +119,7 @@ class RoutingPage(Page):
             pn.Row(
                 pn.widgets.Select.from_param(self.param.model_name, label="MoE model", width=220),
                 self.new_tokens,
-                self.route_button,
+                self.show_button,
             ),
             self.text,
             self.status_row(),

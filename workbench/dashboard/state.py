@@ -281,10 +281,10 @@ class Workbench:
         return self.moe_model(name).spec
 
     @torch.no_grad()
-    def route(self, name: str, text: str):
+    def routing_of(self, name: str, text: str):
         """Routing record of ``text`` on MoE model ``name`` with expert load and token specialisation."""
         from .. import routing
-        from ..capture import capture
+        from ..widgets.routing_view import routing_rows
         from ..widgets.tokens import token_labels
 
         text = routing_text(self.caps, text)
@@ -293,9 +293,7 @@ class Workbench:
             ids = m.encode(text)
             if ids.shape[-1] > self.caps.prompt_tokens(m):
                 raise DashboardError(f"text has {ids.shape[-1]} tokens; the limit is {self.caps.prompt_tokens(m)}")
-            with capture(m, routing.Routing()) as cap:
-                m.hf(input_ids=ids)
-            rec = routing.rows(cap)
+            rec = routing_rows(m, ids)
             tokens = token_labels(m.tokenizer, ids[0])[0]
         load = routing.expert_load(rec)
         try:

@@ -11,7 +11,7 @@ from ..errors import ProbeError
 from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
 
 
-def route(model, ids: torch.Tensor, edits: Sequence = ()):
+def routing_rows(model, ids: torch.Tensor, edits: Sequence = ()):
     """The :class:`~workbench.routing.RoutingRows` of one forward pass over ``ids``, under ``edits``."""
     from contextlib import nullcontext
 
@@ -56,7 +56,7 @@ class RoutingView(WorkbenchWidget):
             raise ProbeError(f"RoutingView: {model.source} has no MoE layers (no router to show); load an MoE model")
         self.model, self.text, self.max_new_tokens = model, text, max_new_tokens
         self.ids = model.encode(text)
-        self.record = route(model, self.ids)
+        self.record = routing_rows(model, self.ids)
         self.edited_record = None
         self.last_effect = None
         self.last_prompt_effect = None
@@ -109,7 +109,7 @@ class RoutingView(WorkbenchWidget):
 
         if not edits:
             return None
-        rec = route(self.model, self.ids, edits)
+        rec = routing_rows(self.model, self.ids, edits)
         return rec, prompt_effect(self.model, self.text, edits, max_new_tokens=self.max_new_tokens, cancel=self.stop_event)
 
     def _show(self, result) -> None:
