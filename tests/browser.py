@@ -1,6 +1,8 @@
-"""Shared bits of the browser tests: Chromium's flags (offline, headless, as root), where screenshots go,
-and a server subprocess on a free loopback port that is waited for and stopped."""
+"""Shared bits of the browser tests: Debian's Chromium under Playwright (flags: offline, headless, as root),
+where screenshots go, and a server subprocess on a free loopback port that is waited for and stopped. The
+``browser`` fixture (tests/conftest.py) is :func:`launched`."""
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -9,8 +11,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@contextmanager
+def launched():
+    """Debian's ``chromium`` driven by Playwright (never ``playwright install``); skips the test when either is missing."""
+    import pytest
+
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (`make browser` installs it); browser tests skipped")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 def artifacts() -> Path:

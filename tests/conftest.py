@@ -36,3 +36,12 @@ def tiny():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium per test module (tests/browser.py); skips when Chromium or Playwright is missing."""
+    from browser import launched
+
+    with launched() as b:
+        yield b

@@ -6,7 +6,6 @@ fast and offline: ``tiny:llama`` (random) for the prompt lab, the trained ``tiny
 
 from __future__ import annotations
 
-import shutil
 import socket
 import sys
 import urllib.error
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM_ARGS, artifacts, free_port, served  # shared with the widgets' browser tests
+from browser import artifacts, free_port, served  # shared with the widgets' browser tests
 
-CHROMIUM = shutil.which("chromium")
 
 
 def _get(url: str, timeout: float = 2.0):
@@ -43,17 +41,6 @@ def listening_addresses(port: int) -> set[str]:
                         socket.inet_ntop(socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
                     )
     return found
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed (`make browser` installs it); browser tests skipped")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

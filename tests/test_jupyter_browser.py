@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM_ARGS, ROOT, artifacts, free_port, served
+from browser import CHROMIUM, ROOT, artifacts, free_port, served
 
 NOTEBOOK = ROOT / "notebooks" / "01_quickstart.ipynb"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make browser)"),
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make browser)"),
 ]
 
 
@@ -49,36 +49,35 @@ def jupyterlab():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_quickstart_headgrid_click_updates_attention(jupyterlab):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        try:
-            page.goto(f"{jupyterlab}/lab/tree/{NOTEBOOK.name}?reset")
-            page.get_by_text("| Idle").first.wait_for(timeout=60_000)  # the kernel started
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-            # the last cell's output (an EditEffect table) means every cell ran
-            page.locator("table.workbench-edit-effect").wait_for(timeout=150_000)
-            title = page.locator(".wb-av-title")
-            assert title.get_attribute("data-layer") == "20" and title.get_attribute("data-head") == "3"  # set from Python
-            page.locator('.wb-headgrid rect.wb-cell[data-layer="5"][data-head="2"]').click()
-            page.locator('.wb-av-title[data-layer="5"][data-head="2"]').wait_for(timeout=30_000)
-            assert "layer 5 · head 2" in title.inner_text()
-            tokens = page.locator(".wb-pattern .wb-rowview .wb-tok")
-            assert tokens.count() > 20
-            assert tokens.first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"  # coloured
-            assert page.locator(".wb-pattern canvas.wb-thumb").count() == 270  # every head's pattern (PatternView)
-            # one selection: a click on a pattern thumbnail moves the grid's selection too
-            page.locator('.wb-pattern canvas.wb-thumb[data-layer="17"][data-head="3"]').click()
-            page.locator('.wb-pattern-title[data-layer="17"][data-head="3"]').wait_for(timeout=30_000)
-            cell = page.locator('.wb-headgrid rect.wb-cell[data-layer="17"][data-head="3"]')
-            sync_api.expect(cell).to_have_attribute("stroke", "#d62728", timeout=30_000)
-            output = page.locator(".jp-OutputArea-output", has=page.locator(".wb-pattern"))
-            output.screenshot(path=str(artifacts() / "quickstart_headgrid.png"))  # the grid and its drill-down
-        except Exception:
-            page.screenshot(path=str(artifacts() / "quickstart_failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
+def test_quickstart_headgrid_click_updates_attention(jupyterlab, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    try:
+        page.goto(f"{jupyterlab}/lab/tree/{NOTEBOOK.name}?reset")
+        page.get_by_text("| Idle").first.wait_for(timeout=60_000)  # the kernel started
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        # the last cell's output (an EditEffect table) means every cell ran
+        page.locator("table.workbench-edit-effect").wait_for(timeout=150_000)
+        title = page.locator(".wb-av-title")
+        assert title.get_attribute("data-layer") == "20" and title.get_attribute("data-head") == "3"  # set from Python
+        page.locator('.wb-headgrid rect.wb-cell[data-layer="5"][data-head="2"]').click()
+        page.locator('.wb-av-title[data-layer="5"][data-head="2"]').wait_for(timeout=30_000)
+        assert "layer 5 · head 2" in title.inner_text()
+        tokens = page.locator(".wb-pattern .wb-rowview .wb-tok")
+        assert tokens.count() > 20
+        assert tokens.first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"  # coloured
+        assert page.locator(".wb-pattern canvas.wb-thumb").count() == 270  # every head's pattern (PatternView)
+        # one selection: a click on a pattern thumbnail moves the grid's selection too
+        page.locator('.wb-pattern canvas.wb-thumb[data-layer="17"][data-head="3"]').click()
+        page.locator('.wb-pattern-title[data-layer="17"][data-head="3"]').wait_for(timeout=30_000)
+        cell = page.locator('.wb-headgrid rect.wb-cell[data-layer="17"][data-head="3"]')
+        expect(cell).to_have_attribute("stroke", "#d62728", timeout=30_000)
+        output = page.locator(".jp-OutputArea-output", has=page.locator(".wb-pattern"))
+        output.screenshot(path=str(artifacts() / "quickstart_headgrid.png"))  # the grid and its drill-down
+    except Exception:
+        page.screenshot(path=str(artifacts() / "quickstart_failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()

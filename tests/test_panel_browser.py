@@ -1,13 +1,8 @@
 """One view, two hosts: the HeadGrid ESM served by ``panel serve`` through ``to_panel``; a click in the
 page runs the widget's Python and the linked AttentionView follows. Skips without Chromium."""
-import shutil
 import sys
 
-import pytest
-
-from browser import CHROMIUM_ARGS, artifacts, free_port, served
-
-pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make browser)")
+from browser import artifacts, free_port, served
 
 APP = """
 import torch
@@ -21,8 +16,7 @@ pn.Column(to_panel(grid), to_panel(grid.attention)).servable()
 """
 
 
-def test_headgrid_in_panel_serve(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_headgrid_in_panel_serve(tmp_path, browser):
     app = tmp_path / "app.py"
     app.write_text(APP)
     port = free_port()
@@ -30,19 +24,17 @@ def test_headgrid_in_panel_serve(tmp_path):
            f"--allow-websocket-origin=127.0.0.1:{port}", "--liveness"]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     with served(cmd, base + "/liveness", tmp_path / "panel.log"):
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            try:
-                page.goto(f"{base}/app", timeout=60_000)
-                title = page.locator(".wb-av-title")
-                title.wait_for(timeout=60_000)
-                assert title.get_attribute("data-layer") == "1" and title.get_attribute("data-head") == "3"  # best cell
-                page.locator('rect.wb-cell[data-layer="0"][data-head="2"]').click()
-                page.locator('.wb-av-title[data-layer="0"][data-head="2"]').wait_for(timeout=30_000)
-                page.locator(".wb-headgrid .wb-run").click()  # ablate the selected head: Python runs edit_effect
-                page.locator(".wb-effect-summary").wait_for(timeout=30_000)
-                assert "head-ablation:zero" in page.locator(".wb-effect-summary").inner_text()
-                page.screenshot(path=str(artifacts() / "panel_headgrid.png"), full_page=True)
-            finally:
-                browser.close()
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        try:
+            page.goto(f"{base}/app", timeout=60_000)
+            title = page.locator(".wb-av-title")
+            title.wait_for(timeout=60_000)
+            assert title.get_attribute("data-layer") == "1" and title.get_attribute("data-head") == "3"  # best cell
+            page.locator('rect.wb-cell[data-layer="0"][data-head="2"]').click()
+            page.locator('.wb-av-title[data-layer="0"][data-head="2"]').wait_for(timeout=30_000)
+            page.locator(".wb-headgrid .wb-run").click()  # ablate the selected head: Python runs edit_effect
+            page.locator(".wb-effect-summary").wait_for(timeout=30_000)
+            assert "head-ablation:zero" in page.locator(".wb-effect-summary").inner_text()
+            page.screenshot(path=str(artifacts() / "panel_headgrid.png"), full_page=True)
+        finally:
+            page.close()

@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from browser import CHROMIUM_ARGS, artifacts, free_port, served
+from browser import artifacts, free_port, served
 
-CHROMIUM = shutil.which("chromium")
 XSS = "<img src=x onerror=alert(document.domain)>"  # the payload; a dialog is the proof
 STUDY = 'name = "tiny_loss"\n[model]\nsource = "tiny:llama"\n[task]\nkind = "loss"\n[[grid]]\nselect = "none"\n'
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed (`make browser` installs it); browser tests skipped")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _hostile_runs(root: Path) -> Path:

@@ -11,7 +11,6 @@ width (one layer's rows from cached queries and keys; SmolLM2 at 8K: benchmarks/
 Screenshots land in ``test-artifacts/`` (or ``$WORKBENCH_ARTIFACTS``)."""
 from __future__ import annotations
 
-import shutil
 import statistics
 import sys
 import time
@@ -19,24 +18,12 @@ import urllib.request
 
 import pytest
 
-from browser import CHROMIUM_ARGS, artifacts, free_port, served
+from browser import artifacts, free_port, served
 
-CHROMIUM = shutil.which("chromium")
 CLICK_TARGET_S = 1.0  # issue 15: any query of an 8K prompt under 1 s after the prompt's first run
 LIVENESS_TARGET_S = 0.1  # issue 15: /liveness within 100 ms while a 4K ablation runs ...
 LIVENESS_SHARE = 0.9  # ... for at least this share of the polls; on a shared 2-core machine (load 6-8 from other jobs)
 LIVENESS_MAX_S = 1.0  # the OS alone delays a few; none may wait like the old event-loop forward pass did (40 s)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed (`make browser` installs it); browser tests skipped")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _serve(tmp, *args, name: str):

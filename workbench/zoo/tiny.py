@@ -112,17 +112,11 @@ def byte_tokenizer():
     )
 
 
-def _byte_map() -> dict[str, int]:
-    # GPT-2's printable stand-ins for bytes (what ByteLevel emits), inverted
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+def _byte_of() -> dict[str, int]:
+    """GPT-2's printable stand-ins for bytes (what ByteLevel emits), inverted."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
-_BYTE_OF = _byte_map()
+_BYTE_OF = _byte_of()
