@@ -3,8 +3,9 @@
     panel serve apps/dashboard.py --address 127.0.0.1 --port 5006 --liveness \
         [--args --model SOURCE --moe tiny-moe --runs runs --max-scan-tests 24]
 
-The options after --args are those of `workbench serve` (see apps/README.md); all sessions of the
-server share one workbench: the loaded models and one lock per model.
+The options after --args: --model, --moe (repeatable) and --runs as in `workbench serve`, and every cap of
+workbench.dashboard.validation.Caps as --max-... (see apps/README.md); all sessions of the server share one
+workbench: the loaded models and one lock per model.
 
 Served beyond loopback (no --address, or a public one) without --basic-auth/--oauth-provider, every
 visitor gets a refusal instead of the dashboard, and the model is never loaded; websocket handshakes

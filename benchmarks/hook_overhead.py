@@ -81,7 +81,7 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     base = rows["sdpa"]["seconds"]
-    print(f"| mode | N | seconds | ÷ SDPA |\n|---|---:|---:|---:|")
+    print("| mode | N | seconds | ÷ SDPA |\n|---|---:|---:|---:|")
     for mode, r in rows.items():
         print(f"| {mode} | {r['n']} | {r['seconds']:.2f} | {r['seconds'] / base:.2f} |")
     if "baseline" in rows:

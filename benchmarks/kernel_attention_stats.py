@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,31 +29,17 @@ if not torch.cuda.is_available():  # before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_suite import timed  # noqa: E402  (one timing rule for every GPU benchmark: CUDA events, median)
 
 from workbench.kernels.attention_stats import attention_stats_triton  # noqa: E402
 from workbench.kernels.reference import (  # noqa: E402
     BIG, example_edits, max_errors, reference_attention, standard_visibility,
 )
 
+DEV = torch.device("cuda")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _time_cuda(fn, warmup: int, reps: int) -> tuple[float, int]:
-    """Median ms over ``reps`` and peak memory (bytes) above the pre-call allocation."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() - base
 
 
 def _naive(q, k, v, scale, rep):
@@ -107,7 +92,7 @@ def bench_cuda(args) -> None:
 
         for name, fn in (("sdpa", run_sdpa), ("kernel", run_kernel)):
             try:
-                row[name] = _time_cuda(fn, args.warmup, args.reps)
+                row[name] = timed(fn, DEV, args.warmup, args.reps)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"N={N}: {name} out of memory, skipped")
             torch.cuda.empty_cache()
@@ -119,10 +104,10 @@ def bench_cuda(args) -> None:
                              f"({free / 2**30:.0f} GiB free), skipped")
             else:
                 try:
-                    row["naive"] = _time_cuda(lambda: _naive(q, k, v, scale, rep), 1, max(1, args.reps // 4))
+                    row["naive"] = timed(lambda: _naive(q, k, v, scale, rep), DEV, 1, max(1, args.reps // 4))
                 except torch.cuda.OutOfMemoryError:
                     notes.append(f"N={N}: naive out of memory, skipped")
-        del q, k, v
+        q = k = v = None  # free the inputs before the next length (the closures above are done with them)
         torch.cuda.empty_cache()
 
         def cell(name):
@@ -132,7 +117,7 @@ def bench_cuda(args) -> None:
             return f"{row[name][0]:9.3f}", f"{ratio:7.2f}"
 
         def mem(name, width):
-            return f"{row[name][1] / 2**20:{width}.1f}" if name in row else f"{'-':>{width}}"
+            return f"{row[name][1]:{width}.1f}" if name in row else f"{'-':>{width}}"
 
         sd = f"{row['sdpa'][0]:9.3f}" if "sdpa" in row else f"{'-':>9}"
         kt, kr = cell("kernel")

@@ -62,7 +62,6 @@ BIG = 2**30  # "unlimited" span window
 VISIBILITY_EDITS = ("mask_keys", "streaming")
 PROBABILITY_EDITS = ("uniform", "calibrate")
 OUTPUT_EDITS = ("zero", "mean")
-EDIT_KINDS = VISIBILITY_EDITS + PROBABILITY_EDITS + OUTPUT_EDITS
 #: calibration leaves a row alone when its non-sink mass is below this (nowhere to move mass)
 CALIBRATE_MIN_OTHER = 1e-12
 

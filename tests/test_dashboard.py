@@ -201,7 +201,7 @@ def test_prompt_lab_one_selection_drives_view_and_edits(dash):
     lab.prompt.value = TEXT
     lab.run()
     lab.wait()
-    assert lab.last_error == "" and "loss on your tokens" in lab.output.object
+    assert lab.last_error == "" and "loss on your tokens" in lab.output_view().object
     grid, view = lab._grid_pane, lab._view_pane
     grid.selected = [1, 3]  # what a click on a grid cell does (the browser sets the component's param)
     lab.wait()
@@ -216,7 +216,7 @@ def test_prompt_lab_one_selection_drives_view_and_edits(dash):
     assert lab.ablate == [[0, 2]] and grid.ablate == [[0, 2]] and lab.edited is not None
     assert lab.edited.edits.ablate == ((0, 2),)
     assert lab.edited.loss != pytest.approx(lab.baseline.loss, abs=1e-6)
-    html = lab.edited_output.object
+    html = lab.edited_view().object
     assert "With edits" in html and "L0H2" in html and "Δloss per token" in html and "template token" in html
     grid.ablate = [[0, 2], [1, 1]]  # shift-click in the grid adds to the same edit set
     lab.wait()
@@ -229,6 +229,22 @@ def test_prompt_lab_one_selection_drives_view_and_edits(dash):
     lab.wait()
     assert lab.ablate == [] and lab.edited is None
 
+
+def test_prompt_lab_escapes_heads_the_browser_sends(dash):
+    """The page's `ablate` is linked to the grid's, whose value comes from the browser unchecked: a forged
+    head name is refused (a message) and shown as text, never as HTML."""
+    lab = dash.pages["Prompt lab"]
+    lab.prompt.value = TEXT
+    lab.run()
+    lab.wait()
+    lab._grid_pane.ablate = [["<img src=x onerror=alert(1)>", 1]]  # a forged websocket message
+    lab.wait()
+    shown = lab.selection_view().object
+    assert "<img" not in shown and "&lt;img" in shown
+    assert "layer must be an integer" in lab.last_error and lab.grid.ablate == []
+    lab.param.update(ablate=[])
+    lab.wait()
+    lab.clear()
 
 def test_prompt_lab_clicks_run_in_a_worker_without_the_model_lock(dash, wb):
     """A query click is served from the cached queries and keys in a worker thread: it neither runs on the

@@ -189,3 +189,36 @@ def smollm_or_tiny(request, tiny):
     if request.param == "tiny":
         return tiny("llama"), False  # BOS is the only template token
     return request.getfixturevalue("smollm"), True  # ~30 chat-template tokens around the text
+
+
+def test_a_fetch_waiting_for_the_model_does_not_block_the_models_holder(tiny):
+    """A click's fetch (a worker without the model lock) waits for the model; the thread that holds the model
+    (a re-run building this prompt's view) then needs another layer of the same prompt: it must not deadlock."""
+    import time
+    from contextlib import contextmanager
+
+    m = tiny("llama")
+    model_lock = threading.RLock()
+
+    @contextmanager
+    def using():
+        with model_lock:
+            yield
+
+    d = Drilldown(m, m.encode(TEXT), using=using)
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with model_lock:
+            held.set()
+            time.sleep(0.3)  # the click's fetch starts meanwhile and waits for the model
+            d.ensure(1)
+            done.set()
+
+    threading.Thread(target=holder, daemon=True).start()
+    held.wait(10)
+    click = threading.Thread(target=lambda: d.ensure(0), daemon=True)
+    click.start()
+    assert done.wait(30), "the model's holder deadlocked on the prompt's fetch lock"
+    click.join(30)
+    assert d.layers == [0, 1] and d.forward_passes == 2

@@ -76,3 +76,22 @@ def test_bad_input(tiny):
         duo.scan(tiny("llama"), length=4096)
     with pytest.raises(wb.ProbeError, match="sweep fractions must lie in"):
         duo.scan(tiny("llama"), sweep=[1.5])
+
+
+def test_agreement_refuses_a_wrong_group():
+    """A group size that does not match the scores' shape is refused, not silently mis-joined."""
+    r = duo.DuoResult(gates=torch.tensor([[0.9, 0.1], [0.2, 0.7]]), losses=[], sink=1, recent=2, provenance=None)
+    wu = torch.zeros(2, 4)
+    with pytest.raises(wb.ProbeError, match="KV heads × group 1"):
+        r.agreement(wu, group=1)
+    with pytest.raises(wb.ProbeError, match="group must be ≥ 1"):
+        r.agreement(wu, group=0)
+
+
+def test_scan_leaves_the_model_trainable_and_reports_no_gates_when_cancelled():
+    m = wide_readers()
+    assert all(p.requires_grad for p in m.hf.parameters())
+    r = duo.scan(m, steps=2, sink=1, recent=3, length=64, samples=samples, progress=False)
+    assert len(r.losses) == 2 and all(p.requires_grad for p in m.hf.parameters())  # gates trained, the model given back
+    none = duo.scan(m, steps=2, sink=1, recent=3, length=64, samples=samples, progress=False, cancel=lambda: True)
+    assert not none.complete and torch.isnan(none.gates).all() and none.retrieval_kv_heads() == []

@@ -466,3 +466,65 @@ def test_queries_and_keys_recompute_any_row_exactly(tiny, arch):
             vis &= j > i - w
         p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
         torch.testing.assert_close(p.float(), cap[f"blocks.{layer}.attn.tile.0"][0], atol=1e-5, rtol=0)
+
+
+def test_decode_only_capture_keeps_the_prompt_for_induction_keys(tiny):
+    """capture(rows="decode") skips the prompt pass, but a decode row's induction key j*+1 may lie in it."""
+    m = tiny("llama")
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+
+    def run():
+        out = m.hf(input_ids=ids, use_cache=True)
+        m.hf(input_ids=torch.tensor([[6]]), past_key_values=out.past_key_values, use_cache=True)  # 6 occurred at 4 → key 5
+
+    with torch.no_grad():
+        with wb.capture(m, wb.AttentionStats(taxonomy=True, layers=[0]), rows="decode") as dec:
+            run()
+        with wb.capture(m, wb.AttentionStats(taxonomy=True, layers=[0])) as full:
+            run()
+    got, want = dec["blocks.0.attn.induction_mass"], full["blocks.0.attn.induction_mass"][..., -1:]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("bad", [3, [3], ["blocks.0.attn.entropy", None]])
+def test_names_filter_of_the_wrong_type_is_a_clear_error(tiny, bad):
+    m = tiny("llama")
+    with pytest.raises(wb.ProbeError, match="names_filter must be a name, a glob"):
+        wb.Hook(bad, lambda t, n: None).bind(m)
+    with pytest.raises(wb.ProbeError, match="names_filter must be a name, a glob"):
+        wb.Activations(bad).bind(m)
+    with pytest.raises(wb.ProbeError, match="names_filter must be a name, a glob"):
+        with wb.capture(m, names_filter=bad):
+            pass
+
+
+def test_transformerlens_aliases_work_in_globs(tiny):
+    m = tiny("mixtral")
+    with wb.capture(m, names_filter="blocks.*.mlp.hook_expert_indices") as cap, torch.no_grad():
+        m.hf(input_ids=IDS)
+    assert cap.names() == [f"blocks.{l}.mlp.router.experts" for l in m.spec.moe_layers]
+
+
+def test_budget_error_states_the_budget_asked_for(tiny):
+    m = tiny("llama")
+    with pytest.raises(wb.ProbeError, match="budget of 10 elements"):
+        with wb.capture(m, wb.Activations("blocks.0.hook_resid_post"), max_elements=10), torch.no_grad():
+            m.hf(input_ids=IDS)
+    with pytest.raises(wb.ProbeError, match="max_elements must be a whole number"):
+        with wb.capture(m, wb.Activations(), max_elements="many"):
+            pass
+
+
+def test_hook_edits_are_labelled_the_same_in_captures_and_results(tiny):
+    from workbench.capture import edit_labels
+
+    m = tiny("llama")
+
+    def plant(t, name):
+        return t
+
+    hook = wb.Hook("blocks.0.hook_resid_post", plant)
+    with wb.intervene(m, hook), wb.capture(m, wb.AttentionStats(layers=[0])) as cap, torch.no_grad():
+        m.hf(input_ids=IDS)
+    assert cap.provenance.extra["edits"] == edit_labels([hook]) == ["hook:plant"]

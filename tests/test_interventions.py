@@ -100,6 +100,9 @@ def counted(tiny):
         (lambda: wb.AttentionStats(key_positions=[-1]), "≥ 0"),
         (lambda: wb.AttentionStats(spans={"x": (5, 2)}), "start < end"),
         (lambda: wb.AttentionStats(spans={"w": wb.Window(0)}), "width"),
+        (lambda: wb.AttentionStats(key_positions=5), "key_positions must be a list"),
+        (lambda: wb.AttentionStats(key_positions=[torch.tensor(2.7)]), "key_positions must be an integer"),  # not key 2
+        (lambda: wb.AttentionStats(tiles=[(0, 2.5, 0, 3)]), "a tile is"),
     ],
 )
 def test_bad_probe(counted, make, match):
@@ -128,6 +131,9 @@ def test_bad_probe(counted, make, match):
         (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[0], beta=1.5), "beta must lie in \\(0, 1\\]"),
         (lambda: wb.SinkCalibration([(0, 1)], sink_keys=[]), "sink_keys\\): give at least one key position"),
         (lambda: wb.StreamingHeads([(0, 1)], recent=0), "recent ≥ 1"),
+        (lambda: wb.HeadAblation([(0, 1)], mode="mean", means={(0, 1): torch.zeros(3)}), "must be a tensor of shape \\(16,\\), got shape \\(3,\\)"),
+        (lambda: wb.HeadAblation([(0, 1)], mode="mean", means={(0, 1): "zeros"}), "must be a tensor of shape"),
+        (lambda: wb.HeadAblation([(0, 1)], reference=["some text"]), "apply only to mode='mean'"),
     ],
 )
 def test_bad_intervention(counted, make, match):
@@ -182,3 +188,24 @@ def test_head_names_are_heads(tiny):
     with wb.intervene(m, wb.HeadAblation([(1, 2), (0, 3)])), torch.no_grad():
         b = m.hf(ids).logits
     assert torch.equal(a, b)
+
+
+def test_mean_ablation_means_taken_inside_an_edit_are_not_reused_outside(tiny):
+    """head_output_means caches per reference set; means computed while another edit is active describe the
+    edited model and must not leak into a later call without it."""
+    from workbench.attention import head_output_means
+
+    m = tiny("llama")
+    texts = ["mean reference one", "and another"]
+    m.__dict__.pop("_mean_cache", None)
+    layer0 = [(0, h) for h in range(m.spec.n_heads)]
+    with wb.intervene(m, wb.HeadAblation(layer0, mode="zero")):
+        inside = head_output_means(m, texts, layers=[1])
+    outside = head_output_means(m, texts, layers=[1])
+    m.__dict__.pop("_mean_cache", None)
+    fresh = head_output_means(m, texts, layers=[1])
+    assert not torch.allclose(inside[(1, 0)], outside[(1, 0)])
+    torch.testing.assert_close(outside[(1, 0)], fresh[(1, 0)])
+    # a list of the right length is a mean too
+    with wb.intervene(m, wb.HeadAblation([(1, 0)], mode="mean", means={(1, 0): fresh[(1, 0)].tolist()})), torch.no_grad():
+        m.forward_text("runs")

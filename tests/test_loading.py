@@ -360,3 +360,18 @@ def test_unreadable_model_directories_say_what_is_wrong(tmp_path):
         wb.load(str(tmp_path / "missing"))
     with pytest.raises(wb.ModelLoadError, match="device 'gpu0' is not a torch device"):
         wb.load("tiny:llama", device="gpu0")
+
+
+def test_doctor_does_not_refetch_when_only_the_gguf_is_absent(tmp_path, monkeypatch):
+    """A verified conversion loads without its GGUF: ``verify(repair=True)`` reports the GGUF as not downloaded and
+    leaves the cache alone (no download, no network), as ``workbench doctor`` treats that state as healthy."""
+    fake = embedded.EmbeddedModel(name="fake", hf_id="x/fake", wheel="no-such-wheel==0", wheel_sha256="0" * 64,
+                                  member="fake/fake.gguf", gguf_sha256="1" * 64)  # fmt: skip
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    out = tmp_path / "fake" / "safetensors"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    embedded.write_stamp(out, fake)
+    monkeypatch.setattr(embedded, "convert", lambda *a, **k: pytest.fail("nothing to repair"))
+    report = embedded.verify(fake, repair=True)
+    assert report["gguf"] == "not downloaded" and report["conversion"] == "ok" and "repaired" not in report

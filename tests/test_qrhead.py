@@ -100,6 +100,9 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
         back = assert_round_trip(r, store)
+        # the exact inputs are kept (provenance): the real prompt and its null twin, token for token
+        assert [len(t) for t in back.cases["token_ids"]] == list(back.cases["tokens"])
+        assert [len(t) for t in back.cases["null_token_ids"]] == list(back.cases["null_tokens"])
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -97,6 +97,7 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
         back = assert_round_trip(r, store)
+        assert [len(ids) for ids in back.provenance.extra["input_ids"]] == [32] * r.per_text["text"].nunique()
         assert list(r.heads()["layer"]) == list(range(m.spec.n_layers)) and r.grids()["bos_ratio"].shape == (m.spec.n_layers, 1)
 
 

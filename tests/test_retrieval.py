@@ -83,3 +83,24 @@ def test_ablation_check_labels_and_effect(smollm):
 def test_bad_input(smollm, kwargs, match):
     with pytest.raises(wb.ProbeError, match=match):
         retrieval.scan(smollm, **{"lengths": [300], "depths": 1, **kwargs}, progress=False)
+
+
+def test_haystack_ids_are_never_another_tokenizers():
+    """The haystack cache is keyed by the tokenizer object: an entry left by a freed tokenizer whose id a new
+    one reuses is not served (it would be another vocabulary's ids)."""
+    tok = byte_tokenizer()
+    niah._HAY_CACHE[id(tok)] = (lambda: None, [1, 2, 3])  # a dead tokenizer's entry under this id
+    ids = niah._haystack_ids(tok)
+    assert ids == list(tok.encode(niah.haystack(), add_special_tokens=False)) and ids is niah._haystack_ids(tok)
+
+
+def test_ablation_provenance_names_the_model_that_ran_it():
+    m = wb.load(content_model(), tokenizer=byte_tokenizer(), source_label="hand-built")
+    case = niah.NIAHCase(niah.needles()[0], len(PROMPT), 50.0, torch.tensor([PROMPT]), NEEDLE_SPAN)
+    row = retrieval.run_case(m, case, max_new_tokens=4)
+    ranked = retrieval.RetrievalResult.from_rows(m, [row], edits=(wb.HeadAblation([(0, 2)], mode="zero"),))
+    assert ranked.provenance.extra["ablation"]  # the scan ran under an edit ...
+    ab = retrieval.ablation_check(m, ranked, k=1, seeds=(0,), lengths=[400], depths=[50], max_new_tokens=2, progress=False,
+                                  cancel=lambda: True)  # fmt: skip
+    assert "ablation" not in ab.provenance.extra and ab.provenance.extra["complete"] is False  # ... the check did not
+    assert ab.provenance.weights_hash == m.provenance.weights_hash and ab.provenance.extra["ranked_by"].startswith("Wu2024")

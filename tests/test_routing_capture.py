@@ -212,3 +212,26 @@ def test_error_inside_the_block_is_not_masked():
             m.hf(input_ids=torch.tensor([[1, 2, 3]]))
     h.remove()
     assert not router._forward_hooks  # hooks removed all the same
+
+
+@pytest.mark.parametrize("layers, match", [([1.7], "layer must be an integer, got 1.7"), (1, "must be a list"),
+                                           (["x"], "must be an integer"), ([True], "must be an integer")])  # fmt: skip
+def test_routing_layers_are_checked(layers, match):
+    m = routing_model("mixtral")
+    with pytest.raises(wb.ProbeError, match=match):
+        wb.Routing(layers=layers).bind(m)
+
+
+def test_padding_tokens_are_left_out_of_the_routing_rows():
+    """A padded batch routes its pad tokens too; the analyses must see only the text's tokens."""
+    m = routing_model("mixtral")
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [5, 6, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with wb.capture(m, wb.Routing()) as cap, torch.no_grad():
+        m.hf(input_ids=ids, attention_mask=mask)
+    rec = wb.routing.rows(cap)
+    assert rec.token_ids.tolist() == [5, 6, 7, 5, 6, 7, 8, 9, 10]
+    assert rec.positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    experts = cap["blocks.0.mlp.router.experts"]
+    assert torch.equal(rec.experts[0], torch.cat([experts[0, 3:], experts[1]]))
+    assert wb.routing.activation_rate(cap).sum(1).allclose(torch.tensor(2.0))

@@ -257,6 +257,7 @@ def test_edit_effect_report():
         (lambda: wb.TopK(5), "exceeds the 4 experts"),
         (lambda: wb.TopK({0: 1.5}), "must be an int"),
         (lambda: wb.TopK({}), "empty"),
+        (lambda: wb.TopK({0.9: 1}), "layer must be an integer, got 0.9"),  # not layer 0
     ],
 )
 def test_bad_edits(edit, match):

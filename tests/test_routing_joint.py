@@ -137,3 +137,15 @@ def test_dense_model_is_refused(tiny):
     with pytest.raises(wb.ProbeError, match="has no MoE layers"):
         joint.scan(tiny("llama"), texts=TEXTS, progress=False)
 
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_long_texts_are_cut_before_the_length_check(tiny, chat):
+    """Both scans take a text's first max_tokens tokens, as a chat turn or not: a text longer than the model's
+    positions is fine (one shared helper, routing.scan.first_tokens)."""
+    m = tiny("olmoe")
+    long = "x" * 700  # 700 byte tokens > the tiny model's 512 positions
+    r = wb.routing.scan(m, texts=[long], max_tokens=64, chat=chat, progress=False)
+    assert r.rows.token_ids.numel() == 64
+    j = joint.scan(m, texts=[long], max_tokens=64, chat=chat, progress=False)
+    assert len(j.tokens) == 64 * len(m.spec.routers)

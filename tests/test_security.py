@@ -327,3 +327,53 @@ def test_run_directories_given_as_relative_paths(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "runs" / "x").iterdir()) == ["failures", "run.json", "study.toml", "units"]
     assert run.completed() == {unit.id} and list_runs("runs")["status"].tolist() == ["failed units"]
     assert run.report(png=False) == (tmp_path / "runs" / "x" / "report" / "index.html").resolve()
+
+
+# --- reads stay inside the store / run too ------------------------------------------------------------------
+
+
+def test_store_does_not_read_results_linked_out_of_it(tmp_path):
+    """A ``*.parquet`` symlink in a results directory pointing elsewhere is neither listed, queried nor loaded."""
+    outside = ResultStore(tmp_path / "elsewhere")
+    outside.save("secret", pd.DataFrame({"a": [42]}))
+    store = ResultStore(tmp_path / "store")
+    store.save("ok", pd.DataFrame({"a": [1]}))
+    (store.root / "leak.parquet").symlink_to(outside.root / "secret.parquet")
+    assert store.names() == ["ok"]
+    with pytest.raises(wb.WorkbenchError, match="outside"):
+        store.load("leak")
+    with pytest.raises(Exception, match="leak"):  # no such view: DuckDB's catalog error names it
+        store.sql("SELECT * FROM leak")
+    (store.root / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(wb.WorkbenchError, match="unreadable"):
+        store.load("broken")
+
+
+def test_run_does_not_read_unit_or_failure_files_linked_out(tmp_path):
+    from workbench.study import Run
+
+    run = Run.create(tmp_path / "runs" / "r", STUDY_TOML, resume=False)
+    other = Run.create(tmp_path / "other", STUDY_TOML, resume=False)
+    uid = "eval-0123456789abcdef"
+    other.units.save(uid, pd.DataFrame({"metric": [1.0], "unit_id": [uid]}))
+    (run.path / "units" / f"{uid}.parquet").symlink_to(other.units.path(uid))
+    (tmp_path / "fail.json").write_text('{"unit_id": "x", "error": "secret"}')
+    (run.path / "failures").mkdir()
+    (run.path / "failures" / "x.json").symlink_to(tmp_path / "fail.json")
+    with pytest.warns(UserWarning, match="outside the run directory"):
+        assert run.completed(quarantine=False) == set()
+    fails = run.failures()
+    assert "secret" not in fails["error"].tolist() and "outside the run directory" in fails["error"].iloc[0]
+
+
+def test_html_report_replaces_a_link_instead_of_writing_through(tmp_path):
+    from workbench import report
+
+    outside = _outside(tmp_path)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "report.html").symlink_to(outside / "secret.csv")
+    (out / "report.tmp").symlink_to(outside / "precious.png")  # the old fixed temp name
+    report.write_html(out / "report.html", "t", [("s", "text")])
+    assert not (out / "report.html").is_symlink() and "text" in (out / "report.html").read_text()
+    assert (outside / "secret.csv").read_text() == "keep me" and (outside / "precious.png").read_bytes() == b"not yours"

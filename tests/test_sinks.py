@@ -77,3 +77,22 @@ def test_bad_input(tiny, kwargs, match):
 def test_calibration_bad_beta(smollm):
     with pytest.raises(wb.ProbeError, match="beta"):
         sinks.calibration_experiment(smollm, sinks.scan(smollm, progress=False), beta=0.0)
+
+
+def test_calibration_keeps_the_first_token_sink(monkeypatch):
+    """ACT calibrates the hidden sinks only (its released code drops the first sink index; DESIGN.md §3):
+    position 0 is never in the calibrated keys, and a prompt without a sink token runs unedited."""
+    m = handbuilt()
+    seen = []
+    real = sinks.SinkCalibration
+    def recording(heads, sink_keys, beta):
+        seen.append(list(sink_keys))
+        return real(heads, sink_keys=sink_keys, beta=beta)
+
+    monkeypatch.setattr(sinks, "SinkCalibration", recording)
+    items = [{"text": "Good. Fine.", "label": "positive"}, {"text": "bad", "label": "negative"}]
+    sinks.task_accuracy(m, items, sink_tokens={"."}, heads=[(0, 0)])
+    ids = m.encode(sinks._prompt(items[0]["text"]))[0].tolist()
+    assert seen == [[i for i, t in enumerate(m.tokens(ids)) if i and t == "."]] and 0 not in seen[0]
+    with pytest.raises(wb.ProbeError, match="'label'"):
+        sinks.calibration_experiment(m, sinks.scan(m, texts=[TEXT], progress=False), items=[{"text": "x"}])

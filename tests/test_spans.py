@@ -132,6 +132,8 @@ def test_protocol_cancel_and_round_trip(tiny, tmp_path):
     store = wb.ResultStore(tmp_path)
     for r in (full, part):
         back = assert_round_trip(r, store)
+        inputs = back.provenance.extra["input_ids"]  # the exact inputs, one list per finished text
+        assert len(inputs) == r.n_texts and all(len(ids) == 32 for ids in inputs)
     empty = spans.scan(m, **fields, cancel=lambda: True, progress=False)
     assert empty.n_texts == 0 and "nothing to report" in empty.summary()
 

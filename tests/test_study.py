@@ -464,3 +464,20 @@ def test_report_joins_points_of_one_family_only():
                                                 ablation=SimpleNamespace(target="heads", mode="zero")))  # fmt: skip
     modes = {t.name: t.mode for t in metric_vs_k(run, summary).data}
     assert modes == {"top (top)": "lines+markers", "sets (explicit)": "markers"}
+
+
+def test_logit_diff_pair_files_are_checked(tmp_path):
+    """JSONL pairs need prompt, target and foil as strings; a missing key (even with an extra one) or a line
+    that is not JSON is a StudyError naming the line, never a KeyError or a decode traceback."""
+    from workbench.study.tasks import pairs
+
+    def study(lines):
+        f = tmp_path / "pairs.jsonl"
+        f.write_text("\n".join(lines) + "\n")
+        return load_study({"name": "t", "task": {"kind": "logit_diff", "file": str(f)}, "grid": [{"select": "none"}]})
+
+    good = '{"prompt": "a", "target": "b", "foil": "c", "id": 1}'
+    assert pairs(study([good])) == [json.loads(good)]
+    for bad in ('{"prompt": "a", "target": "b", "note": "no foil"}', '{"prompt": "a", "target": "b", "foil": 3}', "[1, 2]", "{oops"):
+        with pytest.raises(StudyError, match=":2"):
+            pairs(study([good, bad]))

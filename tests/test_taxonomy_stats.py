@@ -111,3 +111,40 @@ def test_planted_local_head():
     assert (local > 1 - 1e-6).all()
     torch.testing.assert_close(mean, torch.full_like(mean, (W - 1) / 2), atol=1e-5, rtol=0)
     torch.testing.assert_close(var, torch.full_like(var, (W * W - 1) / 12), atol=1e-5, rtol=0)
+
+
+def test_scan_checks_rules_and_reports_with_custom_ones(tiny, tmp_path):
+    from workbench import taxonomy
+
+    m = tiny("llama")
+    for bad, match in [({"x": ("attn.nope", 0.5)}, "statistic must be one of"), ({"x": 0.5}, "must be \\(statistic, threshold\\)"),
+                       ({"x": ("attn.prev_mass", "high")}, "threshold must be a number"), ({}, "non-empty dict")]:  # fmt: skip
+        with pytest.raises(wb.ProbeError, match=match):
+            taxonomy.scan(m, lengths=[16], n_texts=0, rules=bad, progress=False)
+    t = taxonomy.scan(m, lengths=[16], n_texts=0, rules={"copying": ("attn.self_mass", 0.5)}, progress=False)
+    assert "copying" in t.summary() and list(t.heads().columns[:2]) == ["layer", "head"]
+    assert t.provenance.extra["seed"] == 0  # the random repeated sequence is reproducible from the provenance
+    back = taxonomy.TaxonomyResult.load(_store(tmp_path, t))
+    assert back.cases["token_ids"].tolist() == t.cases["token_ids"].tolist() and len(back.cases["token_ids"][0]) == t.cases["tokens"][0]
+    assert back.rules == t.rules and back.summary() == t.summary()
+
+
+def _store(path, result):
+    store = wb.ResultStore(path)
+    result.save(store)
+    return store
+
+
+def test_retrieval_scores_of_other_weights_are_refused(tiny):
+    from types import SimpleNamespace
+
+    from workbench import taxonomy
+
+    m = tiny("llama")
+    t = taxonomy.scan(m, lengths=[16], n_texts=0, progress=False)
+    shape = t.values.shape[2:]
+    other = SimpleNamespace(scores=torch.zeros(shape), provenance=SimpleNamespace(weights_hash="blake2b:other"))
+    with pytest.raises(wb.ProbeError, match="other weights"):
+        t.with_retrieval(other)
+    same = SimpleNamespace(scores=torch.zeros(shape), provenance=t.provenance)
+    assert t.with_retrieval(same).retrieval is not None

@@ -375,3 +375,22 @@ def test_png_export(tmp_path):
     ret, _, _ = fake_results()
     png = ret.write_image(tmp_path / "ret.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_stays_up_while_a_queued_request_runs(tiny):
+    """A host queues a click behind a running one (the dashboard's Worker): the first one finishing must not
+    clear the spinner (and with it the cancel button) of the second."""
+    m = tiny("llama")
+    view = AttentionView(m, TEXT, layer=0, head=0)
+    jobs = []
+    view.runner = lambda label, work, finish: jobs.append((work, finish))
+    view.queries = [3]
+    view.queries = [5]  # a second click while the first runs
+    first, second = jobs
+    first[1](first[0]())
+    assert view.status and view.rows[0]["query"] == 3  # the first's rows shown, the second still running
+    view.cancel += 1
+    assert view.stop_event.is_set()  # cancel still reaches the running request
+    view.stop_event.clear()
+    second[1](second[0]())
+    assert view.status == "" and view.rows[0]["query"] == 5

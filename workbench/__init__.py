@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import duo, effects, interop, names, niah, retrieval, sinks, study
+from . import duo, effects, interop, names, niah, qrhead, representation, retrieval, sinks, spans, study, taxonomy
 from .activations import Activations
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window, head_output_means
 from .capture import Capture, capture, intervene
@@ -35,7 +35,8 @@ __all__ = [
     "Activations", "Edit", "Hook", "Probe", "names",
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
-    "ResultStore", "capture", "head_output_means", "intervene", "duo", "effects", "load", "niah", "retrieval", "sinks", "study",
+    "ResultStore", "capture", "head_output_means", "intervene", "duo", "effects", "load", "niah", "qrhead", "representation",
+    "retrieval", "sinks", "spans", "study", "taxonomy",
 ]  # fmt: skip
 
 # --- routing (MoE) ---

@@ -16,7 +16,7 @@ import torch
 
 from . import names as N
 from .errors import ProbeError
-from .hooks import DEFAULT_PROBES, Bound, Edit, Hook, HookManager, Probe, attached
+from .hooks import DEFAULT_PROBES, Bound, Edit, Hook, HookManager, Probe, attached, label_of
 
 #: full (unreduced) module tensors one capture may keep, in elements (≈ 1 GiB of float32)
 MAX_ELEMENTS = 1 << 28
@@ -39,7 +39,7 @@ class Capture:
         self._edits: set[str] = set()  # labels of the edits active while calls were recorded
         self._data: dict[str, list] = {}  # name -> [(call index, value, positions)]
         self._values: dict[str, list] = {}  # user hook results: name -> [value per call]
-        self._budget = max_elements
+        self._max_elements = self._budget = max_elements
         self._cache: dict[str, object] = {}
 
     # --- filled by the session ----------------------------------------------------------------------
@@ -61,7 +61,7 @@ class Capture:
         self._budget -= elements
         if self._budget < 0:
             raise ProbeError(
-                f"keeping full {what} for this forward call exceeds the capture's budget of {MAX_ELEMENTS:,} elements; "
+                f"keeping full {what} for this forward call exceeds the capture's budget of {self._max_elements:,} elements; "
                 "ask for a reduction instead (names ending .norm, .max_abs, .topk), fewer layers, a shorter input, "
                 "or raise capture(..., max_elements=...)"
             )
@@ -174,7 +174,7 @@ class Capture:
     @property
     def provenance(self):
         """The model's provenance with this capture's token ids (first sequence) and the edits that were active."""
-        ids = self._calls and self._rows_of(lambda c: c.token_ids)[0].tolist() if self._calls else None
+        ids = self._rows_of(lambda c: c.token_ids)[0].tolist() if self._calls else None
         return self.model.provenance.with_run(token_ids=ids, edits=sorted(self._edits))
 
     def __repr__(self) -> str:
@@ -246,6 +246,8 @@ def capture(model, *probes, names_filter=None, rows: str = "all", max_elements: 
     HookManager.of(model)  # a clear error for a model that is not a workbench Model
     if rows not in ("all", "decode"):
         raise ProbeError(f"rows must be 'all' or 'decode', got {rows!r}")
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 0:
+        raise ProbeError(f"max_elements must be a whole number ≥ 0, got {max_elements!r}")
     for p in probes:
         if not isinstance(p, Probe):
             hint = "; edits go to workbench.intervene" if isinstance(p, Edit) else ""
@@ -294,7 +296,7 @@ def intervene(model, *edits) -> Iterator[None]:
 
 def edit_labels(edits) -> list[str]:
     """How results name the edits that produced them (e.g. ``head-ablation:uniform``)."""
-    return [getattr(e, "label", None) or type(e).__name__ for e in edits]
+    return [label_of(e) for e in edits]
 
 
 __all__ = ["Capture", "capture", "edit_labels", "intervene"]

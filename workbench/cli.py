@@ -198,7 +198,7 @@ def demo(
     except UnicodeEncodeError as e:
         raise WorkbenchError(f"--prompt is not valid text: a lone surrogate at position {e.start} (the shell passed bytes "
                              "that are not UTF-8); re-type the prompt or fix the terminal's encoding") from None  # fmt: skip
-    _check_lengths(lens, 32, _positions(model))
+    _check_lengths(lens, cfg.max_new_tokens, _positions(model))
     _out_dir(out)
     m = _load(model)
     typer.echo("\n" + m.spec.summary() + "\n")
@@ -239,8 +239,6 @@ def scan_retrieval(
     cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths, n_needles=needles, variant=variant,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
     _check_lengths(list(cfg.lengths), max_new_tokens, _positions(model))
-    if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
-        raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
         raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     _out_dir(out)

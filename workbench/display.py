@@ -1,5 +1,5 @@
 """Rich display for results: one mixin gives each result ``figure()``, HTML/PNG export and the picture
-a notebook shows for ``result`` in a cell. Figures come from :mod:`workbench.report`'s builders."""
+a notebook shows for ``result`` in a cell. Figures come from :mod:`workbench.plots`' builders."""
 from __future__ import annotations
 
 import json

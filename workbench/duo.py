@@ -161,7 +161,12 @@ class DuoResult(Result):
         """Per KV head: DuoAttention says retrieval (gate ≥ 0.5) vs Wu says retrieval (a query head of the
         group scores > ``wu_threshold``); ``wu`` is a RetrievalResult or its ``[layer, head]`` scores."""
         scores = getattr(wu, "scores", wu)
-        wu_kv = scores.view(scores.shape[0], -1, group).nan_to_num(0).amax(-1)  # [L, Hkv]
+        L, Hkv = self.gates.shape
+        group = int_value(group, "group", lo=1)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (L, Hkv * group):
+            raise ProbeError(f"wu must be a RetrievalResult or scores [layer, head] = {(L, Hkv * group)} ({Hkv} KV heads × group {group}), "
+                             f"got {tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(wu).__name__}")  # fmt: skip
+        wu_kv = scores.reshape(L, Hkv, group).nan_to_num(0).amax(-1)  # [L, Hkv]
         rows = []
         for l in range(self.gates.shape[0]):
             for h in range(self.gates.shape[1]):
@@ -204,12 +209,12 @@ class DuoResult(Result):
         g = tables["gates"].sort_values(["layer", "kv_head"])
         L, H = int(g["layer"].max()) + 1, int(g["kv_head"].max()) + 1
         losses = tables["losses"]
-        meta = losses.iloc[0] if len(losses) else None
+        meta = losses.iloc[0] if len(losses) else None  # no step finished: a scan cancelled at once
         sweep = tables["sweep"]
         return cls(gates=torch.tensor(g["gate"].to_numpy(), dtype=torch.float32).view(L, H), losses=losses["loss"].tolist(),
                    sink=int(meta["sink"]) if meta is not None else 0, recent=int(meta["recent"]) if meta is not None else 0,
                    provenance=provenance, sweep=sweep if len(sweep) else None,
-                   complete=bool(meta["complete"]) if meta is not None else True)  # fmt: skip
+                   complete=bool(meta["complete"]) if meta is not None else False)  # fmt: skip
 
 
 def scan(model, config: DuoConfig | None = None, *, edits=(), on_case=None, cancel=None, progress: bool = True,
@@ -224,8 +229,7 @@ def scan(model, config: DuoConfig | None = None, *, edits=(), on_case=None, canc
     rng = random.Random(cfg.seed)
     gates = torch.ones(spec.n_layers, spec.n_kv_heads, requires_grad=True)
     opt = torch.optim.Adam([gates], lr=cfg.lr)
-    for p in model.hf.parameters():
-        p.requires_grad_(False)
+    frozen = [p for p in model.hf.parameters() if p.requires_grad]  # only the gates train; given back afterwards
     mix = GatedMix(gates, cfg.sink, cfg.recent)
 
     def step(_):
@@ -243,14 +247,22 @@ def scan(model, config: DuoConfig | None = None, *, edits=(), on_case=None, canc
             gates.clamp_(0, 1)
         return float(loss.detach())
 
-    with intervene(model, *edits) if edits else nullcontext():
-        losses, complete = run_cases(range(cfg.steps), step, on_case=on_case, cancel=cancel, progress=progress,
-                                     desc="DuoAttention gates", unit="step")  # fmt: skip
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with intervene(model, *edits) if edits else nullcontext():
+            losses, complete = run_cases(range(cfg.steps), step, on_case=on_case, cancel=cancel, progress=progress,
+                                         desc="DuoAttention gates", unit="step")  # fmt: skip
+    finally:  # no permanent edit of the user's model
+        for p in frozen:
+            p.requires_grad_(True)
     prov = model.provenance.with_run(definition=f"DuoAttention gates: MSE(final hidden, answer tokens) + {cfg.l1}·L1; "
                                                 f"sink {cfg.sink} recent {cfg.recent}",
                                      length=cfg.length, steps=len(losses), seed=cfg.seed, edits=", ".join(edit_labels(edits)) or None,
                                      complete=complete)  # fmt: skip
-    result = DuoResult(gates=gates.detach().clone(), losses=losses, sink=cfg.sink, recent=cfg.recent, provenance=prov, complete=complete)
+    # no training step finished (cancelled at once): the initial gates say nothing, so none is reported
+    trained = gates.detach().clone() if losses else torch.full_like(gates.detach(), float("nan"))
+    result = DuoResult(gates=trained, losses=losses, sink=cfg.sink, recent=cfg.recent, provenance=prov, complete=complete)
     if cfg.sweep and complete:
         rows, done = run_cases(list(cfg.sweep), lambda f: _sweep_point(model, result, f, cfg), on_case=on_case, cancel=cancel,
                                progress=progress, desc="streaming sweep", unit="fraction")  # fmt: skip

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .files import dir_mode, write_text
+from .files import dir_mode, file_mode, write_text
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def gguf_path(model: EmbeddedModel = DEFAULT) -> Path:
         digest = sha256_file(Path(tmp) / "model.gguf")
         if digest != model.gguf_sha256:
             raise ModelLoadError(f"{model.member}: SHA-256 {digest} does not match the pinned {model.gguf_sha256}")
-        os.chmod(Path(tmp) / "model.gguf", 0o666 & ~_umask())
+        os.chmod(Path(tmp) / "model.gguf", file_mode())
         os.replace(Path(tmp) / "model.gguf", target)  # atomic: never a half-written GGUF in the cache
     return target
 
@@ -215,12 +215,12 @@ def write_stamp(folder: Path, model: EmbeddedModel = DEFAULT) -> None:
     files = {}
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name not in (STAMP, VERIFIED):
-            os.chmod(f, 0o666 & ~_umask())
+            os.chmod(f, file_mode())
             files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     (folder / STAMP).write_text(json.dumps({"format": STAMP_FORMAT, "gguf": Path(model.member).name,
                                             "gguf_sha256": model.gguf_sha256, "hf_id": model.hf_id, "wheel": model.wheel,
                                             "files": files}, indent=1))  # fmt: skip
-    os.chmod(folder / STAMP, 0o666 & ~_umask())
+    os.chmod(folder / STAMP, file_mode())
     os.chmod(folder, dir_mode())
     (folder / VERIFIED).write_text(json.dumps({n: _fingerprint(folder / n) for n in files}))
 
@@ -241,7 +241,8 @@ def verify(model: EmbeddedModel = DEFAULT, *, repair: bool = True) -> dict:
     problem = check_conversion(out, model, full=True)
     report["conversion"] = problem or "ok"
     report["hash_seconds"] = round(time.perf_counter() - t0, 2)
-    if repair and (problem or report["gguf"] != "ok"):
+    # a verified conversion loads without its GGUF: a GGUF that is merely not downloaded needs no repair (nor network)
+    if repair and (problem or report["gguf"].startswith("corrupt")):
         if report["gguf"].startswith("corrupt"):
             gguf.unlink()
         with _lock(folder):
@@ -252,12 +253,6 @@ def verify(model: EmbeddedModel = DEFAULT, *, repair: bool = True) -> dict:
 
 
 # --- temp folders and the lock ----------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    from .files import umask
-
-    return umask()
 
 
 @contextmanager

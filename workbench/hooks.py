@@ -91,6 +91,10 @@ class Bound:
     def begin_call(self, call: Call) -> None:
         """A forward call starts (before any layer runs): reject it here if it cannot be served."""
 
+    def skipped_call(self, call: Call) -> None:
+        """A forward call this probe does not record (the prompt pass of ``capture(rows="decode")``) starts:
+        keep whatever later calls need from it (e.g. the token history of induction keys)."""
+
     def attention(self, layer: int, call: Call):
         """What this item needs from the attention backend in ``layer``: a ``LayerPlan`` or None."""
         return None
@@ -156,6 +160,10 @@ class Hook(Probe, Edit):
     fn: Callable
     key: str | None = None
 
+    @property
+    def label(self) -> str:
+        return _hook_label(self.fn)
+
     def bind(self, model) -> "BoundHook":
         if not callable(self.fn):
             raise ProbeError(f"Hook: fn must be callable, got {type(self.fn).__name__}")
@@ -170,13 +178,17 @@ class Hook(Probe, Edit):
         return BoundHook(model, tuple(targets), self.fn, self.key)
 
 
+def _hook_label(fn) -> str:
+    return f"hook:{getattr(fn, '__name__', 'fn')}"
+
+
 class BoundHook(Bound):
     """A :class:`Hook` on one model. As a probe it transforms what the capture keeps (see
     :meth:`Session.emit`); as an edit it replaces module tensors or router logits."""
 
     def __init__(self, model, targets: tuple[str, ...], fn, key):
         self.model, self.targets, self.fn, self.key = model, targets, fn, key
-        self.label = f"hook:{getattr(fn, '__name__', 'fn')}"
+        self.label = _hook_label(fn)
 
     def as_edit(self) -> "BoundHook":
         bad = [n for n in self.targets if not N.point(N.split(n)[1]).editable]
@@ -241,10 +253,12 @@ class Session:
         self.n_calls += 1
         if recording and self.capture is not None:
             self.capture._calls.append(self.call)
-            self.capture._edits.update(e.label or type(e).__name__ for s in self.manager.sessions() for e in s.edits)
+            self.capture._edits.update(label_of(e) for s in self.manager.sessions() for e in s.edits)
         for it in self.items:
             if recording or it.is_edit:
                 it.begin_call(self.call)
+            else:
+                it.skipped_call(self.call)
 
     def emit(self, name: str, value, call: Call, positions: torch.Tensor | None = None) -> None:
         """A probe produced ``value`` for hook point ``name`` in ``call``: user hooks transform it, the
@@ -340,7 +354,8 @@ class HookManager:
                     del self._refs[s]
 
     def _items(self, site: str, layer: int):
-        """(session, item) pairs at a site: permanent items, then sessions in opening order; edits only or probes only."""
+        """(session, item) pairs at a site, edits and probes alike: permanent items (session None), then the
+        sessions of this context in opening order."""
         out = [(None, it) for it in self.permanent if (site, layer) in it.sites]
         for s in self.sessions():
             if (site, layer) in s.sites:
@@ -464,11 +479,16 @@ class HookManager:
             return None, []
         plan, views = merge(frags)
         receivers = [
-            (lambda st, it=it, s=s, v=v: it.attention_done(layer, v(st), s.call))
+            (lambda st, it=it, s=s, v=v: it.attention_done(layer, v(st), s.call if s else None))
             for (s, it), v, f in zip(owners, views, frags)
             if f.record or f.record_outputs or f.z_norm or f.keep_qk
         ]
         return plan, receivers
+
+
+def label_of(item) -> str:
+    """How results and provenance name an edit (spec or bound), e.g. ``head-ablation:uniform``."""
+    return getattr(item, "label", None) or type(item).__name__
 
 
 def _as_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -478,10 +498,10 @@ def _as_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _checked_replacement(new, old: torch.Tensor, name: str, item) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
-        raise ProbeError(f"{item.label or type(item).__name__} on {name}: an edit must return a tensor or None, got {type(new).__name__}")
+        raise ProbeError(f"{label_of(item)} on {name}: an edit must return a tensor or None, got {type(new).__name__}")
     if new.shape != old.shape:
         raise ProbeError(
-            f"{item.label or type(item).__name__} on {name}: returned shape {tuple(new.shape)}, expected {tuple(old.shape)} "
+            f"{label_of(item)} on {name}: returned shape {tuple(new.shape)}, expected {tuple(old.shape)} "
             "(inside workbench.capture a hook may return any reduction; inside intervene it replaces the value)"
         )
     return new.to(dtype=old.dtype, device=old.device)

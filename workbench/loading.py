@@ -15,7 +15,6 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }  # fmt: skip
-DEFAULT_NAMES = sources.DEFAULT_NAMES
 
 
 def load(

@@ -112,7 +112,8 @@ class Model:
             raise ProbeError(f"prompt ({ids.shape[-1]} tokens) + {max_new_tokens} new tokens exceeds the model's {limit} "
                              f"positions; ask for at most {max(limit - ids.shape[-1], 0)} new tokens or shorten the prompt")  # fmt: skip
         kwargs.setdefault("do_sample", False)
-        pad = getattr(self.tokenizer, "pad_token_id", None) or getattr(self.tokenizer, "eos_token_id", None)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = getattr(self.tokenizer, "eos_token_id", None) if pad is None else pad  # id 0 is a real pad token
         out = self.hf.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
         )

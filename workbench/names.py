@@ -174,12 +174,23 @@ def matcher(names_filter: NamesFilter) -> Callable[[str], bool]:
     if callable(names_filter):
         fn = names_filter
         return lambda n: bool(fn(n))
-    items = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-    if not all(isinstance(s, str) for s in items):
-        raise ProbeError(f"names_filter must be a name, a glob, a list of those or a callable, got {names_filter!r}")
+    items = _filter_items(names_filter)
     exact = {_canon_or_self(s) for s in items if not _is_glob(s)}
-    globs = [s for s in items if _is_glob(s)]
+    globs = [_canon_glob(s) for s in items if _is_glob(s)]
     return lambda n: n in exact or any(fnmatch.fnmatchcase(n, g) for g in globs)
+
+
+def _filter_items(names_filter) -> list[str]:
+    """The names and globs of a non-callable ``names_filter``, or a clear error for anything else."""
+    if isinstance(names_filter, str):
+        return [names_filter]
+    try:
+        items = list(names_filter)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(s, str) for s in items):
+        raise ProbeError(f"names_filter must be a name, a glob, a list of those or a callable, got {names_filter!r}")
+    return items
 
 
 def _canon_or_self(s: str) -> str:
@@ -189,16 +200,24 @@ def _canon_or_self(s: str) -> str:
         return s
 
 
+def _canon_glob(g: str) -> str:
+    """A glob with a TransformerLens alias as its last part spelled the workbench way
+    (``blocks.*.mlp.hook_expert_indices`` → ``blocks.*.mlp.router.experts``)."""
+    for alias, full in ALIASES.items():
+        if g.endswith("." + alias):
+            return g[: -len(alias)] + full
+    return g
+
+
 def check_filter(names_filter: NamesFilter, known: Iterable[str]) -> None:
     """Every literal name and glob in ``names_filter`` must match something in ``known``; else an error
     listing close matches (a filter that silently selects nothing is a bug in the caller's code)."""
     if names_filter is None or callable(names_filter):
         return
     known = list(known)
-    items = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-    for s in items:
+    for s in _filter_items(names_filter):
         if _is_glob(s):
-            if not any(fnmatch.fnmatchcase(n, s) for n in known):
+            if not any(fnmatch.fnmatchcase(n, _canon_glob(s)) for n in known):
                 raise ProbeError(f"names_filter {s!r} matches no name of this model" + _suggest(s, known))
         elif _canon_or_self(s) not in known:
             raise unknown(s, known)

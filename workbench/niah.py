@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Callable
 
 import torch
 
@@ -113,16 +115,25 @@ def build_case(model, needle: Needle, length: int, depth: float, *, max_new_toke
     return NIAHCase(needle, length, float(depth), torch.tensor([ids]), (start, start + len(needle_ids)))
 
 
-_HAY_CACHE: dict[int, list[int]] = {}
+_HAY_CACHE: dict[int, tuple[Callable[[], object], list[int]]] = {}
 
 
 def _haystack_ids(tokenizer) -> list[int]:
+    """The haystack's token ids under ``tokenizer``, cached per tokenizer object. An entry holds a weak
+    reference to its tokenizer and is used only while that very object lives: a new tokenizer that reuses a
+    freed one's ``id`` gets its own ids, never another vocabulary's."""
     key = id(tokenizer)
-    if key not in _HAY_CACHE:
+    entry = _HAY_CACHE.get(key)
+    if entry is None or entry[0]() is not tokenizer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sequence longer than the model's maximum": we cut it ourselves
-            _HAY_CACHE[key] = _ids(tokenizer, haystack())
-    return _HAY_CACHE[key]
+            ids = _ids(tokenizer, haystack())
+        try:
+            ref = weakref.ref(tokenizer, lambda _, key=key: _HAY_CACHE.pop(key, None))
+        except TypeError:  # an object without weak references: hold it (its id cannot be reused meanwhile)
+            ref = lambda tok=tokenizer: tok  # noqa: E731
+        entry = _HAY_CACHE[key] = (ref, ids)
+    return entry[1]
 
 
 def depth_grid(depths: int | list[float]) -> list[float]:

@@ -196,7 +196,7 @@ class QRResult(Result):
 
     real: torch.Tensor
     null: torch.Tensor
-    cases: pd.DataFrame  # length, depth, needle, needle_span, query_rows, null_query_rows, tokens, null_tokens
+    cases: pd.DataFrame  # length, depth, needle, needle_span, query/null_query rows, tokens/null_tokens, token_ids/null_token_ids
     null_query: str
     provenance: object
     complete: bool = True
@@ -312,11 +312,15 @@ class QRResult(Result):
         for col in ("needle_span", "query_rows", "null_query_rows"):
             if col in cases:
                 cases[col] = cases[col].map(lambda v: tuple(json.loads(v) if isinstance(v, str) else v))
+        for col in ("token_ids", "null_token_ids"):
+            if col in cases:
+                cases[col] = cases[col].map(lambda v: json.loads(v) if isinstance(v, str) else list(v))
         return cls(real=grid("real"), null=grid("null"), cases=cases, null_query=str(sc["null_query"].iloc[0]), provenance=provenance,
                    complete=bool(sc["complete"].iloc[0]))  # fmt: skip
 
 
-_CASE_COLUMNS = ["length", "depth", "needle", "needle_span", "query_rows", "null_query_rows", "tokens", "null_tokens"]
+_CASE_COLUMNS = ["length", "depth", "needle", "needle_span", "query_rows", "null_query_rows", "tokens", "null_tokens", "token_ids",
+                 "null_token_ids"]  # fmt: skip
 
 
 def scan(model, config: QRConfig | None = None, *, edits=(), on_case=None, cancel=None, progress: bool = True,
@@ -331,8 +335,8 @@ def scan(model, config: QRConfig | None = None, *, edits=(), on_case=None, cance
                                    desc="QRHead scan", unit="case")  # fmt: skip
     L, H = model.spec.n_layers, model.spec.n_heads
     stack = lambda key: torch.stack([d[key] for d in done]) if done else torch.zeros(0, L, H, dtype=torch.float64)  # noqa: E731
-    rows = [(c.length, c.depth, c.needle_id, c.needle_span, c.query, c.null_query, c.ids.shape[1], c.null_ids.shape[1])
-            for c in cases[: len(done)]]  # fmt: skip
+    rows = [(c.length, c.depth, c.needle_id, c.needle_span, c.query, c.null_query, c.ids.shape[1], c.null_ids.shape[1],
+             c.ids[0].tolist(), c.null_ids[0].tolist()) for c in cases[: len(done)]]  # fmt: skip
     prov = model.provenance.with_run(definition=DEFINITION.format(null=cfg.null_query), cases=len(done),
                                      edits=", ".join(edit_labels(edits)) or None, complete=complete)  # fmt: skip
     return QRResult(real=stack("real"), null=stack("null"), cases=pd.DataFrame(rows, columns=_CASE_COLUMNS), null_query=cfg.null_query,

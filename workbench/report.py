@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .files import write_text
+
 _STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;font-size:13px}"
           "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left} pre{white-space:pre-wrap}")  # fmt: skip
 
@@ -42,7 +44,4 @@ def write_html(path: str | Path, title: str, items: list) -> Path:
         else:
             parts.append(f"<pre>{html.escape(str(obj))}</pre>")
     parts.append("</body></html>")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "\n".join(parts))  # atomic; a symlink at ``path`` is replaced, never written through

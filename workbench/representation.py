@@ -200,7 +200,7 @@ def scan(model, config: RepresentationConfig | None = None, *, edits=(), on_case
     with intervene(model, *edits) if edits else nullcontext():
         done, complete = run_cases(list(enumerate(ids_list)), run, on_case=on_case, cancel=cancel, progress=progress,
                                    desc="compression valley", unit="text")  # fmt: skip
-    prov = model.provenance.with_run(definition=DEFINITION, T=cfg.T, texts=len(done), edits=", ".join(edit_labels(edits)) or None,
-                                     complete=complete)  # fmt: skip
+    prov = model.provenance.with_run(definition=DEFINITION, T=cfg.T, texts=len(done), input_ids=ids_list[: len(done)],
+                                     edits=", ".join(edit_labels(edits)) or None, complete=complete)  # fmt: skip
     per_text = pd.DataFrame([r for rows in done for r in rows], columns=_COLUMNS)
     return RepresentationResult(per_text=per_text, T=cfg.T, n_layers=model.spec.n_layers, provenance=prov, complete=complete)

@@ -323,9 +323,9 @@ CAUSAL_MODES = ("uniform", "zero")  # Wu's masking, and the output ablation for 
 def ablation_check(model, result: RetrievalResult, k: int = 10, *, mode: str = "uniform", seeds=(0, 1, 2), lengths=None,
                    depths=None, max_new_tokens: int | None = None, on_case=None, cancel=None, progress: bool = True) -> AblationResult:  # fmt: skip
     """Wu's causal test: NIAH accuracy with the top-``k`` retrieval heads ablated vs ``k`` random heads
-    (one run per seed; random heads exclude the top ones). ``mode`` (zero | mean | uniform) labels the
-    ablation. Lengths, depths and new tokens default to the scan's own. Cases are single NIAH tests
-    (``on_case``/``cancel`` act between them); a cancelled check keeps its finished tests."""
+    (one run per seed; random heads exclude the top ones). ``mode``: ``uniform`` (Wu's masking) or ``zero``
+    (output ablation), named in the result. Lengths, depths and new tokens default to the scan's own. Cases
+    are single NIAH tests (``on_case``/``cancel`` act between them); a cancelled check keeps its finished tests."""
     if mode not in CAUSAL_MODES:
         raise ProbeError(f"mode must be one of {CAUSAL_MODES} for the causal test (mean needs reference texts), got {mode!r}")
     cfg = RetrievalConfig(
@@ -356,7 +356,11 @@ def ablation_check(model, result: RetrievalResult, k: int = 10, *, mode: str = "
         out.append({"ablated": kind, "seed": seed, "k": k if heads else 0, "mode": mode, "tests": len(rows),
                     "accuracy": sum(r["counted"] for r in rows) / len(rows),
                     "mean_rouge1_recall": sum(r["rouge1_recall"] for r in rows) / len(rows), "heads": heads})  # fmt: skip
-    prov = result.provenance.with_run(definition=f"Wu2024 causal test: NIAH accuracy, top-{k} vs random-{k} heads ablated ({mode})")
+    # the model that ran the ablations (not the scan's provenance: its extras, e.g. the scan's own edits, do not apply)
+    prov = model.provenance.with_run(definition=f"Wu2024 causal test: NIAH accuracy, top-{k} vs random-{k} heads ablated ({mode})",
+                                     ranked_on=result.provenance.weights_hash if result.provenance is not None else None,
+                                     ranked_by=result.provenance.definition if result.provenance is not None else None,
+                                     complete=complete)  # fmt: skip
     runs = pd.DataFrame(out, columns=["ablated", "seed", "k", "mode", "tests", "accuracy", "mean_rouge1_recall", "heads"])
     tests = pd.DataFrame([{"run": j, **{c: v for c, v in r.items() if c != "scores"}} for j, r in done],
                          columns=["run", *_TEST_COLUMNS])  # fmt: skip

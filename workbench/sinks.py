@@ -12,6 +12,7 @@ ACT calibration as an experiment (shared/DESIGN.md §3).
 from __future__ import annotations
 
 import json
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
@@ -190,8 +191,10 @@ class SinkResult(Result):
         return df.assign(sink=df["attn.alpha[0]"] > self.eps)
 
     def summary(self) -> str:
-        a0 = self.mean_alpha[..., 0]
         state = "" if self.complete else f" — cancelled, {len(self.token_ids)} text(s) done"
+        if not len(self.token_ids):
+            return f"attention sinks (T = {self.T}, ε = {self.eps}){state}\nno text finished: nothing to report"
+        a0 = self.mean_alpha[..., 0]
         lines = [f"Sink_1^{self.eps} = {self.sink_rate(0):.1f}% of heads (T = {self.T}, {len(self.token_ids)} texts){state}; "
                  "strongest: " + ", ".join(f"L{l}H{h} α₀={v:.2f}" for l, h, v in top_cells(a0, 5))]  # fmt: skip
         tok = self.hidden_sink_tokens().head(5)
@@ -229,6 +232,11 @@ class SinkResult(Result):
     @classmethod
     def from_tables(cls, tables, provenance) -> "SinkResult":
         al, tok = tables["alpha"], tables["tokens"]
+        if tok.empty:  # a scan cancelled before its first text: its settings live in the provenance only
+            found = re.search(r"eps=([0-9.e-]+) T=(\d+)", (provenance.definition or "") if provenance else "")
+            return cls(alpha=torch.zeros(0, 0, 0, 0), seen_by=torch.zeros(0, 0, 0, dtype=torch.long), token_ids=[], tokens=[],
+                       eps=float(found[1]) if found else 0.3, T=int(found[2]) if found else 64, massive=tables["massive"],
+                       provenance=provenance, complete=False)  # fmt: skip
         n, L, H, K = (int(al[c].max()) + 1 for c in ("text", "layer", "head", "key"))
         al = al.sort_values(["text", "layer", "head", "key"])
         alpha = torch.tensor(al["alpha"].to_numpy(), dtype=torch.float32).view(n, L, H, K)
@@ -302,15 +310,16 @@ def _prompt(text: str) -> str:
 @torch.no_grad()
 def task_accuracy(model, items: list[dict], *, sink_tokens: set[str] = frozenset(), heads=(), beta: float = 0.4) -> dict:
     """Zero-shot accuracy and 2-way loss on ``items``; with ``heads``, ACT calibration (β) on the
-    positions of ``sink_tokens`` plus the first token in each prompt."""
+    positions of ``sink_tokens`` in each prompt, the first token excluded (ACT keeps the first-token sink:
+    DESIGN.md §3; a prompt with no such position runs unedited)."""
     tok = model.tokenizer
     choice = [tok.encode(" positive", add_special_tokens=False)[0], tok.encode(" negative", add_special_tokens=False)[0]]
     correct, loss = 0, 0.0
     for it in items:
         ids = model.encode(_prompt(it["text"]))
         pieces = model.tokens(ids[0])
-        sinks = [0] + [i for i, p in enumerate(pieces) if i and p in sink_tokens]
-        edit = (SinkCalibration(list(heads), sink_keys=sinks, beta=beta),) if heads else ()
+        sinks = [i for i, p in enumerate(pieces) if i and p in sink_tokens]
+        edit = (SinkCalibration(list(heads), sink_keys=sinks, beta=beta),) if heads and sinks else ()
         with intervene(model, *edit) if edit else nullcontext():
             logits = model.hf(input_ids=ids).logits[0, -1, choice].float()
         target = 0 if it["label"] == "positive" else 1
@@ -363,9 +372,13 @@ def calibration_experiment(model, sinks: SinkResult, *, heads: list[tuple[int, i
     the heads with the most hidden-sink mass; ``search=True`` adds heads greedily while accuracy
     (then loss) improves, as ACT's per-head search (one case per candidate head)."""
     beta = float_value(beta, "beta", 0, 1, lo_open=True)
+    items_given = items
     items = sentiment_task() if items is None else items
-    if not items:
-        raise ProbeError("empty task")
+    if isinstance(items, (str, dict)) or not items:
+        raise ProbeError("items must be a non-empty list of {'text': str, 'label': 'positive' | 'negative'}")
+    for it in items:
+        if not isinstance(it, dict) or not isinstance(it.get("text"), str) or it.get("label") not in ("positive", "negative"):
+            raise ProbeError(f"each item needs 'text' (a string) and 'label' ('positive' or 'negative'), got {it!r}"[:300])
     if heads is not None:
         heads = model.spec.heads(heads, what="calibration_experiment")
     hs = sinks.hidden_sinks()
@@ -389,5 +402,10 @@ def calibration_experiment(model, sinks: SinkResult, *, heads: list[tuple[int, i
 
         _, complete = run_cases(candidates, trial, on_case=on_case, cancel=cancel, progress=progress, desc="ACT head search", unit="head")
     runs = pd.DataFrame(rows).assign(sink_tokens=", ".join(map(repr, sorted(sink_tokens))))
-    prov = sinks.provenance.with_run(definition=f"ACT calibration beta={beta} on the shipped sentiment task ({len(items)} items)")
+    # the model that ran the task (the sink scan's provenance describes another run: its texts, edits, completeness)
+    prov = model.provenance.with_run(definition=f"ACT calibration beta={beta} of the hidden sink tokens (first token kept) "
+                                                f"on {'the shipped sentiment task' if items_given is None else 'the given items'} "
+                                                f"({len(items)} items)",
+                                     sink_tokens=sorted(sink_tokens), sinks_from=sinks.provenance.weights_hash if sinks.provenance else None,
+                                     complete=complete)  # fmt: skip
     return CalibrationResult(runs=runs, provenance=prov, complete=complete)

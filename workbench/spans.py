@@ -41,6 +41,7 @@ from . import plots
 from .attention import AttentionStats, Window
 from .capture import capture, edit_labels, intervene
 from .errors import ProbeError
+from .kernels.capabilities import MAX_SPANS  # span accumulators per layer the Triton kernel keeps in registers
 from .result import Result, top_cells
 from .scan import config_of, float_value, int_list, int_value, run_cases
 from .sinks import SinkConfig, texts_for
@@ -48,7 +49,6 @@ from .sinks import SinkConfig, texts_for
 DEFAULT_Q = 0.9
 ELASTIC_SLOPE = 0.05
 TOL = 1e-5
-MAX_REDUCTIONS = 64  # span accumulators per layer the Triton kernel keeps in registers (kernels.capabilities.MAX_SPANS)
 DEFINITION = "MoA span profile: smallest grid window holding >= q of each row's mass (q={q}, sink={sink}, {s} windows/octave); " \
              "per head the lower median over rows < N; span(N) = a + b*N least squares"  # fmt: skip
 
@@ -85,8 +85,8 @@ def window_masses(model, ids, windows, *, sink: int = 0) -> torch.Tensor:
     ids = torch.as_tensor(ids).reshape(1, -1).to(model.device)
     windows = [int(w) for w in windows]
     spans = _reductions(windows, sink)
-    if len(spans) > MAX_REDUCTIONS:
-        raise ProbeError(f"{len(windows)} windows + {sink} sink keys = {len(spans)} span reductions; at most {MAX_REDUCTIONS} "
+    if len(spans) > MAX_SPANS:
+        raise ProbeError(f"{len(windows)} windows + {sink} sink keys = {len(spans)} span reductions; at most {MAX_SPANS} "
                          "(lower steps_per_octave or sink)")  # fmt: skip
     with capture(model, AttentionStats(sink_keys=0, spans=spans), names_filter="blocks.*.attn.span.*") as cap:
         model.hf(input_ids=ids, logits_to_keep=1)
@@ -146,9 +146,9 @@ class SpanConfig:
                 raise ProbeError("texts must be a non-empty list of non-empty strings")
             set_("texts", tuple(self.texts))
         n = len(self.windows()) + self.sink
-        if n > MAX_REDUCTIONS:
+        if n > MAX_SPANS:
             raise ProbeError(f"the window grid up to {lengths[-1]} ({len(self.windows())} windows at steps_per_octave = "
-                             f"{self.steps_per_octave}) + sink {self.sink} needs {n} span reductions; at most {MAX_REDUCTIONS}")  # fmt: skip
+                             f"{self.steps_per_octave}) + sink {self.sink} needs {n} span reductions; at most {MAX_SPANS}")  # fmt: skip
 
     def windows(self) -> tuple[int, ...]:
         """Every window width the scan reduces: the grid up to the largest length, plus each length."""
@@ -345,7 +345,8 @@ def scan(model, config: SpanConfig | None = None, *, edits=(), on_case=None, can
                                    desc="span profile", unit="text")  # fmt: skip
     hist = pd.concat(done, ignore_index=True) if done else pd.DataFrame(columns=_HIST_COLUMNS)
     prov = model.provenance.with_run(definition=DEFINITION.format(q=cfg.q, sink=cfg.sink, s=cfg.steps_per_octave),
-                                     lengths=list(cfg.lengths), texts=len(done), edits=", ".join(edit_labels(edits)) or None,
+                                     lengths=list(cfg.lengths), texts=len(done), input_ids=ids_list[: len(done)],
+                                     edits=", ".join(edit_labels(edits)) or None,
                                      complete=complete)  # fmt: skip
     return SpanResult(histogram=hist, lengths=cfg.lengths, q=cfg.q, sink=cfg.sink, steps_per_octave=cfg.steps_per_octave,
                       n_layers=model.spec.n_layers, n_heads=model.spec.n_heads, n_texts=len(done), provenance=prov, complete=complete)  # fmt: skip

@@ -42,7 +42,7 @@ class BosPolicy:
     def describe(self) -> str:
         if self.adds_bos:
             return f"tokenizer prepends {self.bos_token!r} (id {self.bos_token_id})"
-        return "tokenizer adds no BOS" + (f"; chat template starts turns with special tokens" if self.has_chat_template else "")
+        return "tokenizer adds no BOS" + ("; chat template starts turns with special tokens" if self.has_chat_template else "")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-from .files import atomic_path
+from .files import OutsideRootError, atomic_path, confined
 
 _META_KEY = b"workbench.provenance"
 
@@ -43,24 +43,32 @@ class ResultStore:
         return target
 
     def load(self, name: str) -> tuple[pd.DataFrame, dict]:
+        """A stored frame and its provenance. A file that resolves outside the store (a symlink) is refused."""
         import pyarrow.parquet as pq
 
         path = self.path(name)
         if not path.exists():
             raise WorkbenchError(f"no result {name!r} in {self.root}")
-        table = pq.read_table(path)
-        meta = (table.schema.metadata or {}).get(_META_KEY, b"{}")
-        return table.to_pandas(), json.loads(meta)
+        import pyarrow as pa
+
+        try:
+            table = pq.read_table(confined(self.root, path))
+            meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
+            return table.to_pandas(), meta if isinstance(meta, dict) else {}
+        except (OSError, pa.ArrowException, ValueError) as e:  # a truncated or foreign file: say which, no traceback
+            raise WorkbenchError(f"result {name!r} in {self.root} is unreadable ({type(e).__name__}: {e})") from None
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.parquet")) if self.root.is_dir() else []
+        """Stored results: the ``*.parquet`` files that resolve inside the store (a link out is never listed)."""
+        return sorted(p.stem for p in self.root.glob("*.parquet") if _inside(self.root, p)) if self.root.is_dir() else []
 
     def sql(self, query: str) -> pd.DataFrame:
         """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``; a name with
         odd characters is quoted as usual: ``SELECT * FROM "my result"``).
 
         File names never become SQL text: each file is opened as a pyarrow dataset (no glob expansion)
-        and registered under its name through DuckDB's API, so a crafted name is only a view name."""
+        and registered under its name through DuckDB's API, so a crafted name is only a view name. Only
+        :meth:`names` are registered: a file linked out of the store is not read."""
         import duckdb
         import pyarrow.dataset as ds
 
@@ -68,6 +76,14 @@ class ResultStore:
         for n in self.names():
             con.register(n, ds.dataset(str(self.path(n)), format="parquet"))
         return con.execute(query).df()
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        confined(root, path)
+    except OutsideRootError:
+        return False
+    return True
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:

@@ -10,13 +10,15 @@ probability per row, in both attention paths):
 - induction mass p_{i,j*+1}, j* the most recent earlier position holding the same token (undefined — NaN —
   when the token has not occurred; those rows are left out of the head's mean).
 
-Per head: the mean over the real rows of every case (natural prose at each length, plus a repeated random
+Per head: each case's mean over its rows (where the statistic is defined), then the mean over the cases —
+every case weighs the same, however many rows define it (natural prose at each length, plus a repeated random
 token sequence per length — the classic induction probe — unless ``repeated=False``). TransformerLens' head
 detector and Anthropic's HeadVis compute these from full matrices at short lengths; these are exact at any
 length. A head's kinds follow :data:`RULES` (thresholds documented there; change them with ``rules=``).
 """
 from __future__ import annotations
 
+import json
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from .attention.stats import TAXONOMY
 from .capture import capture, edit_labels, intervene
 from .errors import ProbeError
 from .result import Result
-from .scan import config_of, int_list, int_value, run_cases
+from .scan import config_of, float_value, int_list, int_value, run_cases
 
 #: kind → (statistic, threshold): a head is of that kind when its mean statistic exceeds the threshold
 RULES: dict[str, tuple[str, float]] = {
@@ -103,7 +105,7 @@ class TaxonomyResult(Result):
 
     values: torch.Tensor  # [case, axis, layer, head]
     axes: tuple[str, ...]
-    cases: pd.DataFrame  # case, kind, length, tokens
+    cases: pd.DataFrame  # case, kind, length, tokens, token_ids (the exact input)
     provenance: object
     rules: dict = field(default_factory=lambda: dict(RULES))
     local_window: int = 8
@@ -151,8 +153,14 @@ class TaxonomyResult(Result):
 
     def with_retrieval(self, result) -> "TaxonomyResult":
         """This taxonomy with Wu et al.'s retrieval score joined (a RetrievalResult of the same model)."""
+        if not isinstance(getattr(result, "scores", None), torch.Tensor):
+            raise ProbeError(f"retrieval must be a RetrievalResult, got {type(result).__name__}")
         if tuple(result.scores.shape) != tuple(self.values.shape[2:]):
             raise ProbeError(f"retrieval scores are {tuple(result.scores.shape)}, the heads {tuple(self.values.shape[2:])}")
+        mine, theirs = (getattr(getattr(r, "provenance", None), "weights_hash", None) for r in (self, result))
+        if mine and theirs and mine != theirs:
+            raise ProbeError(f"the retrieval result comes from other weights ({theirs}) than this taxonomy ({mine}): "
+                             "scan both on the same model")  # fmt: skip
         return TaxonomyResult(self.values, self.axes, self.cases, self.provenance, dict(self.rules), self.local_window,
                               result.scores.clone(), self.complete)  # fmt: skip
 
@@ -164,15 +172,15 @@ class TaxonomyResult(Result):
                  + ", ".join(f"{k} {n}" for k, n in counts.items() if n or k != "retrieval")]  # fmt: skip
         g = self.grids()
         for kind in ("induction", "previous-token", "sink", "retrieval", "local"):
-            stat = self.rules[kind][0]
-            if stat not in g:
+            if kind not in self.rules or self.rules[kind][0] not in g:  # custom rules may leave a kind out
                 continue
+            stat = self.rules[kind][0]
             top = self.heads(kind).head(5)
             if len(top):
                 layers = sorted({int(l) for l in self.heads(kind)["layer"]})
                 lines.append(f"{kind}: " + ", ".join(f"{n} {v:.2f}" for n, v in zip(top["name"], top[stat]))
                              + f" (layers {_span(layers)})")  # fmt: skip
-        if "retrieval_score" in g:
+        if "retrieval_score" in g and "retrieval" in counts and "induction" in counts:
             both = [lh for lh, ks in kinds.items() if "retrieval" in ks and "induction" in ks]
             lines.append(f"retrieval heads that are also induction heads: {len(both)} of {counts['retrieval']}")
         return "\n".join(lines)
@@ -229,7 +237,26 @@ class TaxonomyResult(Result):
         meta = cases.iloc[0]
         rules = {k: (s, float(t)) for k, (s, t) in ast.literal_eval(meta["rules"]).items()}
         cases = cases.drop(columns=["local_window", "complete", "rules"])
+        if "token_ids" in cases:
+            cases["token_ids"] = cases["token_ids"].map(lambda v: json.loads(v) if isinstance(v, str) else list(v))
         return cls(values, axes, cases, provenance, rules, int(meta["local_window"]), retrieval, bool(meta["complete"]))
+
+
+def _check_rules(rules) -> dict[str, tuple[str, float]]:
+    """``rules`` as kind → (statistic, threshold), every statistic one the result has, every threshold a number."""
+    stats = (*_AXES, "retrieval_score")
+    if not isinstance(rules, dict) or not rules:
+        raise ProbeError(f"rules must be a non-empty dict kind → (statistic, threshold), e.g. {{'induction': ('attn.induction_mass', 0.3)}}")
+    out = {}
+    for kind, rule in rules.items():
+        try:
+            stat, thr = rule
+        except (TypeError, ValueError):
+            raise ProbeError(f"rules[{kind!r}] must be (statistic, threshold), got {rule!r}") from None
+        if not isinstance(kind, str) or stat not in stats:
+            raise ProbeError(f"rules[{kind!r}]: statistic must be one of {list(stats)}, got {stat!r}")
+        out[kind] = (stat, float_value(thr, f"rules[{kind!r}] threshold", -float("inf"), float("inf")))
+    return out
 
 
 def _span(layers: list[int]) -> str:
@@ -241,8 +268,8 @@ def scan(model, config: TaxonomyConfig | None = None, *, edits=(), on_case=None,
     """Every head's head-type statistics over the config's cases (``TaxonomyConfig`` fields as keywords);
     ``retrieval``: a RetrievalResult to place heads on Wu's axis too; ``rules``: other kind thresholds."""
     cfg = config_of(TaxonomyConfig, config, fields)
+    rules = _check_rules(RULES if rules is None else rules)
     cases = cfg.cases(model)
-    rules = dict(RULES if rules is None else rules)
     probe = AttentionStats(sink_keys=1, taxonomy=True, local_window=cfg.local_window)
 
     def run(case):
@@ -258,10 +285,10 @@ def scan(model, config: TaxonomyConfig | None = None, *, edits=(), on_case=None,
         done, complete = run_cases(cases, run, on_case=on_case, cancel=cancel, progress=progress, desc="head taxonomy", unit="case")
     if not done:
         raise ProbeError("the taxonomy scan was cancelled before its first case: nothing to report")
-    table = pd.DataFrame([(i, k, n, len(ids)) for i, (k, n, ids) in enumerate(cases[: len(done)])],
-                         columns=["case", "kind", "length", "tokens"])  # fmt: skip
+    table = pd.DataFrame([(i, k, n, len(ids), list(ids)) for i, (k, n, ids) in enumerate(cases[: len(done)])],
+                         columns=["case", "kind", "length", "tokens", "token_ids"])  # fmt: skip
     prov = model.provenance.with_run(definition=f"head taxonomy (DESIGN.md §3): per-row self/prev/local(w={cfg.local_window})/"
                                                 "distance/induction mass, head means over real rows; rules " + str(rules),
-                                     edits=", ".join(edit_labels(edits)) or None, complete=complete)  # fmt: skip
+                                     edits=", ".join(edit_labels(edits)) or None, seed=cfg.seed, complete=complete)  # fmt: skip
     result = TaxonomyResult(torch.stack(done), _AXES, table, prov, rules, cfg.local_window, complete=complete)
     return result.with_retrieval(retrieval) if retrieval is not None else result

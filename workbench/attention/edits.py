@@ -83,11 +83,15 @@ class HeadAblation(Edit):
     def bind(self, model) -> BoundHeadEdits:
         if self.mode not in ABLATION_MODES:
             raise ProbeError(f"HeadAblation: mode must be one of {ABLATION_MODES}, got {self.mode!r}")
+        if self.mode != "mean" and (self.reference is not None or self.means is not None):
+            raise ProbeError(f"HeadAblation: reference and means apply only to mode='mean' (mode is {self.mode!r})")
         heads = _query_heads(model.spec, self.heads, self.unit, "HeadAblation")
         pos = _positions(self.positions, "HeadAblation")
         means = None
         if self.mode == "mean":
             if self.means is not None:
+                if not isinstance(self.means, Mapping):
+                    raise ProbeError("HeadAblation(mode='mean'): means must be a mapping {(layer, head): tensor [Dv]}")
                 means = dict(self.means)
             elif self.reference:
                 if isinstance(self.reference, str):
@@ -98,6 +102,7 @@ class HeadAblation(Edit):
             missing = [h for h in heads if h not in means]
             if missing:
                 raise ProbeError(f"HeadAblation(mode='mean'): no mean for heads {missing}")
+            means = {(l, h): _mean_vector(model, l, h, means[(l, h)]) for l, h in heads}
         return BoundHeadEdits(self.label, [
             (l, HeadEdit(kind=self.mode, head=h, positions=pos, mean=None if means is None else means[(l, h)]))
             for l, h in heads
@@ -165,6 +170,17 @@ class StreamingHeads(Edit):
         return BoundHeadEdits(self.label, [(l, HeadEdit("streaming", h, sink=sink, recent=recent)) for l, h in heads])
 
 
+def _mean_vector(model, layer: int, head: int, mean) -> torch.Tensor:
+    """A head's replacement output: a float tensor of the head's value size ``[Dv]``, or a clear error."""
+    path = model.spec.out_proj_paths[layer] if model.spec.out_proj_paths else None
+    dv = model.hf.get_submodule(path).in_features // model.spec.n_heads if path else model.spec.head_dim
+    t = torch.as_tensor(mean) if isinstance(mean, (torch.Tensor, list, tuple)) else None
+    if t is None or not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)) or tuple(t.shape) != (dv,):
+        got = f"shape {tuple(t.shape)}" if t is not None else type(mean).__name__
+        raise ProbeError(f"HeadAblation(mode='mean'): the mean of head ({layer}, {head}) must be a tensor of shape ({dv},), got {got}")
+    return t.detach().float()
+
+
 # --- mean ablation references ------------------------------------------------------------------------------
 
 
@@ -188,12 +204,14 @@ class _BoundOutputMeans(Bound):
 def head_output_means(model, texts, layers=None) -> dict[Head, torch.Tensor]:
     """Mean attention output of every head over the tokens of ``texts`` (``mode="mean"`` ablation).
     Cached per model and reference set: binding the same reference twice does not rerun it."""
-    from ..hooks import attached
+    from ..hooks import HookManager, attached
 
     if isinstance(texts, str) or not texts:
         raise ProbeError("reference must be a non-empty list of texts")
     layers = tuple(sorted(range(model.spec.n_layers) if layers is None else model.spec.layers(layers, what="head_output_means")))
-    cache = model.__dict__.setdefault("_mean_cache", {})
+    # means taken under an active edit (inside intervene) describe the edited model: never cache or reuse them there
+    edited = any(s.edits for s in HookManager.of(model).sessions())
+    cache = {} if edited else model.__dict__.setdefault("_mean_cache", {})
     key = (tuple(texts), layers)
     if key not in cache:
         bound = _BoundOutputMeans(layers)

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ProbeError
-
-BIG = 2**30  # "unlimited" window in span triples (start, end, window)
+from ..kernels.semantics import BIG  # "unlimited" window in span triples (start, end, window)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from .. import names as N
 from ..errors import ProbeError
 from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
+from ..spec import _index
 from .plan import BIG, LayerPlan
 
 #: the head-type statistics (AttentionStats(taxonomy=True)), names under blocks.{l}.attn.
@@ -66,6 +67,8 @@ class AttentionStats(Probe):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ProbeError(f"AttentionStats: {what} must be an int ≥ {lo}, got {v!r}")
         layers = tuple(range(spec.n_layers)) if self.layers is None else spec.layers(self.layers, what="AttentionStats")
+        if isinstance(self.key_positions, (str, bytes)) or not hasattr(self.key_positions, "__iter__"):
+            raise ProbeError(f"AttentionStats: key_positions must be a list of key positions, got {self.key_positions!r}")
         keys = list(range(self.sink_keys)) + [_int(p, "key_positions") for p in self.key_positions]
         if any(p < 0 for p in keys):
             raise ProbeError(f"AttentionStats: key positions must be ≥ 0, got {sorted(p for p in keys if p < 0)}")
@@ -74,9 +77,10 @@ class AttentionStats(Probe):
             if not isinstance(name, str) or not name.isidentifier():
                 raise ProbeError(f"AttentionStats: span names must be identifiers (they become attn.span.<name>), got {name!r}")
             if isinstance(sp, Window):
-                if _int(sp.width, f"span {name!r} window") < 1:
+                width = _int(sp.width, f"span {name!r} window")
+                if width < 1:
                     raise ProbeError(f"AttentionStats: span {name!r} window width must be ≥ 1")
-                spans.append((0, BIG, sp.width))
+                spans.append((0, BIG, width))
             else:
                 try:
                     a, b = (_int(x, f"span {name!r}") for x in sp)
@@ -101,9 +105,8 @@ class AttentionStats(Probe):
 
 
 def _int(x, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, torch.Tensor)) and not hasattr(x, "__index__"):
-        raise ProbeError(f"AttentionStats: {what} must be integers, got {x!r}")
-    return int(x)
+    """:func:`workbench.spec._index` (refuses floats, float tensors and bools) with this probe's name."""
+    return _index(x, f"AttentionStats: {what}")
 
 
 class BoundAttention(Bound):
@@ -168,6 +171,10 @@ class BoundAttention(Bound):
         self._query_valid = real if bool((~real & (real.cumsum(1) > 0)).any()) else None
         if self.local_window is not None:
             self._row_keys = self._induction_keys(call)
+
+    def skipped_call(self, call: Call) -> None:
+        if self.local_window is not None:  # a decode step's induction key may point into the unrecorded prompt
+            self._induction_keys(call)
 
     def _induction_keys(self, call: Call) -> torch.Tensor:
         """Each row's j*+1 (DESIGN.md §3) from every token seen so far in this sequence (decode steps extend it)."""

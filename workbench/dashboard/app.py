@@ -1,4 +1,4 @@
-"""The dashboard page: one template with the six tabs, built per browser session over a shared Workbench."""
+"""The dashboard page: a plain Panel layout with the six tabs, built per browser session over a shared Workbench."""
 
 from __future__ import annotations
 

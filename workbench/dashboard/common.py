@@ -100,8 +100,8 @@ class Worker:
     """Runs a widget's model computations (its :attr:`~workbench.widgets._base.WorkbenchWidget.runner`) in a
     thread — never on the server's event loop — and hands the result back on the session's loop. One job
     at a time; a newer request replaces a queued one (clicks that follow a selection). ``lock``: the model
-    name whose lock the job holds (``None``: the job takes no lock — drill-down rows from the cache, which
-    fetch under the lock themselves only when they must run the model)."""
+    whose lock the job holds (a name; ``None``: the main model); ``False``: the job takes no lock — drill-down
+    rows from the cache, which fetch under the lock themselves only when they must run the model."""
 
     def __init__(self, wb: Workbench, lock: str | None | bool = False):
         self.wb, self.lock = wb, lock

@@ -103,7 +103,9 @@ class PromptLab(Page):
 
     @param.depends("selected", "ablate", "calibrate", "mode", "beta", "sink_keys")
     def selection_view(self):
-        names = lambda hs: ", ".join(head_name(l, h) for l, h in hs) or "—"  # noqa: E731
+        def names(hs) -> str:  # escaped: `ablate` is linked to the grid, whose value comes from the browser
+            return md_escape(", ".join(head_name(*h) if isinstance(h, (list, tuple)) and len(h) == 2 else str(h) for h in hs)) or "—"
+
         return pn.pane.Markdown(
             f"selected head: **{head_name(*self.selected)}** · ablate ({self.mode}): {names(self.ablate)} · "
             f"ACT calibrate (β={self.beta:g}, keys {md_escape(self.sink_keys)}): {names(self.calibrate)}",
@@ -208,15 +210,6 @@ class PromptLab(Page):
         else:
             body = effect_html(base.effect_of(ed), title="With edits") + f"<div style='color:#666;font-size:11px'>{ed.seconds:.1f} s</div>"
         return pn.pane.HTML(body, css_classes=["wb-edited-output"], sizing_mode="stretch_width")
-
-    # compatibility with scripts that read the panes
-    @property
-    def output(self):
-        return self.output_view()
-
-    @property
-    def edited_output(self):
-        return self.edited_view()
 
     # --- layout -------------------------------------------------------------------------------------------
     def __panel__(self):

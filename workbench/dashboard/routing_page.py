@@ -54,7 +54,7 @@ class RoutingPage(Page):
         return [expert_name(r.layer, e) for r in spec.routers for e in range(r.n_experts)]
 
     def show_routing(self) -> None:
-        name, text = self.model_name, self.text.value_input or self.text.value
+        name, text, n = self.model_name, self.text.value_input or self.text.value, self.new_tokens.value
         self.text.value = text
 
         def work():
@@ -62,7 +62,7 @@ class RoutingPage(Page):
 
             outcome = self.wb.routing_of(name, text)
             with self.wb.using(name) as m:
-                view = RoutingView(m, text, max_new_tokens=8)
+                view = RoutingView(m, text, max_new_tokens=n)  # its *apply* continues as far as Compare does
             return outcome, view, self._expert_options()
 
         self.start("routing", work, self._show)
@@ -74,10 +74,10 @@ class RoutingPage(Page):
         self.force_input.options = options
         rec = outcome.record
         main = self.host(view, lock=self.model_name)  # its edit runs hold this model's lock, in a worker
-        if view is not None:  # the view's own deactivate / force toggles show up in this page's lists too
-            names = lambda pairs: [expert_name(l, e) for l, e in pairs]  # noqa: E731
-            view.observe(lambda c: setattr(self.mask_input, "value", names(c["new"])), names="masked")
-            view.observe(lambda c: setattr(self.force_input, "value", names(c["new"])), names="forced")
+        # the view's own deactivate / force toggles show up in this page's lists too
+        names = lambda pairs: [expert_name(l, e) for l, e in pairs]  # noqa: E731
+        view.observe(lambda c: setattr(self.mask_input, "value", names(c["new"])), names="masked")
+        view.observe(lambda c: setattr(self.force_input, "value", names(c["new"])), names="forced")
         self.view_area.objects = [
             pn.pane.Markdown(
                 f"**{md_escape(outcome.model)}**: {len(outcome.tokens)} tokens, MoE layers {list(rec.layers)}, "

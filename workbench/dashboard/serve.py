@@ -37,7 +37,8 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
 
 def parser() -> argparse.ArgumentParser:
-    """Options of ``panel serve apps/dashboard.py --args ...`` (the same names as ``workbench serve``)."""
+    """Options of ``panel serve apps/dashboard.py --args ...``: ``--model`` / ``--moe`` / ``--runs`` as in
+    ``workbench serve``, and one ``--max-...`` option per :class:`Caps` field (``workbench serve`` has only two)."""
     p = argparse.ArgumentParser(prog="apps/dashboard.py", description="workbench dashboard options")
     p.add_argument("--model", default=None, help="main model source (default: the embedded SmolLM2)")
     p.add_argument(
@@ -244,7 +245,8 @@ def serve(
     start: bool = True,
     **panel_kwargs,
 ):
-    """Serve the dashboard at ``http://{address}:{port}/`` (also ``/dashboard``) with a ``/liveness`` endpoint.
+    """Serve the dashboard at ``http://{address}:{port}/`` with a ``/liveness`` endpoint (``panel serve
+    apps/dashboard.py`` serves it at ``/dashboard`` instead).
 
     ``preload``: load the main model before the first page (the first session then opens at once).
     Returns the Bokeh/Tornado server (``start=False``: not started, for embedding)."""

@@ -27,8 +27,6 @@ from .runs import Comparison, RunsStore, compare_frames, run_metric, safe_path
 from .validation import (Cancelled, Caps, DashboardError, HeadEdits, check_prompt, expert_name, head_name, is_cancel,
                          new_tokens, parse_experts, parse_heads, retrieval_config, routing_text, sink_config, taxonomy_config)  # fmt: skip
 
-Head = tuple[int, int]
-
 
 @dataclass
 class PromptOutcome:
@@ -212,7 +210,6 @@ class Workbench:
 
         cfg = retrieval_config(self.caps, lengths, depths, n_needles, max_new_tokens, variant)
         progress = progress or Progress()
-        m = self.model()
         progress.update(done=0, total=len(cfg.lengths) * int(cfg.depths) * cfg.n_needles, message="NIAH scan")
         with self.using() as m:
             return retrieval.scan(m, cfg, on_case=self._between_tests(progress), cancel=progress, progress=False)

@@ -2,7 +2,8 @@
 ``workbench.widgets.panel.to_panel`` (one view, two hosts). Pages host a widget with
 :meth:`workbench.dashboard.common.Page.host`, which sets its ``runner`` so that every model computation the
 widget makes runs in a worker thread (under the model's lock when it runs the model), never on the
-server's event loop. Static figures reuse :mod:`workbench.report` via ``pn.pane.Plotly`` (works offline)."""
+server's event loop. Static figures are the results' own (``figure()``, :mod:`workbench.plots`) in ``pn.pane.Plotly``
+(works offline)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ def to_panel_component(widget):
     pane = to_panel(widget)
     pane.css_classes = list(getattr(pane, "css_classes", []) or []) + ["wb-widget"]
     return pane
-
 
 
 def head_grid(scores, *, title: str = "", editable: bool = False):

@@ -125,12 +125,14 @@ class TopK(Edit):
         if isinstance(self.k, Mapping):
             if not self.k:
                 raise ProbeError("TopK: empty {layer: k} mapping")
-            wanted = {int(l): v for l, v in self.k.items()}
+            wanted = dict(self.k)  # keys checked (integers, MoE layers) by moe_router below
         else:
             wanted = {rs.layer: self.k for rs in routers}
         ks: dict[int, int] = {}
         for layer, k in wanted.items():
             rs = moe_router(model, layer, "TopK")
+            if rs.layer in ks:
+                raise ProbeError(f"TopK: layer {rs.layer} is given twice")
             if isinstance(k, bool) or not isinstance(k, int):
                 raise ProbeError(f"TopK: k must be an int, got {k!r} for layer {layer}")
             if k < 1:

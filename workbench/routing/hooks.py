@@ -16,11 +16,6 @@ from ..spec import RouterSpec
 from .rules import RuleInputs, route, rule_inputs
 
 
-def hook_name(layer: int, part: str = "router") -> str:
-    """The name of a routing hook point, e.g. ``blocks.3.mlp.router``."""
-    return N.name(layer, f"mlp.{part}")
-
-
 @dataclass(frozen=True)
 class Constraints:
     """What the active edits ask of one MoE layer."""
@@ -72,7 +67,7 @@ def combine(rs: RouterSpec, edits) -> Constraints:
             allowed[e] = False
         for e in req.get("force", ()):
             forced[e] = True
-    where = f"{hook_name(rs.layer)} ({' + '.join(labels)})"
+    where = f"{N.name(rs.layer, 'mlp.router')} ({' + '.join(labels)})"
     both = (forced & ~allowed).nonzero().flatten().tolist()
     if both:
         raise ProbeError(f"{where}: experts {both} are both deactivated and forced")
@@ -90,7 +85,7 @@ def combine(rs: RouterSpec, edits) -> Constraints:
     return Constraints(k, allowed, forced, tuple(labels))
 
 
-def _router_spec(mgr, layer: int) -> RouterSpec:  # noqa: D401
+def _router_spec(mgr, layer: int) -> RouterSpec:
     return next(rs for rs in mgr.spec.routers if rs.layer == layer)
 
 
@@ -119,7 +114,7 @@ def _router_hook(mgr, rs: RouterSpec, router: torch.nn.Module):
             if hasattr(it, "edit_logits"):
                 r = it.edit_logits(rs.layer, new_logits)
                 if r is not None:
-                    new_logits = _checked_replacement(r, new_logits, hook_name(rs.layer, "router.logits"), it)
+                    new_logits = _checked_replacement(r, new_logits, N.name(rs.layer, "mlp.router.logits"), it)
         c = combine(rs, [it for it in edits if it.routing(rs.layer) is not None])
         inputs = rule_inputs(router)
         if c.active or new_logits is not logits:

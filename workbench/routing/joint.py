@@ -46,7 +46,7 @@ from ..result import Result
 from ..scan import config_of, float_value, int_value, run_cases
 from ..sinks import HIDDEN_SINK_THRESHOLD, MIN_QUERIES, massive_entries, alpha_all
 from .probe import Routing, require_moe, rows
-from .scan import default_texts
+from .scan import default_texts, first_tokens
 
 KINDS = ("first", "hidden_sink", "massive", "other")
 DEFINITION = "attention x routing: per MoE layer and token, Gu alpha (mean/max over heads), kind first | hidden_sink (alpha > {t} " \
@@ -249,20 +249,6 @@ class JointResult(Result):
                    n_texts=int(m["n_texts"]), provenance=provenance, complete=bool(m["complete"]))  # fmt: skip
 
 
-def _encode(model, text: str, cfg: JointConfig) -> torch.Tensor:
-    """The first ``max_tokens`` ids of ``text`` ``[1, T]`` (cut before the model's position limit is checked)."""
-    if cfg.chat and getattr(model.tokenizer, "chat_template", None):
-        ids = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = model.tokenizer.encode(text)
-    ids = list(ids)[: cfg.max_tokens]
-    limit = model.spec.max_positions
-    if limit and len(ids) > limit:
-        raise ProbeError(f"max_tokens = {cfg.max_tokens} exceeds the model's {limit} positions; use max_tokens ≤ {limit}")
-    return torch.tensor([ids], device=model.device)
-
-
 @torch.no_grad()
 def scan(model, config: JointConfig | None = None, *, edits=(), on_case=None, cancel=None, progress: bool = True,
          **fields) -> JointResult:  # fmt: skip
@@ -271,7 +257,7 @@ def scan(model, config: JointConfig | None = None, *, edits=(), on_case=None, ca
     ``chat``, ``threshold``, ``min_queries``)."""
     routers = require_moe(model, "routing.joint.scan")
     cfg = config_of(JointConfig, config, fields)
-    ids = [_encode(model, t, cfg) for t in cfg.texts]
+    ids = [first_tokens(model, t, cfg.max_tokens, cfg.chat) for t in cfg.texts]
     probes = (AttentionStats(sink_keys=0, key_mass=True), Routing(), Activations("blocks.*.hook_resid_post.max_abs"),
               Hook("blocks.*.hook_resid_post", massive_entries, key="massive"))  # fmt: skip
 

@@ -12,7 +12,7 @@ from .. import names as N
 from ..errors import ProbeError
 from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
 from ..spec import RouterSpec
-from .hooks import RouterOutput, hook_name, unconstrained
+from .hooks import RouterOutput, unconstrained
 
 _PARTS = ("logits", "experts", "weights", "scores", "margin", "ran", "agrees")
 WEIGHT_TOL = 1e-5  # the rule's weights vs the router's, in float32
@@ -57,7 +57,11 @@ class Routing(Probe):
     def bind(self, model) -> "BoundRouting":
         routers = require_moe(model, "Routing")
         if self.layers is not None:
-            wanted = [int(x) for x in self.layers]
+            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+                raise ProbeError(f"Routing: layers must be a list of MoE layer indices, got {self.layers!r}")
+            from ..spec import _index
+
+            wanted = [_index(x, "Routing: layer") for x in self.layers]
             if not wanted:
                 raise ProbeError("Routing: layers is empty; pass None for every MoE layer")
             routers = tuple(moe_router(model, l, "Routing") for l in sorted(set(wanted)))
@@ -126,7 +130,7 @@ class BoundRouting(Bound):
         if bad:
             warnings.warn(
                 "routing recomputation disagrees with the model on "
-                + ", ".join(f"{hook_name(l)}: {r} router / {e} experts rows" for l, (r, e) in bad.items())
+                + ", ".join(f"{N.name(l, 'mlp.router')}: {r} router / {e} experts rows" for l, (r, e) in bad.items())
                 + "; margins of those rows are NaN. Report the architecture: its rule in workbench/architectures.py may be wrong",
                 stacklevel=4,
             )
@@ -138,7 +142,7 @@ class BoundRouting(Bound):
 @dataclass(frozen=True)
 class RoutingRows:
     """Routing per token as flat rows: ``[layer, row, ...]`` over the recorded MoE :attr:`layers`, rows =
-    every recorded (sequence, token), sequence by sequence in call order. Build it with
+    every recorded real (non-padding) token, sequence by sequence in call order. Build it with
     :func:`rows` (``workbench.routing.rows(cap)``); ``select`` takes subsets for the analyses."""
 
     layers: tuple[int, ...]
@@ -192,7 +196,7 @@ class RoutingRows:
 
         ran_bad = [int((r.sort(-1).values != e.sort(-1).values).any(-1).sum()) if (r >= 0).all() else -1
                    for r, e in zip(self.ran, self.experts)]  # fmt: skip
-        return pd.DataFrame({"layer": list(self.layers), "hook": [hook_name(l) for l in self.layers],
+        return pd.DataFrame({"layer": list(self.layers), "hook": [N.name(l, "mlp.router") for l in self.layers],
                              "rows": [self.token_ids.numel()] * len(self.layers),
                              "router_mismatch": (~self.agrees).sum(1).tolist(), "ran_mismatch": ran_bad})  # fmt: skip
 
@@ -234,7 +238,7 @@ def rows(cap) -> RoutingRows:
         return torch.stack(out)
 
     meta = lambda f: torch.cat([f(c).reshape(-1) for c in calls])  # noqa: E731
-    return RoutingRows(
+    out = RoutingRows(
         layers=tuple(layers), n_experts=max(rs.n_experts for rs in cap.model.spec.routers if rs.layer in layers),
         token_ids=meta(lambda c: c.token_ids),
         positions=meta(lambda c: c.q_pos[None, :] - c.first_real[:, None]),
@@ -242,6 +246,8 @@ def rows(cap) -> RoutingRows:
         call=meta(lambda c: torch.full((c.batch, c.q_pos.numel()), c.index)),
         **{p: flat(p) for p in _PARTS},
     )  # fmt: skip
+    real = meta(lambda c: c.real)  # padding tokens are routed too, but they are not text: leave them out of every analysis
+    return out if bool(real.all()) else out.select(real)
 
 
 DEFAULT_PROBES["routing"] = lambda model, names: Routing(layers=sorted({N.split(n)[0] for n in names})).bind(model)

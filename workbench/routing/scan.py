@@ -192,11 +192,20 @@ def concat_rows(parts: list[RoutingRows]) -> RoutingRows:
     return RoutingRows(layers=parts[0].layers, n_experts=parts[0].n_experts, **fields)
 
 
-def _first_tokens(model, text: str, cfg: RoutingConfig) -> torch.Tensor:
-    """The text's first ``max_tokens`` tokens (cut before the model's length check: long texts are fine)."""
-    if cfg.chat:
-        return model.encode(text, chat=True)[:, : cfg.max_tokens]
-    return model.encode(model.tokenizer.encode(text)[: cfg.max_tokens])
+def first_tokens(model, text: str, max_tokens: int, chat: bool) -> torch.Tensor:
+    """The first ``max_tokens`` ids of ``text`` ``[1, T]`` on the model's device (``chat``: as a user turn, when the
+    tokenizer has a chat template), cut before the model's length check: long texts are fine."""
+    if chat and getattr(model.tokenizer, "chat_template", None):
+        ids = model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"][0].tolist()
+    else:
+        ids = list(model.tokenizer.encode(text))
+    ids = ids[:max_tokens]
+    limit = model.spec.max_positions
+    if limit and len(ids) > limit:
+        raise ProbeError(f"max_tokens = {max_tokens} exceeds the model's {limit} positions; use max_tokens ≤ {limit}")
+    return model.encode(ids)
 
 
 @torch.no_grad()
@@ -208,7 +217,7 @@ def scan(model, config: RoutingConfig | None = None, *, edits=(), on_case=None, 
     cfg = config_of(RoutingConfig, config, fields)
     probe = Routing(layers=cfg.layers)
     probe.bind(model)  # a bad layer fails before any text runs
-    ids = [_first_tokens(model, t, cfg) for t in cfg.texts]
+    ids = [first_tokens(model, t, cfg.max_tokens, cfg.chat) for t in cfg.texts]
 
     def run(item):
         i, x = item

@@ -7,7 +7,8 @@ file per failed unit, and DuckDB views over whatever has been validated.
 
 Opening a run reads only; every write lands inside the run directory (subdirectories are resolved
 through symlinks and refused when they point elsewhere) and replaces files atomically, so a symlink
-planted in a shared run directory can neither redirect a write nor a delete. Garbage in ``plan.json``,
+planted in a shared run directory can neither redirect a write nor a delete; unit and failure files
+that resolve outside the run are not read either. Garbage in ``plan.json``,
 ``run.json`` or a failure file is reported, never fatal to reading the other runs.
 """
 from __future__ import annotations
@@ -204,6 +205,9 @@ class Run:
         for path in sorted(self.units.root.glob("*.parquet")):
             if not UNIT_ID.match(path.stem):  # not a unit's file (a glob-like or foreign name): never read
                 continue
+            if not _inside(self.path, path):  # a unit file linked out of the run: never read, never counted
+                warnings.warn(f"{path} points outside the run directory {self.path.resolve()}: not read")
+                continue
             try:
                 ids = pq.read_table(path, columns=["unit_id"]).column("unit_id").unique().to_pylist()
                 if ids != [path.stem]:
@@ -242,8 +246,11 @@ class Run:
         """One row per failed unit; an unreadable failure file is a row saying so (its unit still failed)."""
         folder = self.path / "failures"
         rows = []
-        for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        inside = folder.is_dir() and _inside(self.path, folder)  # a failures/ linked out of the run is not read
+        for p in sorted(folder.glob("*.json")) if inside else []:
             try:
+                if not _inside(self.path, p):
+                    raise StudyError(f"{p} points outside the run directory: not read")
                 row = _read_json(p, "failure record")
                 if not isinstance(row, dict):
                     raise StudyError(f"{p}: failure record is not a JSON object")
@@ -286,6 +293,15 @@ class Run:
         from .report import write_report
 
         return write_report(self, Path(out_dir) if out_dir else self._subdir("report"), png=png)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` resolves (through symlinks) inside ``root``."""
+    try:
+        confined(root, path)
+    except OutsideRootError:
+        return False
+    return True
 
 
 def _definition(unit: Unit) -> str:

@@ -13,8 +13,7 @@ import pandas as pd
 import torch
 
 from .. import niah, retrieval
-from ..attention import HeadAblation
-from ..attention import head_output_means
+from ..attention import HeadAblation, head_output_means
 from ..capture import intervene
 from ..routing import ExpertMask
 from .config import Study, StudyError
@@ -157,7 +156,10 @@ def texts(study: Study) -> list[str]:
     path = Path(t.texts)
     if not path.is_file():
         raise StudyError(f"task.texts: file not found: {path}")
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    try:
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError(f"task.texts: cannot read {path} as UTF-8 text ({type(e).__name__}: {e})") from None
     if not lines:
         raise StudyError(f"task.texts: {path} has no non-empty line")
     return lines[: t.n_texts]
@@ -170,10 +172,17 @@ def pairs(study: Study) -> list[dict]:
         path = Path(t.file)
         if not path.is_file():
             raise StudyError(f"task.file: file not found: {path}")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise StudyError(f"task.file: cannot read {path} as UTF-8 text ({type(e).__name__}: {e})") from None
+        for n, line in enumerate(lines, 1):
             if line.strip():
-                p = json.loads(line)
-                if set(p) < {"prompt", "target", "foil"}:
-                    raise StudyError(f"task.file: {path}:{n} needs prompt, target and foil")
+                try:
+                    p = json.loads(line)
+                except ValueError as e:
+                    raise StudyError(f"task.file: {path}:{n} is not a JSON object ({e})") from None
+                if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("prompt", "target", "foil")):
+                    raise StudyError(f"task.file: {path}:{n} needs prompt, target and foil (strings)")
                 out.append(p)
     return out

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import anywidget
 import traitlets
@@ -32,8 +31,8 @@ Runner = Callable[[str, Callable[[], object], Callable[[object], None]], None]
 class WorkbenchWidget(anywidget.AnyWidget):
     """Shared traits: ``status`` (what is running) and ``error`` (the last failure, shown in the view).
 
-    Callbacks run from the browser have nowhere to raise to, so actions started there go through
-    :meth:`_action`, which puts a :class:`WorkbenchError` into ``error`` instead.
+    Callbacks run from the browser have nowhere to raise to, so computations started there go through
+    :meth:`_compute`, which puts a :class:`WorkbenchError` into ``error`` instead.
 
     The page may set only the traits a subclass lists in ``_inputs`` (clicks and selections); every
     other synced trait (tokens, scores, rows, ...) is output, and a value for it from the browser is
@@ -80,16 +79,6 @@ class WorkbenchWidget(anywidget.AnyWidget):
             taken[k] = v
         return super().set_state(taken)
 
-    @contextmanager
-    def _action(self, what: str) -> Iterator[None]:
-        self.error, self.status = "", what
-        try:
-            yield
-        except WorkbenchError as e:
-            self.error = str(e)
-        finally:
-            self.status = ""
-
     @property
     def stop_event(self) -> threading.Event:
         """Set when the view's cancel button is pressed; computations check it between layers / steps."""
@@ -105,12 +94,15 @@ class WorkbenchWidget(anywidget.AnyWidget):
     def _compute(self, label: str, work: Callable[[], object], apply: Callable[[object], None]) -> None:
         """Run a model computation: ``work()`` then ``apply(result)``, with ``status`` shown meanwhile (the view
         draws a spinner and a cancel button) and failures put into ``error``. Through :attr:`runner` when a host
-        set one (never on its event loop); here and now otherwise."""
+        set one (never on its event loop); here and now otherwise. A host may queue a request behind a running
+        one: ``status`` stays up (and cancel works) until the latest request finished."""
         self.stop_event.clear()
         self.error, self.status = "", label
+        self._latest = job = getattr(self, "_latest", 0) + 1
 
         def done(result, err=None):
-            self.status = ""
+            if job == self._latest:  # an earlier request finishing does not hide the newer one's spinner
+                self.status = ""
             if err is not None:
                 self.error = "stopped" if getattr(err, "stopped", False) else str(err)
                 return

@@ -184,10 +184,15 @@ class Drilldown:
         from ..capture import capture, intervene
         from ..hooks import Hook
 
-        layers = sorted(set(layers))
-        probe = AttentionStats(sink_keys=0, topk=1, layers=layers, qk=True)
-        stop = Hook(f"blocks.{layers[-1]}.hook_attn_out", _stop)  # an edit hook: nothing is kept
-        with self._fetch_lock, self._using():
+        # the model's lock first, then this prompt's: a thread that already holds the model (a run building
+        # this prompt's view) must never wait for a fetch that is itself waiting for the model
+        with self._using(), self._fetch_lock:
+            with self._lock:
+                layers = sorted(set(layers) - set(self._qk))  # another thread may have fetched them meanwhile
+            if not layers:
+                return
+            probe = AttentionStats(sink_keys=0, topk=1, layers=layers, qk=True)
+            stop = Hook(f"blocks.{layers[-1]}.hook_attn_out", _stop)  # an edit hook: nothing is kept
             with torch.no_grad(), intervene(self.model, stop, cancel_hook(cancel)), capture(self.model, probe, names_filter=NAMES) as cap:
                 self.forward_passes += 1
                 try:

@@ -65,8 +65,8 @@ class PatternView(AttentionView):
         self._tiles = None
         if drilldown.T <= self.max_pattern_tokens:
             self._tiles = self._pattern_tiles(model, drilldown, capture)
-        if layer is None or head is None:  # open on the head whose pattern is least like "everything on token 0"
-            layer, head = self._default_head(model, drilldown)
+        if layer is None or head is None:  # open on head 0 of the middle layer
+            layer, head = model.spec.n_layers // 2, 0
         super().__init__(model, text, layer=layer, head=head, drilldown=drilldown, chat=chat, **kwargs)
 
     def _pattern_tiles(self, model, drill: Drilldown, cap) -> list[torch.Tensor]:
@@ -84,10 +84,6 @@ class PatternView(AttentionView):
         if not drill.layers:
             drill.take(cap)  # the same pass kept the queries and keys: clicks cost no forward pass
         return tiles
-
-    @staticmethod
-    def _default_head(model, drill) -> tuple[int, int]:
-        return (model.spec.n_layers // 2, 0)
 
     def _setup(self, kwargs) -> None:
         if self._tiles is not None:

@@ -24,13 +24,13 @@ def attention_rows(model, ids: torch.Tensor, layers: Sequence[int], queries: Seq
 
     layers = sorted({int(l) for l in layers})
     if not layers:
-        raise ProbeError("AttentionView: no layers to fetch")
+        raise ProbeError("attention_rows: no layers to fetch")
     for layer in layers:
-        model.spec.check_head(layer, 0, what="AttentionView")
+        model.spec.check_head(layer, 0, what="attention_rows")
     queries = sorted({int(q) for q in queries})
     T = ids.shape[-1]
     if not queries or queries[0] < 0 or queries[-1] >= T:
-        raise ProbeError(f"AttentionView: query positions must lie in 0..{T - 1}, got {queries}")
+        raise ProbeError(f"attention_rows: query positions must lie in 0..{T - 1}, got {queries[:8]}")
     probe = AttentionStats(sink_keys=0, topk=1, layers=layers, tiles=[(q, q + 1, 0, q + 1) for q in queries])
     stop = Hook(f"blocks.{layers[-1]}.hook_attn_out", _stop)  # later layers cannot change these rows
     with capture(model, probe, stop, names_filter="blocks.*.attn.tile.*") as cap:

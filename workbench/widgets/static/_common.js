@@ -157,10 +157,3 @@ function effectView(eff) {
 function b64bytes(s) { const bin = atob(s || ""); const out = new Uint8Array(bin.length); for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i); return out; }
 function b64floats(s) { const b = b64bytes(s); return new Float32Array(b.buffer, b.byteOffset, b.byteLength >> 2); }
 function tokenText(t) { return String(t).replace(/\n/g, "↵\n").replace(/\t/g, "→"); }
-
-// A word diff ("-word" / "+word") as coloured spans.
-function diffView(diff) {
-  const d = h("div");
-  for (const w of diff || []) d.append(h("span", { class: w[0] === "-" ? "wb-del" : "wb-add", text: w.slice(2) }), " ");
-  return d;
-}
