@@ -13,6 +13,9 @@ modes (``--modes``, default all but ``eager``):
 - ``sdpa``: transformers' SDPA attention, no statistics (the baseline, ratio 1.00);
 - ``workbench``: ``wb.capture(AttentionStats(sink_keys=4, topk=1))``, statistics reduced inside the
   attention computation (the chunked flash path on CPU), never an N×N matrix;
+- ``general``: the same capture forced onto the chunked general path (whole key rows per block,
+  probabilities materialised: the CPU path before the flash path existed, still used for probability
+  edits, spans, tiles, key mass and top-k > 1);
 - ``tlens``: TransformerLens 4.x ``TransformerBridge.run_with_cache(names_filter=…hook_pattern)``,
   statistics from the cached ``[1, H, N, N]`` patterns of every layer;
 - ``nnsight``: nnsight ``LanguageModel`` (eager attention) tracing the forward and saving each
@@ -37,11 +40,12 @@ import subprocess
 import sys
 import time
 
-MODES = ("sdpa", "workbench", "tlens", "nnsight", "eager")
+MODES = ("sdpa", "workbench", "general", "tlens", "nnsight", "eager")
 PEER_PACKAGES = {"tlens": "transformer_lens", "nnsight": "nnsight"}
 TITLES = {
     "sdpa": "SDPA",
     "workbench": "workbench",
+    "general": "workbench general path",
     "tlens": "TransformerLens {v} bridge run_with_cache",
     "nnsight": "nnsight {v} trace (eager)",
     "eager": "HF eager output_attentions",
@@ -94,7 +98,11 @@ def run_one(mode: str, n: int, repeats: int, sink_keys: int) -> dict:
     def inputs(vocab):
         return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
 
-    if mode in ("sdpa", "workbench", "eager"):
+    if mode in ("sdpa", "workbench", "general", "eager"):
+        if mode == "general":
+            from workbench.attention import chunked
+
+            chunked.flash_covers = lambda plan: False  # every plan takes general_attention
         m = wb.load()
         ids = inputs(m.spec.vocab_size)
         n_layers = m.spec.n_layers
@@ -147,13 +155,14 @@ def run_one(mode: str, n: int, repeats: int, sink_keys: int) -> dict:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     st = forward()  # warm-up: first-call costs (allocator, compiled step, thread pool) stay out of the timing
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         del st
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         st = forward()
         times.append(time.perf_counter() - t)
-    res = {"mode": mode, "n": n, "seconds": min(times), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        cpu.append(time.process_time() - c)
+    res = {"mode": mode, "n": n, "seconds": min(times), "cpu_seconds": min(cpu), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if st is not None:
         res["summary"] = summary(st)
     return res
@@ -231,10 +240,11 @@ def main() -> None:
                 old = results.get(key)
                 if old is None or "seconds" not in old or ("seconds" in r and r["seconds"] < old["seconds"]):
                     results[key] = dict(r)
-                if old is not None and "seconds" in old and "seconds" in r:  # the peak over rounds, the fastest time
+                if old is not None and "seconds" in old and "seconds" in r:  # the peak over rounds, the fastest times
                     results[key]["peak_rss_gb"] = max(r["peak_rss_gb"], old["peak_rss_gb"])
+                    results[key]["cpu_seconds"] = min(r["cpu_seconds"], old["cpu_seconds"])
                 tag = f"round {rnd + 1} " if args.rounds > 1 else ""
-                print(f"{tag}N={n:>5} {mode:<9}" + (f"{r['seconds']:8.2f} s  peak RSS {r['peak_rss_gb']:.2f} GB" if "seconds" in r else f" skipped: {r['skipped']}"), flush=True)
+                print(f"{tag}N={n:>5} {mode:<9}" + (f"{r['seconds']:8.2f} s (CPU {r['cpu_seconds']:.2f} s)  peak RSS {r['peak_rss_gb']:.2f} GB" if "seconds" in r else f" skipped: {r['skipped']}"), flush=True)
     rows = list(results.values())
     titles = [TITLES[m].format(v=versions.get(PEER_PACKAGES.get(m, ""), "")) + " s" for m in modes]
     print("\n| N | " + " | ".join(titles) + " | peak RSS (GB): " + " / ".join(modes) + " |")
@@ -252,6 +262,21 @@ def main() -> None:
                 cells.append(f"{r['seconds']:.2f} ({r['seconds'] / base['seconds']:.2f}×)")
             rss.append(f"{r['peak_rss_gb']:.2f}" if "peak_rss_gb" in r else "—")
         print(f"| {n} | " + " | ".join(cells) + " | " + " / ".join(rss) + " |")
+    print("\nCPU seconds of the timed forward (all threads; robust to other processes' time slices, not to spinning):")
+    print("| N | " + " | ".join(f"{m} CPU s" for m in modes) + " |")
+    print("|---:|" + "---:|" * len(modes))
+    for n in lengths:
+        base = results.get(("sdpa", n), {})
+        cells = []
+        for mode in modes:
+            r = results.get((mode, n), {})
+            if "cpu_seconds" not in r:
+                cells.append("—")
+            elif mode == "sdpa" or "cpu_seconds" not in base:
+                cells.append(f"{r['cpu_seconds']:.2f}")
+            else:
+                cells.append(f"{r['cpu_seconds']:.2f} ({r['cpu_seconds'] / base['cpu_seconds']:.2f}×)")
+        print(f"| {n} | " + " | ".join(cells) + " |")
     skipped = sorted({f"{r['mode']} at N={r['n']}: {r['skipped']}" for r in rows if "skipped" in r})
     if skipped:
         print("\nSkipped: " + "; ".join(skipped))

@@ -82,6 +82,43 @@ def test_flash_matches_reference(small_tiles, case, step, workers):
     _check(st, out, ref, B, M, N, vis, cols)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("path", ["flash-native", "flash-torch", "flash-2-workers", "general"])
+def test_probability_statistics_match_reference(small_tiles, case, path):
+    """Spans, tiles, top-3 and key mass (the flash path's second pass) on every path."""
+    B, Hq, Hkv, M, N, causal, window, padded, sinks = case
+    q, k, v, valid, s = _inputs(B, Hq, Hkv, M, N, padded, sinks, seed=2)
+    q_pos = torch.arange(N - M, N)
+    vis = standard_visibility(q_pos, N, causal=causal, window=window, key_valid=valid)
+    cols = torch.tensor([0, N - 1])
+    spans = torch.tensor([[0, 1, 2**30], [2, 40, 2**30], [0, 2**30, 3]])
+    ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, spans=spans, topk=3)
+    plan = LayerPlan(record=True, key_columns=cols, spans=spans, topk=3, tiles=((N - M, N, 0, 5), (N - 3, N, max(0, N - 40), N - 1)), key_mass=True)
+    kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan)
+    if path == "general":
+        out, st = C.general_attention(q, k, v, **kw)
+    else:
+        native = path == "flash-native" and _step("native")
+        out, st = C.flash_attention(q, k, v, **kw, native=native, workers=2 if path == "flash-2-workers" else 1)
+    torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(st["entropy"].double(), ref["entropy"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(st["topk_prob"].double(), ref["topk_prob"], atol=1e-6, rtol=0)
+    gaps = (ref["topk_prob"][..., :-1] - ref["topk_prob"][..., 1:]).abs()
+    untied = torch.cat([gaps > 1e-9, torch.ones_like(gaps[..., :1], dtype=torch.bool)], dim=-1)
+    untied &= torch.cat([torch.ones_like(gaps[..., :1], dtype=torch.bool), gaps > 1e-9], dim=-1)
+    assert torch.equal(st["topk_idx"][untied], ref["topk_idx"][untied])
+    torch.testing.assert_close(st["span_mass"].double(), ref["span_mass"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(st["col_prob"].double(), ref["col_prob"], atol=1e-6, rtol=0)
+    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+        rows = (q_pos >= q0) & (q_pos < q1)
+        qp = torch.cat([x for x, _ in st[f"tile{t}"]])
+        tile = torch.cat([x for _, x in st[f"tile{t}"]], dim=2)
+        assert torch.equal(qp, q_pos[rows])
+        torch.testing.assert_close(tile.double(), ref["probs"][:, :, rows][..., k0:k1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(st["key_mass"], ref["probs"].sum(2), atol=1e-10, rtol=0)
+    assert torch.equal(st["key_count"], vis.expand(B, M, N).sum(1))
+
+
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("sinks", [False, True])
@@ -145,11 +182,9 @@ def test_dispatch_flash_or_general():
     cov = C.flash_covers
     assert cov(LayerPlan(record=True, key_columns=torch.tensor([0]), topk=1))
     assert cov(LayerPlan(edits=[HeadEdit("zero", 0)], record_outputs=True))
-    assert not cov(LayerPlan(record=True, topk=2))
-    assert not cov(LayerPlan(record=True, key_mass=True))
-    assert not cov(LayerPlan(record=True, spans=torch.tensor([[0, 2, 2**30]])))
-    assert not cov(LayerPlan(record=True, tiles=((0, 2, 0, 2),)))
-    assert not cov(LayerPlan(edits=[HeadEdit("mask_keys", 0, keys=torch.tensor([0]))]))
+    assert cov(LayerPlan(record=True, topk=2, key_mass=True, spans=torch.tensor([[0, 2, 2**30]]), tiles=((0, 2, 0, 2),)))
+    for kind in ("uniform", "calibrate", "mask_keys", "streaming"):  # edits that change the probabilities
+        assert not cov(LayerPlan(edits=[HeadEdit(kind, 0, keys=torch.tensor([0]))]))
     B, Hq, Hkv, M, N = 1, 4, 2, 25, 25
     q, k, v, _, s = _inputs(B, Hq, Hkv, M, N, False, True, seed=5)
     q_pos = torch.arange(N)

@@ -4,6 +4,13 @@ Queries are processed in row blocks; for each block only the keys some row can s
 (causal rows skip the future, sliding-window rows the distant past). Every statistic is read off the
 probabilities actually used, i.e. after edits, so a probe under an intervention reports what the
 model did.
+
+Two paths, same contract (:func:`chunked_attention` picks):
+- :func:`flash_attention` (every plan without probability edits): an online softmax over key tiles
+  small enough to stay in cache, with a compiled C tile step (torch operations without a compiler);
+  statistics of normalised probabilities take a second pass over the row block's tiles.
+- :func:`general_attention` (probability edits: uniform, calibrate, mask_keys, streaming; and any
+  differentiated forward): whole key rows per block, probabilities materialised and edited.
 """
 from __future__ import annotations
 
@@ -56,7 +63,8 @@ def chunked_attention(
     """Attention output ``[B, Hq, M, Dv]`` and the statistics ``plan`` asks for.
 
     ``rows_visible(i0, i1)`` gives bool visibility ``[B|1, 1, i1-i0, N]`` of query rows ``i0:i1``;
-    ``q_pos`` is each query's absolute position, keys are at ``kv_offset + arange(N)``.
+    ``q_pos`` is each query's absolute position, keys are at ``kv_offset + arange(N)``. Runs
+    :func:`flash_attention` where it covers the plan, else :func:`general_attention`.
     """
     plan = plan or LayerPlan()
     if flash_covers(plan) and not _needs_grad(q, k, v, sinks):
@@ -332,12 +340,10 @@ def _needs_grad(*ts) -> bool:
 
 
 def flash_covers(plan: LayerPlan) -> bool:
-    """What :func:`flash_attention` computes: the output, lse, entropy, top-1 and key columns (α_k),
-    learned sinks, zero/mean output edits and output sums. Probability edits, spans, tiles, key mass and
-    top-k > 1 need the probabilities themselves: :func:`general_attention`."""
-    if plan.changes_probabilities or plan.tiles or plan.key_mass or plan.spans is not None:
-        return False
-    return not plan.record or plan.topk == 1
+    """What :func:`flash_attention` computes: every statistic (lse, entropy, top-k, key columns, spans,
+    tiles, key mass), learned sinks, zero/mean output edits and output sums. Edits that change the
+    probabilities (uniform, calibrate, mask_keys, streaming) take :func:`general_attention`."""
+    return not plan.changes_probabilities
 
 
 def flash_attention(
@@ -362,14 +368,16 @@ def flash_attention(
     probabilities p = exp(s − centre) in place and sums l = Σ p and U = Σ p·(s − centre) (entropy =
     log l − U / l); one matmul accumulates P·V. The step is a small compiled C function when a compiler
     is available (``native``, default :data:`NATIVE`: two passes over the tile in cache), else torch
-    operations. Fully visible tiles are never masked; tiles no row sees are never scored. Row blocks
+    operations. Fully visible tiles are never masked; tiles no row sees are never scored. Statistics
+    of the normalised probabilities (spans, tiles, key mass, top-k > 1) take a second pass over the row
+    block's tiles once its normaliser is known (scores again, then exp(s − lse)). Row blocks
     run on ``workers`` single-threaded workers (default: torch's thread count) so the per-tile Python
     work of one overlaps the arithmetic of another. Same contract as :func:`chunked_attention` for the
     plans :func:`flash_covers`.
     """
     plan = plan or LayerPlan()
     assert flash_covers(plan), "flash_attention: this plan needs general_attention"
-    job = _FlashJob(q, k, v, scale, rows_visible, kv_offset, sinks, plan, block_rows, NATIVE if native is None else native)
+    job = _FlashJob(q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, plan, block_rows, NATIVE if native is None else native)
     starts = list(range(0, job.M, job.R))[::-1]  # causal: the last blocks cost most; start them first
     if workers is None:
         workers = torch.get_num_threads() if q.device.type == "cpu" else 1
@@ -380,6 +388,7 @@ def flash_attention(
             job.run(i0, ws)
     else:
         _run_parallel(job, starts, workers)
+    job.gather()
     out, stats = job.out, job.stats
     out = apply_output_edits(out, plan, q_pos)
     if plan.record_outputs:
@@ -391,7 +400,7 @@ def flash_attention(
 class _FlashJob:
     """One layer call on the flash path: shared inputs and outputs; :meth:`run` does one row block."""
 
-    def __init__(self, q, k, v, scale, rows_visible, kv_offset, sinks, plan, block_rows, native: bool):
+    def __init__(self, q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, plan, block_rows, native: bool):
         B, Hq, M, D = q.shape
         Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.B, self.Hkv, self.rep, self.M, self.N, self.D, self.Dv = B, Hkv, Hq // Hkv, M, N, D, Dv
@@ -400,16 +409,19 @@ class _FlashJob:
         self.dev = dev = q.device
         self.R = max(1, min(M, block_rows or FLASH_ROWS))
         self.K = FLASH_KEYS * max(1, FLASH_ROWS // self.R)  # fewer rows (decode steps): longer tiles, same buffer
-        self.q, self.scale, self.kv_offset = q, scale, kv_offset
+        self.q, self.scale, self.kv_offset = q.to(cdt), scale, kv_offset  # scaled in the compute dtype
         ka = torch.empty(self.BH, N, D + 1, dtype=cdt, device=dev)  # keys and a column of ones: q·k − centre in one matmul
-        ka[..., :D] = k.reshape(self.BH, N, D)
+        ka.view(B, Hkv, N, D + 1)[..., :D] = k
         ka[..., D] = 1.0
         self.kat = ka.transpose(1, 2)
         self.vv = v.reshape(self.BH, N, Dv).to(cdt)
         self.sinks = None if sinks is None else sinks.to(cdt).view(1, Hkv, self.rep, 1)
         self.out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
-        self.rec = plan.record
+        self.rec, self.plan, self.q_pos = plan.record, plan, q_pos.to(dev)
         self.stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
+        self.second = plan.record and (plan.topk > 1 or plan.spans is not None or bool(plan.tiles) or plan.key_mass)
+        self.workspaces: list[dict] = []  # per worker: key-mass sums and tile pieces, merged by gather()
+        self.key_pos = torch.arange(N, device=dev) + kv_offset
         self.cols = None
         if plan.record and plan.key_columns is not None:
             local = plan.key_columns.to(dev) - kv_offset
@@ -424,7 +436,25 @@ class _FlashJob:
         ws = {"qa": torch.empty(self.BH, rows, self.D + 1, **f), "s": torch.empty(self.BH * rows * self.K, **f), "views": {}}
         if self.step is None:
             ws["p"] = torch.empty(self.BH * rows * self.K, **f)
+        if self.rec and self.plan.key_mass:  # summed over row blocks: one accumulator per worker, no races
+            _allocate_key_mass(ws, self.B, self.Hkv * self.rep, self.N, self.dev)
+        ws["tiles"] = {}
+        self.workspaces.append(ws)
         return ws
+
+    def gather(self) -> None:
+        """Merge what the workers accumulated apart: key mass sums, tile pieces in row order."""
+        if not self.rec:
+            return
+        st = self.stats
+        if self.plan.key_mass:
+            _allocate_key_mass(st, self.B, self.Hkv * self.rep, self.N, self.dev)
+            for ws in self.workspaces:
+                st["key_mass"] += ws["key_mass"]
+                st["key_count"] += ws["key_count"]
+        for t in range(len(self.plan.tiles)):
+            pieces = sorted(((i0, piece) for ws in self.workspaces for (tt, i0), piece in ws["tiles"].items() if tt == t), key=lambda x: x[0])
+            st[f"tile{t}"] = [piece for _, piece in pieces]
 
     def _tile(self, j0: int, j1: int):
         """Keys ``[BH, D+1, n]`` and values ``[BH, n, Dv]`` of one key tile (slices shared by all row blocks)."""
@@ -454,7 +484,7 @@ class _FlashJob:
             r.sums[0, 0] = 1.0
         torch.neg(r.centre, out=qv[..., D])
         (self._scan_native if self.step is not None else self._scan_torch)(r, tiles, ws, c, rows)
-        self._finish(r, i0, i1, c, colvis)
+        self._finish(r, i0, i1, c, colvis, tiles, ws)
 
     def _scores(self, r: "_Rows", ws: dict, rows: int, c: int, j0: int, j1: int, bias) -> tuple[torch.Tensor, torch.Tensor]:
         """Centred scores of one tile into the workspace (masked where ``bias`` says), and its values."""
@@ -517,9 +547,11 @@ class _FlashJob:
             torch.sum(s, -1, out=u_t[t])
             r.acc.baddbmm_(p, vt)
 
-    def _finish(self, r: "_Rows", i0: int, i1: int, c: int, colvis) -> None:
+    def _finish(self, r: "_Rows", i0: int, i1: int, c: int, colvis, tiles, ws: dict) -> None:
         B, Hkv, rep = self.B, self.Hkv, self.rep
         l, u = r.sums.sum(1)
+        if self.second:
+            self._second_pass(r, i0, i1, c, tiles, ws, torch.where(l > 0, torch.log(l), 0.0))
         tiny = torch.finfo(self.cdt).tiny
         unflat = lambda x: x.view(B, Hkv, rep, c, *x.shape[2:]).flatten(1, 2)
         self.out[:, :, i0:i1] = unflat(r.acc / l.clamp_min(tiny)[..., None])
@@ -531,13 +563,66 @@ class _FlashJob:
         st["lse"][:, :, i0:i1] = unflat(torch.where(seen, r.centre + log_l, float("-inf")))
         st["entropy"][:, :, i0:i1] = unflat(torch.where(seen, log_l - u / l.clamp_min(tiny), 0.0))
         found = r.m > _UNSEEN
-        st["topk_idx"][:, :, i0:i1, 0] = unflat(torch.where(found, r.top + self.kv_offset, -1))
-        st["topk_prob"][:, :, i0:i1, 0] = unflat(torch.where(found, torch.exp(r.m - log_l), 0.0))
+        if self.plan.topk == 1:
+            st["topk_idx"][:, :, i0:i1, 0] = unflat(torch.where(found, r.top + self.kv_offset, -1))
+            st["topk_prob"][:, :, i0:i1, 0] = unflat(torch.where(found, torch.exp(r.m - log_l), 0.0))
         if self.cols is not None:
             sc = r.qv @ self.kat[:, :, self.cols[0]]  # centred scores of the tracked keys [BH, rows, nk]
             pc = torch.exp(sc - log_l[..., None]).view(B, Hkv, rep, c, -1)
             st["col_prob"][:, :, i0:i1] = pc.masked_fill(~colvis[:, None, None], 0.0).flatten(1, 2)
             st["col_visible"][:, i0:i1] = colvis.expand(B, -1, -1)
+
+    def _second_pass(self, r: "_Rows", i0: int, i1: int, c: int, tiles, ws: dict, log_l: torch.Tensor) -> None:
+        """Normalised probabilities p = exp(s − centre − log l), tile by tile, for the statistics that
+        read them: top-k > 1 (merged across tiles), span mass, tiles and key mass."""
+        B, Hkv, rep, BH, plan, st = self.B, self.Hkv, self.rep, self.BH, self.plan, self.stats
+        Hq, rows = Hkv * rep, rep * c
+        qp = self.q_pos[i0:i1]
+        k = plan.topk
+        top_v = torch.full((BH, rows, k), _NEG, dtype=self.cdt, device=self.dev) if k > 1 else None
+        top_i = torch.zeros((BH, rows, k), dtype=torch.long, device=self.dev) if k > 1 else None
+        spans = None
+        if plan.spans is not None:
+            sp = plan.spans.to(self.dev)
+            spans = (sp, torch.zeros(B, Hq, c, sp.shape[0], dtype=self.cdt, device=self.dev))
+        pieces = {}
+        for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+            sel = (qp >= q0) & (qp < q1)
+            if bool(sel.any()):
+                pieces[t] = (sel, torch.zeros(B, Hq, int(sel.sum()), k1 - k0, dtype=torch.float32, device=self.dev))
+        for j0, j1, bias in tiles:
+            n = j1 - j0
+            s, _ = self._scores(r, ws, rows, c, j0, j1, bias)
+            s.sub_(log_l[..., None])  # log-probabilities; hidden keys stay ≈ −1e30
+            if top_v is not None:
+                tv, ti = s.topk(min(k, n), dim=-1)
+                top_v, pick = torch.cat([top_v, tv], -1).topk(k, dim=-1)
+                top_i = torch.cat([top_i, ti + j0], -1).gather(-1, pick)
+            p = s.exp_().view(B, Hq, c, n)
+            kp = self.key_pos[j0:j1]
+            if spans is not None:
+                sp, acc = spans
+                member = (kp >= sp[:, 0, None, None]) & (kp < sp[:, 1, None, None]) & ((qp[:, None] - kp) < sp[:, 2, None, None])
+                acc += torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype))
+            for t, (sel, piece) in pieces.items():
+                q0, q1, k0, k1 = plan.tiles[t]
+                a, b = max(k0, j0 + self.kv_offset), min(k1, j1 + self.kv_offset)
+                if a < b:
+                    lo = j0 + self.kv_offset
+                    piece[..., a - k0 : b - k0] = p[:, :, sel][..., a - lo : b - lo].float()
+            if plan.key_mass:
+                ws["key_mass"][..., j0:j1] += p.sum(2).double()
+                seen = c if bias is None else (bias[:, 0, 0] == 0).sum(1)  # rows that see each key [B|1, n]
+                ws["key_count"][:, j0:j1] += seen
+        unflat = lambda x: x.view(B, Hkv, rep, c, *x.shape[2:]).flatten(1, 2)
+        if top_v is not None:
+            ok = top_v > _NEG / 2
+            st["topk_idx"][:, :, i0:i1] = unflat(torch.where(ok, top_i + self.kv_offset, -1))
+            st["topk_prob"][:, :, i0:i1] = unflat(torch.where(ok, torch.exp(top_v), 0.0)).float()
+        if spans is not None:
+            st["span_mass"][:, :, i0:i1] = spans[1]
+        for t, (sel, piece) in pieces.items():
+            ws["tiles"][(t, i0)] = (qp[sel], piece)
 
 
 def _profiling() -> bool:
