@@ -14,7 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from .chunked import apply_output_edits, chunked_attention
+from .chunked import chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
 from ..errors import ProbeError
 from . import triton_route
