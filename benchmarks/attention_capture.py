@@ -102,7 +102,7 @@ def run_one(mode: str, n: int, repeats: int, sink_keys: int) -> dict:
         if mode == "general":
             from workbench.attention import chunked
 
-            chunked.flash_covers = lambda plan: False  # every plan takes general_attention
+            chunked.flash_covers = lambda request: False  # every request takes general_attention
         m = wb.load()
         ids = inputs(m.spec.vocab_size)
         n_layers = m.spec.n_layers

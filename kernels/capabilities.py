@@ -2,7 +2,7 @@
 
 ``CAPABILITIES`` maps a feature (a statistic, an edit, an input property or a limit) to whether the
 chunked torch path and the Triton kernel support it. :func:`requested` lists the features a layer's
-plan and inputs need; the backend takes the Triton route only when :func:`triton_covers` says every
+request and inputs need; the backend takes the Triton path only when :func:`triton_covers` says every
 one of them is supported (input checks the table cannot express — dtype, head size, device — are the
 kernel's ``ValueError``, after which the backend falls back to the chunked path). :func:`markdown`
 renders the table for the README.
@@ -71,31 +71,31 @@ CAPABILITIES: dict[str, Capability] = {
 # fmt: on
 
 
-def requested(plan, *, structured_mask: bool) -> list[str]:
-    """The features a layer's ``LayerPlan`` needs (``structured_mask``: causal + window + padding only)."""
+def requested(request, *, structured_mask: bool) -> list[str]:
+    """The features a layer's ``LayerRequest`` needs (``structured_mask``: causal + window + padding only)."""
     need = ["output", "causal" if structured_mask else "other masks"]
-    if plan.gated is not None:
+    if request.gated is not None:
         need.append("gated")
-    if plan.record:
-        need += ["lse", "entropy", "topk" if plan.topk <= MAX_TOPK else "topk>8"]
-        if plan.key_columns is not None:
+    if request.record:
+        need += ["lse", "entropy", "topk" if request.topk <= MAX_TOPK else "topk>8"]
+        if request.key_columns is not None:
             need.append("col_prob")
-        if plan.spans is not None:
-            need.append("span_mass" if plan.spans.shape[0] <= MAX_SPANS else "spans>64")
-        if plan.key_mass:
+        if request.spans is not None:
+            need.append("span_mass" if request.spans.shape[0] <= MAX_SPANS else "spans>64")
+        if request.key_mass:
             need.append("key_mass")
-            if getattr(plan, "query_valid", None) is not None:
+            if getattr(request, "query_valid", None) is not None:
                 need.append("key_mass padding rows")
-        if plan.tiles:
+        if request.tiles:
             need.append("tiles")
-        if getattr(plan, "distance_moments", False):
+        if getattr(request, "distance_moments", False):
             need.append("distance_moments")
-        if getattr(plan, "row_keys", None) is not None:
+        if getattr(request, "row_keys", None) is not None:
             need.append("row_key_prob")
-    if plan.record_outputs:
+    if request.record_outputs:
         need.append("record_outputs")
     per_head: dict[int, list[str]] = {}
-    for e in plan.edits:
+    for e in request.edits:
         need.append(e.kind)
         if e.positions is not None:
             need.append("edit positions")

@@ -68,7 +68,7 @@ CALIBRATE_MIN_OTHER = 1e-12
 
 @dataclass
 class Edit:
-    """The fields the definitions read from an edit (``workbench.attention.plan.HeadEdit`` has the same
+    """The fields the definitions read from an edit (``workbench.attention.request.HeadEdit`` has the same
     ones; this copy keeps ``kernels/`` importable without the rest of the library, e.g. on a GPU box)."""
 
     kind: str

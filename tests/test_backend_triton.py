@@ -1,4 +1,4 @@
-"""The backend's Triton route (interpreter on CPU) against its chunked torch route, through real tiny models:
+"""The backend's Triton path (interpreter on CPU) against its chunked torch path, through real tiny models:
 every statistic (entropy, lse, top-3, key columns, spans, windows, key mass, tiles, output sums) and
 every edit (uniform, calibrate, span mask, streaming, zero/mean), with padding, sliding windows, learned
 sinks and decode steps over a KV cache."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.attention import backend, triton_route
-from workbench.attention.plan import HeadEdit, LayerPlan
+from workbench.attention import backend, triton_path
+from workbench.attention.request import HeadEdit, LayerRequest
 from workbench.attention import head_output_means
 from workbench.kernels import capabilities
 
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and the Triton interpreter is not selected", allow_module_level=True)
 
-ATOL = 2e-5  # fp32 statistics of the two routes (different summation orders)
+ATOL = 2e-5  # fp32 statistics of the two paths (different summation orders)
 
 
 def probe():
@@ -39,10 +39,10 @@ def edits():
 
 
 @pytest.fixture
-def routes(monkeypatch):
+def paths(monkeypatch):
     """run(m, use_triton, ...) → (record, logits, cache); counts which path computed each layer call."""
     calls = {"triton": 0, "chunked": 0}
-    real_run, real_chunked = triton_route.run, backend.chunked_attention
+    real_run, real_chunked = triton_path.run, backend.chunked_attention
 
     def spy_run(*a, **k):
         out = real_run(*a, **k)
@@ -53,7 +53,7 @@ def routes(monkeypatch):
         calls["chunked"] += 1
         return real_chunked(*a, **k)
 
-    monkeypatch.setattr(triton_route, "run", spy_run)
+    monkeypatch.setattr(triton_path, "run", spy_run)
     monkeypatch.setattr(backend, "chunked_attention", spy_chunked)
 
     def run(m, ids, mask, use_triton, *, probes=(), edit_list=(), cache=None):
@@ -118,13 +118,13 @@ def _batch(seed=4, T=18):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_oss"])
-def test_statistics_and_edits_equal_the_torch_route(tiny, routes, arch):
+def test_statistics_and_edits_equal_the_torch_route(tiny, paths, arch):
     m = tiny(arch)
     ids, mask = _batch()
-    a, la = routes(m, ids, mask, False, probes=[probe()], edit_list=edits())
-    assert routes.calls["triton"] == 0
-    b, lb = routes(m, ids, mask, True, probes=[probe()], edit_list=edits())
-    assert routes.calls["triton"] == m.spec.n_layers and routes.calls["chunked"] == m.spec.n_layers  # no fallback
+    a, la = paths(m, ids, mask, False, probes=[probe()], edit_list=edits())
+    assert paths.calls["triton"] == 0
+    b, lb = paths(m, ids, mask, True, probes=[probe()], edit_list=edits())
+    assert paths.calls["triton"] == m.spec.n_layers and paths.calls["chunked"] == m.spec.n_layers  # no fallback
     real = mask.bool()
     torch.testing.assert_close(la[real], lb[real], atol=1e-4, rtol=0)
     # uniform (layer 1, head 0): with learned sinks the chunked path still counts the sink slot in the
@@ -143,19 +143,19 @@ def test_statistics_and_edits_equal_the_torch_route(tiny, routes, arch):
             assert top[bi, i].tolist() == [int(w) for w in want]
 
 
-def test_edits_change_the_logits(tiny, routes):
-    """The edits above do something through the Triton route (so the comparisons can fail)."""
+def test_edits_change_the_logits(tiny, paths):
+    """The edits above do something through the Triton path (so the comparisons can fail)."""
     m = tiny("llama")
     ids, mask = _batch(seed=5, T=12)
-    _, plain = routes(m, ids, mask, True)
+    _, plain = paths(m, ids, mask, True)
     for e in edits():
-        _, edited = routes(m, ids, mask, True, edit_list=[e])
+        _, edited = paths(m, ids, mask, True, edit_list=[e])
         assert (edited - plain).abs().max() > 1e-4, e
-    assert routes.calls["chunked"] == 0
+    assert paths.calls["chunked"] == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_oss"])
-def test_decode_step_over_a_cache(tiny, routes, arch):
+def test_decode_step_over_a_cache(tiny, paths, arch):
     """One-row steps over a KV cache (sliding layers keep a shorter cache: kv_offset > 0)."""
     m = tiny(arch)
     ids = torch.randint(3, 250, (1, 18), generator=torch.Generator().manual_seed(6))
@@ -167,54 +167,54 @@ def test_decode_step_over_a_cache(tiny, routes, arch):
         cache = DynamicCache(config=m.hf.config)
         with torch.no_grad():
             m.hf(input_ids=ids, past_key_values=cache, use_cache=True)
-        results.append(routes(m, step, None, use_triton, probes=[probe()], edit_list=edits(), cache=cache))
+        results.append(paths(m, step, None, use_triton, probes=[probe()], edit_list=edits(), cache=cache))
     (a, la), (b, lb) = results
     assert int(a.q_pos[0]) == 18 and a["blocks.0.attn.entropy"].shape[-1] == 1
     torch.testing.assert_close(la, lb, atol=1e-4, rtol=0)
     assert_same(a, b, torch.ones(1, 1, dtype=torch.bool), skip_entropy=[(1, 0)] if m.spec.learned_sinks else [])
 
 
-def test_mean_ablation_references_and_outputs(tiny, routes):
-    """record_outputs (head output sums for mean ablation) and the mean ablation itself, both routes."""
+def test_mean_ablation_references_and_outputs(tiny, paths):
+    """record_outputs (head output sums for mean ablation) and the mean ablation itself, both paths."""
     m = tiny("llama")
     means = {}
     for use_triton in (False, True):
         m.hf._workbench_state.use_triton = use_triton
-        m.__dict__.pop("_mean_cache", None)  # means are cached per model: compute them on each route
+        m.__dict__.pop("_mean_cache", None)  # means are cached per model: compute them on each path
         try:
             means[use_triton] = head_output_means(m, ["abc def", "xyz"])
         finally:
             m.hf._workbench_state.use_triton = None
     for key in means[False]:
         torch.testing.assert_close(means[False][key], means[True][key], atol=1e-5, rtol=0)
-    assert routes.calls["triton"] > 0
+    assert paths.calls["triton"] > 0
     ids, mask = _batch(seed=8)
     abl = [wb.HeadAblation([(0, 1), (1, 2)], mode="mean", means=means[True])]
-    _, la = routes(m, ids, mask, False, edit_list=abl)
-    _, lb = routes(m, ids, mask, True, edit_list=abl)
+    _, la = paths(m, ids, mask, False, edit_list=abl)
+    _, lb = paths(m, ids, mask, True, edit_list=abl)
     torch.testing.assert_close(la[mask.bool()], lb[mask.bool()], atol=1e-4, rtol=0)
 
 
-def test_requests_beyond_the_kernel_fall_back(tiny, routes):
+def test_requests_beyond_the_kernel_fall_back(tiny, paths):
     """top-k > 8 is the chunked path's alone: covers() says no, the backend falls back, results agree."""
     m = tiny("llama")
     ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(9))
-    a, _ = routes(m, ids, None, True, probes=[wb.AttentionStats(topk=9)])
-    assert routes.calls["triton"] == 0 and routes.calls["chunked"] == m.spec.n_layers
-    b, _ = routes(m, ids, None, True, probes=[wb.AttentionStats(topk=8)])
-    assert routes.calls["triton"] == m.spec.n_layers
+    a, _ = paths(m, ids, None, True, probes=[wb.AttentionStats(topk=9)])
+    assert paths.calls["triton"] == 0 and paths.calls["chunked"] == m.spec.n_layers
+    b, _ = paths(m, ids, None, True, probes=[wb.AttentionStats(topk=8)])
+    assert paths.calls["triton"] == m.spec.n_layers
     torch.testing.assert_close(a.stack("attn.topk_prob")[..., :8], b.stack("attn.topk_prob"), atol=ATOL, rtol=0)
 
 
 def test_capability_table_drives_covers():
-    full = LayerPlan(record=True, key_columns=torch.tensor([0]), spans=torch.tensor([[0, 1, 5]]), topk=8, tiles=((0, 1, 0, 1),),
+    full = LayerRequest(record=True, key_columns=torch.tensor([0]), spans=torch.tensor([[0, 1, 5]]), topk=8, tiles=((0, 1, 0, 1),),
                      key_mass=True, record_outputs=True,
                      edits=[HeadEdit(kind, i, positions=torch.tensor([1])) for i, kind in enumerate(("uniform", "calibrate", "mask_keys", "streaming", "zero", "mean"))])  # fmt: skip
     assert capabilities.triton_covers(capabilities.requested(full, structured_mask=True))
     assert not capabilities.triton_covers(capabilities.requested(full, structured_mask=False))
-    for bad in (LayerPlan(record=True, topk=9), LayerPlan(edits=[HeadEdit("uniform", 0), HeadEdit("calibrate", 0)]),
-                LayerPlan(edits=[HeadEdit("mask_keys", 0)] * 9), LayerPlan(gated=lambda *a: None),
-                LayerPlan(record=True, spans=torch.zeros(65, 3, dtype=torch.long))):  # fmt: skip
+    for bad in (LayerRequest(record=True, topk=9), LayerRequest(edits=[HeadEdit("uniform", 0), HeadEdit("calibrate", 0)]),
+                LayerRequest(edits=[HeadEdit("mask_keys", 0)] * 9), LayerRequest(gated=lambda *a: None),
+                LayerRequest(record=True, spans=torch.zeros(65, 3, dtype=torch.long))):  # fmt: skip
         assert not capabilities.triton_covers(capabilities.requested(bad, structured_mask=True)), bad
     table = capabilities.markdown()
     assert table.count("\n") == len(capabilities.CAPABILITIES) + 1

@@ -7,7 +7,7 @@ import torch
 
 from workbench.attention import chunked as C
 from workbench.attention.masks import lazy_mask
-from workbench.attention.plan import HeadEdit, LayerPlan
+from workbench.attention.request import HeadEdit, LayerRequest
 from workbench.kernels.reference import reference_attention, standard_visibility
 
 CASES = [
@@ -74,9 +74,9 @@ def test_flash_matches_reference(small_tiles, case, step, workers):
     vis = standard_visibility(q_pos, N, causal=causal, window=window, key_valid=valid)
     cols = torch.tensor([0, 1, N - 1])
     ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, topk=1)
-    plan = LayerPlan(record=True, key_columns=cols, topk=1)
+    request = LayerRequest(record=True, key_columns=cols, topk=1)
     out, st = C.flash_attention(
-        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan,
+        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request,
         workers=workers, native=_step(step),
     )  # fmt: skip
     _check(st, out, ref, B, M, N, vis, cols)
@@ -100,11 +100,11 @@ def test_probability_statistics_match_reference(small_tiles, case, path):
         q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, spans=spans, topk=3,
         distance_moments=True, row_keys=row_keys,
     )  # fmt: skip
-    plan = LayerPlan(
+    request = LayerRequest(
         record=True, key_columns=cols, spans=spans, topk=3, tiles=((N - M, N, 0, 5), (N - 3, N, max(0, N - 40), N - 1)),
         key_mass=True, query_valid=query_valid, distance_moments=True, row_keys=row_keys,
     )  # fmt: skip
-    kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan)
+    kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request)
     if path == "general":
         out, st = C.general_attention(q, k, v, **kw)
     else:
@@ -119,7 +119,7 @@ def test_probability_statistics_match_reference(small_tiles, case, path):
     assert torch.equal(st["topk_idx"][untied], ref["topk_idx"][untied])
     torch.testing.assert_close(st["span_mass"].double(), ref["span_mass"], atol=1e-6, rtol=0)
     torch.testing.assert_close(st["col_prob"].double(), ref["col_prob"], atol=1e-6, rtol=0)
-    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+    for t, (q0, q1, k0, k1) in enumerate(request.tiles):
         rows = (q_pos >= q0) & (q_pos < q1)
         qp = torch.cat([x for x, _ in st[f"tile{t}"]])
         tile = torch.cat([x for _, x in st[f"tile{t}"]], dim=2)
@@ -149,9 +149,9 @@ def test_recentring_on_large_and_very_negative_scores(small_tiles, step, sign, s
     scores = (q[:, ::2] @ k.transpose(-1, -2)) * 0.25
     assert (scores.amax(-1).min() < -60) if sign < 0 else (scores.amax() > 60)
     ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, topk=1)
-    plan = LayerPlan(record=True, key_columns=cols, topk=1)
+    request = LayerRequest(record=True, key_columns=cols, topk=1)
     out, st = C.flash_attention(
-        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan, native=_step(step)
+        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request, native=_step(step)
     )
     _check(st, out, ref, B, M, N, vis, cols)
 
@@ -164,8 +164,8 @@ def test_float32_flash_agrees_with_float64_reference(small_tiles, step):
     vis = standard_visibility(q_pos, N, key_valid=valid)
     cols = torch.tensor([0, 3])
     ref = reference_attention(q.double(), k.double(), v.double(), scale=0.25, visible=vis, q_pos=q_pos, key_columns=cols, topk=1)
-    plan = LayerPlan(record=True, key_columns=cols, topk=1)
-    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, plan=plan, native=_step(step))
+    request = LayerRequest(record=True, key_columns=cols, topk=1)
+    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, native=_step(step))
     assert out.dtype == torch.float32
     _check(st, out, ref, B, M, N, vis, cols, atol_out=1e-5, atol_stat=1e-5)
 
@@ -177,8 +177,8 @@ def test_lazy_mask_memo_matches_a_fresh_evaluation(small_tiles):
     pad = torch.ones(B, N, dtype=torch.long)
     pad[0, :7] = 0
     mask = lazy_mask(B, M, N, attention_mask=pad)
-    plan = LayerPlan(record=True, key_columns=torch.tensor([0, 8]), topk=1)
-    run = lambda rows: C.flash_attention(q, k, v, scale=0.25, rows_visible=rows, q_pos=torch.arange(N), plan=plan)
+    request = LayerRequest(record=True, key_columns=torch.tensor([0, 8]), topk=1)
+    run = lambda rows: C.flash_attention(q, k, v, scale=0.25, rows_visible=rows, q_pos=torch.arange(N), request=request)
     a = run(mask.rows)
     b = run(mask.rows)  # from the memo
     c = run(lambda i0, i1: mask.rows(i0, i1))  # not memoised
@@ -190,20 +190,20 @@ def test_lazy_mask_memo_matches_a_fresh_evaluation(small_tiles):
 
 
 def test_dispatch_flash_or_general():
-    """chunked_attention takes the flash path exactly for the plans it covers; both give the same answers."""
+    """chunked_attention takes the flash path exactly for the requests it covers; both give the same answers."""
     cov = C.flash_covers
-    assert cov(LayerPlan(record=True, key_columns=torch.tensor([0]), topk=1))
-    assert cov(LayerPlan(edits=[HeadEdit("zero", 0)], record_outputs=True))
-    assert cov(LayerPlan(record=True, topk=2, key_mass=True, spans=torch.tensor([[0, 2, 2**30]]), tiles=((0, 2, 0, 2),)))
-    assert cov(LayerPlan(record=True, distance_moments=True, row_keys=torch.zeros(1, 2, dtype=torch.long)))
+    assert cov(LayerRequest(record=True, key_columns=torch.tensor([0]), topk=1))
+    assert cov(LayerRequest(edits=[HeadEdit("zero", 0)], record_outputs=True))
+    assert cov(LayerRequest(record=True, topk=2, key_mass=True, spans=torch.tensor([[0, 2, 2**30]]), tiles=((0, 2, 0, 2),)))
+    assert cov(LayerRequest(record=True, distance_moments=True, row_keys=torch.zeros(1, 2, dtype=torch.long)))
     for kind in ("uniform", "calibrate", "mask_keys", "streaming"):  # edits that change the probabilities
-        assert not cov(LayerPlan(edits=[HeadEdit(kind, 0, keys=torch.tensor([0]))]))
+        assert not cov(LayerRequest(edits=[HeadEdit(kind, 0, keys=torch.tensor([0]))]))
     B, Hq, Hkv, M, N = 1, 4, 2, 25, 25
     q, k, v, _, s = _inputs(B, Hq, Hkv, M, N, False, True, seed=5)
     q_pos = torch.arange(N)
     vis = standard_visibility(q_pos, N)
-    plan = LayerPlan(record=True, key_columns=torch.tensor([0, 2]), topk=1, edits=[HeadEdit("zero", 1, positions=torch.tensor([3]))])
-    kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan)
+    request = LayerRequest(record=True, key_columns=torch.tensor([0, 2]), topk=1, edits=[HeadEdit("zero", 1, positions=torch.tensor([3]))])
+    kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request)
     fo, fs = C.chunked_attention(q, k, v, **kw)
     go, gs = C.general_attention(q, k, v, **kw)
     torch.testing.assert_close(fo, go, atol=1e-12, rtol=0)
@@ -218,7 +218,7 @@ def test_differentiated_forward_takes_the_general_path():
     q, k, v, _, _ = _inputs(B, Hq, Hkv, M, N, False, False, seed=6)
     q.requires_grad_(True)
     vis = standard_visibility(torch.arange(N), N)
-    out, _ = C.chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), plan=LayerPlan(record=True))
+    out, _ = C.chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=LayerRequest(record=True))
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
@@ -228,8 +228,8 @@ def test_workers_under_inference_mode():
     B, Hq, Hkv, M, N = 1, 4, 2, 40, 40
     q, k, v, _, _ = _inputs(B, Hq, Hkv, M, N, False, False, seed=8)
     vis = standard_visibility(torch.arange(N), N)
-    plan = LayerPlan(record=True, topk=1)
-    run = functools.partial(C.flash_attention, q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), plan=plan, block_rows=4)
+    request = LayerRequest(record=True, topk=1)
+    run = functools.partial(C.flash_attention, q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=request, block_rows=4)
     with torch.inference_mode():
         a = run(workers=2)
     b = run(workers=1)
@@ -250,6 +250,6 @@ def test_without_a_compiler_the_torch_step_is_used(monkeypatch, tmp_path):
     q, k, v, _, _ = _inputs(B, Hq, Hkv, M, N, False, False, seed=9)
     vis = standard_visibility(torch.arange(N), N)
     ref = reference_attention(q, k, v, scale=0.25, visible=vis)
-    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), plan=LayerPlan(record=True))
+    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=LayerRequest(record=True))
     torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
     torch.testing.assert_close(st["entropy"].double(), ref["entropy"], atol=1e-5, rtol=0)

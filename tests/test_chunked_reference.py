@@ -4,7 +4,7 @@ import torch
 
 from workbench.kernels.reference import BIG, reference_attention, standard_visibility
 from workbench.attention.chunked import chunked_attention
-from workbench.attention.plan import HeadEdit, LayerPlan
+from workbench.attention.request import HeadEdit, LayerRequest
 
 CASES = [
     # B, Hq, Hkv, M, N, causal, window, padded, sinks
@@ -39,9 +39,9 @@ def test_chunked_matches_reference(case, block_rows):
     cols = torch.tensor([0, 1, N - 1])
     spans = torch.tensor([[0, 1, BIG], [2, 6, BIG], [0, BIG, 3]])
     ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, spans=spans, topk=3)
-    plan = LayerPlan(record=True, key_columns=cols, spans=spans, topk=3, tiles=((N - M, N, 0, 5),))
+    request = LayerRequest(record=True, key_columns=cols, spans=spans, topk=3, tiles=((N - M, N, 0, 5),))
     out, st = chunked_attention(
-        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, plan=plan, block_rows=block_rows
+        q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request, block_rows=block_rows
     )
     torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
     finite = torch.isfinite(ref["lse"])
@@ -76,8 +76,8 @@ def test_interventions_match_explicit_matrix_edits():
     vis = standard_visibility(q_pos, N)
 
     def run(*edits):
-        plan = LayerPlan(record=True, key_columns=torch.tensor([0]), edits=list(edits))
-        return chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, plan=plan, block_rows=7)
+        request = LayerRequest(record=True, key_columns=torch.tensor([0]), edits=list(edits))
+        return chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, block_rows=7)
 
     # uniform attention on head 1
     def uniform(p):
@@ -137,7 +137,7 @@ def test_key_mass_is_the_column_sum():
     q_pos = torch.arange(N)
     vis = standard_visibility(q_pos, N, key_valid=valid)
     ref = reference_attention(q, k, v, scale=0.25, visible=vis)
-    plan = LayerPlan(record=True, key_mass=True)
-    _, st = chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, plan=plan, block_rows=5)
+    request = LayerRequest(record=True, key_mass=True)
+    _, st = chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, block_rows=5)
     torch.testing.assert_close(st["key_mass"], ref["probs"].sum(2), atol=1e-10, rtol=0)
     assert torch.equal(st["key_count"], vis.expand(B, M, N).sum(1))

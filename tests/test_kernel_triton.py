@@ -26,7 +26,7 @@ try:
 except ImportError:  # plain `pytest` from elsewhere: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.attention.plan import HeadEdit, LayerPlan  # noqa: E402
+from workbench.attention.request import HeadEdit, LayerRequest  # noqa: E402
 from workbench.kernels import attention_stats as ats  # noqa: E402
 from workbench.kernels.attention_stats import _attention_stats, attention_stats_triton, triton_available  # noqa: E402
 from workbench.kernels import capabilities, semantics  # noqa: E402
@@ -441,17 +441,17 @@ def test_induction_keys_and_row_key_prob_definitions():
 
 
 def test_capabilities_request_the_taxonomy_statistics():
-    plan = LayerPlan(record=True, distance_moments=True, row_keys=torch.zeros(1, 3, dtype=torch.long))
-    need = capabilities.requested(plan, structured_mask=True)
+    request = LayerRequest(record=True, distance_moments=True, row_keys=torch.zeros(1, 3, dtype=torch.long))
+    need = capabilities.requested(request, structured_mask=True)
     assert "distance_moments" in need and "row_key_prob" in need and capabilities.triton_covers(need)
     assert capabilities.CAPABILITIES["distance_moments"].chunked and capabilities.CAPABILITIES["row_key_prob"].chunked
-    off = capabilities.requested(LayerPlan(record=False, distance_moments=True), structured_mask=True)
+    off = capabilities.requested(LayerRequest(record=False, distance_moments=True), structured_mask=True)
     assert "distance_moments" not in off
 
 
 def test_route_returns_the_taxonomy_statistics():
-    """triton_route.run maps the plan fields onto the kernel and returns exactly these keys, shapes, dtypes."""
-    from workbench.attention import triton_route
+    """triton_path.run maps the request fields onto the kernel and returns exactly these keys, shapes, dtypes."""
+    from workbench.attention import triton_path
     from workbench.attention.masks import lazy_mask
 
     B, Hq, Hkv, M, N = 2, 4, 2, 3, 20
@@ -460,18 +460,18 @@ def test_route_returns_the_taxonomy_statistics():
     pad[1, :4] = 0
     mask = lazy_mask(B, M, N, q_offset=N - M, attention_mask=pad.to(DEVICE), device=DEVICE)
     rk = torch.tensor([[-1, 3, 17], [2, 18, 25]])
-    plan = LayerPlan(record=True, distance_moments=True, row_keys=rk, edits=[HeadEdit("uniform", 1)])
-    assert triton_route.covers(True, plan, q, v, mask, None)
+    request = LayerRequest(record=True, distance_moments=True, row_keys=rk, edits=[HeadEdit("uniform", 1)])
+    assert triton_path.covers(True, request, q, v, mask, None)
     q_pos = torch.arange(N - M, N, device=DEVICE)
-    out, st = triton_route.run(q, k, v, 0.25, mask, None, None, plan, q_pos)
+    out, st = triton_path.run(q, k, v, 0.25, mask, None, None, request, q_pos)
     for name in ("dist_sum", "dist_sq_sum", "row_key_prob"):
         assert st[name].shape == (B, Hq, M) and st[name].dtype == torch.float32, name
     vis = standard_visibility(q_pos.cpu(), N, key_valid=pad.bool())
-    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=0.25, visible=vis, q_pos=q_pos.cpu(), edits=plan.edits,
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), scale=0.25, visible=vis, q_pos=q_pos.cpu(), edits=request.edits,
                               distance_moments=True, row_keys=rk)
     err = max_errors({n: st[n] for n in ("dist_sum", "dist_sq_sum", "row_key_prob")}, ref)
     assert max(err.values()) < 3e-5, err
-    _, plain = triton_route.run(q, k, v, 0.25, mask, None, None, LayerPlan(record=True), q_pos)
+    _, plain = triton_path.run(q, k, v, 0.25, mask, None, None, LayerRequest(record=True), q_pos)
     assert not {"dist_sum", "dist_sq_sum", "row_key_prob"} & set(plain)
 
 

@@ -1,5 +1,5 @@
 """Head-type statistics (AttentionStats(taxonomy=True)): equal to an explicit float64 matrix on every
-tiny architecture, on both routes, and exact on planted heads."""
+tiny architecture, on both paths, and exact on planted heads."""
 import os
 
 import pytest
@@ -57,9 +57,9 @@ def test_equal_to_the_explicit_matrix(tiny, arch):
     assert torch.isfinite(cap.stack("attn.induction_mass")).any() and torch.isnan(cap.stack("attn.induction_mass")).any()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="no Triton route")
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="no Triton path")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_triton_route_equals_the_torch_route(tiny, arch):
+def test_triton_path_equals_the_torch_route(tiny, arch):
     pytest.importorskip("triton")
     m = tiny(arch)
     ids = torch.randint(3, 20, (1, 18), generator=torch.Generator().manual_seed(5))

@@ -35,7 +35,7 @@ __all__ = [
     "Activations", "Edit", "Hook", "Probe", "names",
     "AttentionStats", "Capture", "HeadAblation", "Model", "ModelLoadError", "ModelSpec", "ProbeError", "Provenance",
     "SinkCalibration", "SpanMask", "StreamingHeads", "UnsupportedModelError", "Window", "WorkbenchError",
-    "ResultStore", "capture", "head_output_means", "intervene", "duo", "effects", "load", "niah", "qrhead", "representation",
+    "ResultStore", "capture", "head_output_means", "intervene", "duo", "effects", "interop", "load", "niah", "qrhead", "representation",
     "retrieval", "sinks", "spans", "study", "taxonomy",
 ]  # fmt: skip
 

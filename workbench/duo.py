@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import niah, plots
 from .attention import StreamingHeads
-from .attention.plan import LayerPlan
+from .attention.request import LayerRequest
 from .capture import edit_labels, intervene
 from .errors import ProbeError
 from .hooks import Bound, Edit
@@ -60,7 +60,7 @@ class _BoundGates(Bound):
         self.gates, self.group, self.sink, self.recent = gates, spec.group_size, sink, recent
         self.sites = frozenset(("attn", l) for l in range(spec.n_layers))
 
-    def attention(self, layer: int, call) -> LayerPlan:
+    def attention(self, layer: int, call) -> LayerRequest:
         a = self.gates[layer].clamp(0, 1).repeat_interleave(self.group)  # per query head
 
         def gated(q, k, v, scale, dense, q_pos, key_pos):
@@ -75,7 +75,7 @@ class _BoundGates(Bound):
             g = a.to(q.dtype).view(1, -1, 1, 1)
             return g * full + (1 - g) * stream
 
-        return LayerPlan(gated=gated)
+        return LayerRequest(gated=gated)
 
 
 _COLOURS = ("amber", "crimson", "silver", "violet", "olive", "golden", "scarlet", "indigo", "ivory", "copper")

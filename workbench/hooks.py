@@ -96,11 +96,11 @@ class Bound:
         keep whatever later calls need from it (e.g. the token history of induction keys)."""
 
     def attention(self, layer: int, call: Call):
-        """What this item needs from the attention backend in ``layer``: a ``LayerPlan`` or None."""
+        """What this item needs from the attention backend in ``layer``: a ``LayerRequest`` or None."""
         return None
 
     def attention_done(self, layer: int, stats: dict, call: Call) -> None:
-        """The statistics the backend computed for this item's plan (probes)."""
+        """The statistics the backend computed for this item's request (probes)."""
 
     def edit(self, site: str, layer: int, value: torch.Tensor, call: Call) -> torch.Tensor | None:
         """A replacement for a module tensor (edits), or None to leave it."""
@@ -460,10 +460,10 @@ class HookManager:
         return hook
 
     # --- the attention backend asks ----------------------------------------------------------------------
-    def attention_plan(self, layer: int):
-        """The merged LayerPlan for ``layer`` in this context and, per recording item, a callback that
+    def attention_request(self, layer: int):
+        """The merged LayerRequest for ``layer`` in this context and, per recording item, a callback that
         receives its own view of the statistics; (None, []) when nothing needs the layer."""
-        from .attention.plan import merge
+        from .attention.request import merge
 
         frags, owners = [], []
         for s, it in self._items("attn", layer):
@@ -477,13 +477,13 @@ class HookManager:
                 owners.append((s, it))
         if not frags:
             return None, []
-        plan, views = merge(frags)
+        request, views = merge(frags)
         receivers = [
             (lambda st, it=it, s=s, v=v: it.attention_done(layer, v(st), s.call if s else None))
             for (s, it), v, f in zip(owners, views, frags)
             if f.record or f.record_outputs or f.z_norm or f.keep_qk
         ]
-        return plan, receivers
+        return request, receivers
 
 
 def label_of(item) -> str:

@@ -26,7 +26,7 @@ from .attention import AttentionStats, SinkCalibration
 from .capture import capture, edit_labels, intervene
 from .errors import ProbeError
 from .hooks import Hook
-from .result import Result, head_table, top_cells
+from .result import Result, top_cells
 from .scan import config_of, float_value, int_value, run_cases
 
 HIDDEN_SINK_THRESHOLD = 0.1

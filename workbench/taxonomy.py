@@ -246,7 +246,7 @@ def _check_rules(rules) -> dict[str, tuple[str, float]]:
     """``rules`` as kind → (statistic, threshold), every statistic one the result has, every threshold a number."""
     stats = (*_AXES, "retrieval_score")
     if not isinstance(rules, dict) or not rules:
-        raise ProbeError(f"rules must be a non-empty dict kind → (statistic, threshold), e.g. {{'induction': ('attn.induction_mass', 0.3)}}")
+        raise ProbeError("rules must be a non-empty dict kind → (statistic, threshold), e.g. {'induction': ('attn.induction_mass', 0.3)}")
     out = {}
     for kind, rule in rules.items():
         try:

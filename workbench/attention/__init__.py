@@ -14,7 +14,7 @@ def _on_load(model, source) -> None:
     install(model)
 
 
-ON_LOAD.append(_on_load)  # every workbench.load routes attention through the backend
+ON_LOAD.append(_on_load)  # every workbench.load sends attention through the backend
 
 __all__ = [
     "NAME", "AttentionStats", "HeadAblation", "SinkCalibration", "SpanMask", "StreamingHeads", "Window",

@@ -7,24 +7,27 @@ it covers the request, else the chunked torch path. Both return the normal atten
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..errors import ProbeError
+from . import triton_path
 from .chunked import chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
-from ..errors import ProbeError
-from . import triton_route
-from .plan import LayerPlan
+from .request import LayerRequest
+
+if TYPE_CHECKING:
+    from ..hooks import HookManager
 
 NAME = "workbench"
 
 
 def install(model) -> "HookManager":
-    """Route ``model``'s attention (a :class:`workbench.Model`) through the workbench backend, with one
+    """Send ``model``'s attention (a :class:`workbench.Model`) through the workbench backend, with one
     :class:`~workbench.hooks.HookManager` per underlying module tree (idempotent)."""
     from ..hooks import HookManager
 
@@ -68,13 +71,13 @@ def workbench_attention(
     """``AttentionInterface`` function: ``(out [B, M, Hq, Dv], None)``."""
     mgr = getattr(module, "_workbench_state", None)
     layer = getattr(module, "_workbench_layer", None)
-    plan, receivers = mgr.attention_plan(layer) if mgr is not None else (None, [])
-    if (plan is None or not plan.active) and s_aux is None:
+    request, receivers = mgr.attention_request(layer) if mgr is not None else (None, [])
+    if (request is None or not request.active) and s_aux is None:
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         out, _ = sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
-        if plan is not None and (plan.z_norm or plan.keep_qk):  # head-output norms / q, k only: the fast path serves
+        if request is not None and (request.z_norm or request.keep_qk):  # head-output norms / q, k only: the fast path serves
             stats = {"z_norm": out.float().norm(dim=-1).transpose(1, 2)}
-            if plan.keep_qk:
+            if request.keep_qk:
                 stats["q"], stats["k_new"] = query, key[:, :, key.shape[2] - query.shape[2] :]
             for receive in receivers:
                 receive(stats)
@@ -91,25 +94,25 @@ def workbench_attention(
         kv_offset, q_offset = 0, N - M
         rows_visible = visibility_from_tensor(attention_mask, M, N, getattr(module, "is_causal", True), query.device)
     q_pos = torch.arange(M, device=query.device) + q_offset
-    plan = plan or LayerPlan()
+    request = request or LayerRequest()
     out = stats = None
-    if plan.gated is not None:
-        if plan.record or plan.edits or s_aux is not None:
+    if request.gated is not None:
+        if request.record or request.edits or s_aux is not None:
             raise ProbeError("gated (DuoAttention) layers cannot be recorded or edited at the same time, nor use learned sinks")
         dense = attention_mask.dense() if isinstance(attention_mask, LazyMask) else attention_mask
         key_pos = torch.arange(N, device=query.device) + kv_offset
-        out = plan.gated(query, key, value, scale, dense, q_pos, key_pos)
+        out = request.gated(query, key, value, scale, dense, q_pos, key_pos)
         return out.transpose(1, 2).contiguous(), None
-    if triton_route.covers(mgr.use_triton if mgr is not None else False, plan, query, value, attention_mask, sliding_window):
-        out, stats = triton_route.run(query, key, value, scale, attention_mask, sliding_window, s_aux, plan, q_pos)
+    if triton_path.covers(mgr.use_triton if mgr is not None else False, request, query, value, attention_mask, sliding_window):
+        out, stats = triton_path.run(query, key, value, scale, attention_mask, sliding_window, s_aux, request, q_pos)
     if out is None:
         out, stats = chunked_attention(
-            query, key, value, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=s_aux, plan=plan
+            query, key, value, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=s_aux, request=request
         )
-    if plan.z_norm:
+    if request.z_norm:
         stats["z_norm"] = out.float().norm(dim=-1)
     stats["kv_offset"] = kv_offset  # cache index j holds key position kv_offset + j
-    if plan.keep_qk:  # the queries and this call's new keys (the cache appends them last)
+    if request.keep_qk:  # the queries and this call's new keys (the cache appends them last)
         stats["q"], stats["k_new"] = query, key[:, :, N - M :] if N >= M else key
     for receive in receivers:
         receive(stats)

@@ -6,7 +6,7 @@ probabilities actually used, i.e. after edits, so a probe under an intervention 
 model did.
 
 Two paths, same contract (:func:`chunked_attention` picks):
-- :func:`flash_attention` (every plan without probability edits): an online softmax over key tiles
+- :func:`flash_attention` (every request without probability edits): an online softmax over key tiles
   small enough to stay in cache, with a compiled C tile step (torch operations without a compiler);
   statistics of normalised probabilities take a second pass over the row block's tiles.
 - :func:`general_attention` (probability edits: uniform, calibrate, mask_keys, streaming; and any
@@ -33,7 +33,7 @@ import torch
 
 from ..kernels import semantics
 from .masks import LazyMask
-from .plan import LayerPlan
+from .request import LayerRequest
 
 #: score elements per block (B·Hq·rows·keys); ~64 MB of float32 scores
 BLOCK_ELEMENTS = 16 * 1024 * 1024
@@ -52,23 +52,23 @@ def chunked_attention(
     q_pos: torch.Tensor,
     kv_offset: int = 0,
     sinks: torch.Tensor | None = None,
-    plan: LayerPlan | None = None,
+    request: LayerRequest | None = None,
     block_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Attention output ``[B, Hq, M, Dv]`` and the statistics ``plan`` asks for.
+    """Attention output ``[B, Hq, M, Dv]`` and the statistics ``request`` asks for.
 
     ``rows_visible(i0, i1)`` gives bool visibility ``[B|1, 1, i1-i0, N]`` of query rows ``i0:i1``;
     ``q_pos`` is each query's absolute position, keys are at ``kv_offset + arange(N)``. Runs
-    :func:`flash_attention` where it covers the plan, else :func:`general_attention`.
+    :func:`flash_attention` where it covers the request, else :func:`general_attention`.
     """
-    plan = plan or LayerPlan()
-    if flash_covers(plan) and not _needs_grad(q, k, v, sinks):
+    request = request or LayerRequest()
+    if flash_covers(request) and not _needs_grad(q, k, v, sinks):
         return flash_attention(
-            q, k, v, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=sinks, plan=plan,
+            q, k, v, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=sinks, request=request,
             block_rows=block_rows,
         )  # fmt: skip
     return general_attention(
-        q, k, v, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=sinks, plan=plan,
+        q, k, v, scale=scale, rows_visible=rows_visible, q_pos=q_pos, kv_offset=kv_offset, sinks=sinks, request=request,
         block_rows=block_rows,
     )  # fmt: skip
 
@@ -83,12 +83,12 @@ def general_attention(
     q_pos: torch.Tensor,
     kv_offset: int = 0,
     sinks: torch.Tensor | None = None,
-    plan: LayerPlan | None = None,
+    request: LayerRequest | None = None,
     block_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Every plan: whole key rows per block, probabilities materialised (edits act on them; spans, tiles,
+    """Every request: whole key rows per block, probabilities materialised (edits act on them; spans, tiles,
     key mass and top-k > 1 read them)."""
-    plan = plan or LayerPlan()
+    request = request or LayerRequest()
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
     rep = Hq // Hkv
@@ -98,11 +98,11 @@ def general_attention(
     if block_rows is None:
         block_rows = max(1, min(M, MAX_BLOCK_ROWS, BLOCK_ELEMENTS // max(1, B * Hq * N)))
     out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
-    stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
-    if plan.record and plan.key_mass:
+    stats = _allocate(request, B, Hq, M, dev) if request.record else {}
+    if request.record and request.key_mass:
         _allocate_key_mass(stats, B, Hq, N, dev)
-    out_sum = torch.zeros(Hq, Dv, dtype=torch.float64, device=dev) if plan.record_outputs else None
-    prob_edits = plan.edits_of("uniform", "calibrate", "mask_keys", "streaming")
+    out_sum = torch.zeros(Hq, Dv, dtype=torch.float64, device=dev) if request.record_outputs else None
+    prob_edits = request.edits_of("uniform", "calibrate", "mask_keys", "streaming")
     sink_logit = sinks.to(cdt).view(1, Hq, 1) if sinks is not None else None
     for i0 in range(0, M, block_rows):
         i1 = min(M, i0 + block_rows)
@@ -155,36 +155,36 @@ def general_attention(
                 p, p_sink = semantics.edit_probabilities(p, vis_h, prob_edits, qp, kp, p_sink)
                 inv_l = torch.ones_like(inv_l)
         ob = (p.view(B, Hkv, rep, c, n) @ vb[:, :, None]).view(B, Hq, c, Dv) * inv_l[..., None]
-        if plan.record:
+        if request.record:
             rows = _RowStats(p, inv_l, s, centre, p_sink, sink_logit, key_max, arg, seen, lse, edited=bool(prob_edits))
-            _record(stats, plan, rows, vis, vis_h, i0, i1, qp, kp, lo)
+            _record(stats, request, rows, vis, vis_h, i0, i1, qp, kp, lo)
         out[:, :, i0:i1] = ob.to(out.dtype)
-    out = semantics.apply_output_edits(out, plan.edits, q_pos)
+    out = semantics.apply_output_edits(out, request.edits, q_pos)
     if out_sum is not None:
         stats["output_sum"] = out.double().sum(dim=(0, 2))
         stats["output_count"] = torch.tensor(B * M, device=dev)
     return out, stats
 
 
-def _allocate(plan: LayerPlan, B, Hq, M, dev) -> dict[str, torch.Tensor]:
+def _allocate(request: LayerRequest, B, Hq, M, dev) -> dict[str, torch.Tensor]:
     f = dict(device=dev, dtype=torch.float32)
     st = {
         "lse": torch.empty(B, Hq, M, **f),
         "entropy": torch.empty(B, Hq, M, **f),
-        "topk_idx": torch.empty(B, Hq, M, plan.topk, device=dev, dtype=torch.long),
-        "topk_prob": torch.empty(B, Hq, M, plan.topk, **f),
+        "topk_idx": torch.empty(B, Hq, M, request.topk, device=dev, dtype=torch.long),
+        "topk_prob": torch.empty(B, Hq, M, request.topk, **f),
     }
-    if plan.key_columns is not None:
-        nk = plan.key_columns.numel()
+    if request.key_columns is not None:
+        nk = request.key_columns.numel()
         st["col_prob"] = torch.zeros(B, Hq, M, nk, **f)
         st["col_visible"] = torch.zeros(B, M, nk, device=dev, dtype=torch.bool)
-    if plan.spans is not None:
-        st["span_mass"] = torch.zeros(B, Hq, M, plan.spans.shape[0], **f)
-    if plan.distance_moments:
+    if request.spans is not None:
+        st["span_mass"] = torch.zeros(B, Hq, M, request.spans.shape[0], **f)
+    if request.distance_moments:
         st["dist_sum"], st["dist_sq_sum"] = torch.zeros(B, Hq, M, **f), torch.zeros(B, Hq, M, **f)
-    if plan.row_keys is not None:
+    if request.row_keys is not None:
         st["row_key_prob"] = torch.zeros(B, Hq, M, **f)
-    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+    for t, (q0, q1, k0, k1) in enumerate(request.tiles):
         st[f"tile{t}"] = []
     return st
 
@@ -211,7 +211,7 @@ class _RowStats:
     edited: bool  # probabilities were edited: read statistics off p, not off the scores
 
 
-def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: int) -> None:
+def _record(st, request: LayerRequest, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: int) -> None:
     p, inv = r.p, r.inv_l
     st["lse"][:, :, i0:i1] = r.lse.float()
     if r.edited:  # p is normalised here (inv_l = 1)
@@ -223,7 +223,7 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: i
             ent = ent - r.p_sink * (r.sink_logit - r.centre)
         ent = torch.where(torch.isfinite(r.lse), ent, 0.0)
     st["entropy"][:, :, i0:i1] = ent.float()
-    k = min(plan.topk, p.shape[-1])
+    k = min(request.topk, p.shape[-1])
     if r.edited:
         ti, tp = semantics.topk(p, vis_h, k)
         ok = ti >= 0
@@ -239,32 +239,32 @@ def _record(st, plan: LayerPlan, r: _RowStats, vis, vis_h, i0, i1, qp, kp, lo: i
     st["topk_prob"][:, :, i0:i1] = 0.0
     st["topk_idx"][:, :, i0:i1, :k] = torch.where(ok, kp[ti], -1)
     st["topk_prob"][:, :, i0:i1, :k] = torch.where(ok, tp, 0.0).float()
-    if plan.key_columns is not None:
-        kc = plan.key_columns.to(kp.device)
+    if request.key_columns is not None:
+        kc = request.key_columns.to(kp.device)
         local = kc - int(kp[0]) if kp.numel() else kc
         inside = (local >= 0) & (local < kp.numel())
         if inside.any():
             li = local[inside]
             st["col_prob"][:, :, i0:i1, inside] = (p[..., li] * inv[..., None]).float()
             st["col_visible"][:, i0:i1][..., inside] = vis[:, 0][..., li].expand(st["col_visible"].shape[0], -1, -1)
-    if plan.spans is not None:
-        sp = plan.spans.to(kp.device)
+    if request.spans is not None:
+        sp = request.spans.to(kp.device)
         member = semantics.span_membership(sp, qp, kp)  # [NS, c, n]
         st["span_mass"][:, :, i0:i1] = (torch.einsum("bhcn,scn->bhcs", p, member.to(p.dtype)) * inv[..., None]).float()
-    if plan.distance_moments:  # linear in p: the unnormalised rows times inv_l (semantics.distance_moments)
+    if request.distance_moments:  # linear in p: the unnormalised rows times inv_l (semantics.distance_moments)
         ds, dsq = semantics.distance_moments(p, qp, kp)
         st["dist_sum"][:, :, i0:i1], st["dist_sq_sum"][:, :, i0:i1] = (ds * inv).float(), (dsq * inv).float()
-    if plan.row_keys is not None:  # one gathered probability per row (semantics.row_key_prob)
-        rk = plan.row_keys[:, i0:i1].to(p.device)
+    if request.row_keys is not None:  # one gathered probability per row (semantics.row_key_prob)
+        rk = request.row_keys[:, i0:i1].to(p.device)
         st["row_key_prob"][:, :, i0:i1] = (semantics.row_key_prob(p, rk.expand(p.shape[0], -1), kp) * inv).float()
-    if plan.key_mass:
+    if request.key_mass:
         w, seen = inv, vis[:, 0]
-        if plan.query_valid is not None:  # padding query rows see real keys but are not counted
-            qv = plan.query_valid[:, i0:i1].to(p.device)
+        if request.query_valid is not None:  # padding query rows see real keys but are not counted
+            qv = request.query_valid[:, i0:i1].to(p.device)
             w, seen = inv * qv[:, None], seen & qv[..., None]
         st["key_mass"][..., lo : lo + kp.numel()] += (w.unsqueeze(-2) @ p).squeeze(-2).double()
         st["key_count"][:, lo : lo + kp.numel()] += seen.sum(1).expand(st["key_count"].shape[0], -1)
-    for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+    for t, (q0, q1, k0, k1) in enumerate(request.tiles):
         rows = (qp >= q0) & (qp < q1)
         if rows.any():
             tile = torch.zeros(p.shape[0], p.shape[1], int(rows.sum()), k1 - k0, dtype=torch.float32, device=p.device)
@@ -300,11 +300,11 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def flash_covers(plan: LayerPlan) -> bool:
+def flash_covers(request: LayerRequest) -> bool:
     """What :func:`flash_attention` computes: every statistic (lse, entropy, top-k, key columns, spans,
     tiles, key mass), learned sinks, zero/mean output edits and output sums. Edits that change the
     probabilities (uniform, calibrate, mask_keys, streaming) take :func:`general_attention`."""
-    return not plan.changes_probabilities
+    return not request.changes_probabilities
 
 
 def flash_attention(
@@ -317,7 +317,7 @@ def flash_attention(
     q_pos: torch.Tensor,
     kv_offset: int = 0,
     sinks: torch.Tensor | None = None,
-    plan: LayerPlan | None = None,
+    request: LayerRequest | None = None,
     block_rows: int | None = None,
     workers: int | None = None,
     native: bool | None = None,
@@ -334,11 +334,11 @@ def flash_attention(
     block's tiles once its normaliser is known (scores again, then exp(s − lse)). Row blocks
     run on ``workers`` single-threaded workers (default: torch's thread count) so the per-tile Python
     work of one overlaps the arithmetic of another. Same contract as :func:`chunked_attention` for the
-    plans :func:`flash_covers`.
+    requests :func:`flash_covers`.
     """
-    plan = plan or LayerPlan()
-    assert flash_covers(plan), "flash_attention: this plan needs general_attention"
-    job = _FlashJob(q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, plan, block_rows, NATIVE if native is None else native)
+    request = request or LayerRequest()
+    assert flash_covers(request), "flash_attention: this request needs general_attention"
+    job = _FlashJob(q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, request, block_rows, NATIVE if native is None else native)
     starts = list(range(0, job.M, job.R))[::-1]  # causal: the last blocks cost most; start them first
     if workers is None:
         workers = torch.get_num_threads() if q.device.type == "cpu" else 1
@@ -351,8 +351,8 @@ def flash_attention(
         _run_parallel(job, starts, workers)
     job.gather()
     out, stats = job.out, job.stats
-    out = semantics.apply_output_edits(out, plan.edits, q_pos)
-    if plan.record_outputs:
+    out = semantics.apply_output_edits(out, request.edits, q_pos)
+    if request.record_outputs:
         stats["output_sum"] = out.double().sum(dim=(0, 2))
         stats["output_count"] = torch.tensor(job.B * job.M, device=q.device)
     return out, stats
@@ -361,7 +361,7 @@ def flash_attention(
 class _FlashJob:
     """One layer call on the flash path: shared inputs and outputs; :meth:`run` does one row block."""
 
-    def __init__(self, q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, plan, block_rows, native: bool):
+    def __init__(self, q, k, v, scale, rows_visible, q_pos, kv_offset, sinks, request, block_rows, native: bool):
         B, Hq, M, D = q.shape
         Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.B, self.Hkv, self.rep, self.M, self.N, self.D, self.Dv = B, Hkv, Hq // Hkv, M, N, D, Dv
@@ -378,16 +378,16 @@ class _FlashJob:
         self.vv = v.reshape(self.BH, N, Dv).to(cdt)
         self.sinks = None if sinks is None else sinks.to(cdt).view(1, Hkv, self.rep, 1)
         self.out = torch.empty(B, Hq, M, Dv, dtype=v.dtype, device=dev)
-        self.rec, self.plan, self.q_pos = plan.record, plan, q_pos.to(dev)
-        self.stats = _allocate(plan, B, Hq, M, dev) if plan.record else {}
-        self.second = plan.record and (
-            plan.topk > 1 or plan.spans is not None or bool(plan.tiles) or plan.key_mass or plan.distance_moments or plan.row_keys is not None
+        self.rec, self.request, self.q_pos = request.record, request, q_pos.to(dev)
+        self.stats = _allocate(request, B, Hq, M, dev) if request.record else {}
+        self.second = request.record and (
+            request.topk > 1 or request.spans is not None or bool(request.tiles) or request.key_mass or request.distance_moments or request.row_keys is not None
         )
         self.workspaces: list[dict] = []  # per worker: key-mass sums and tile pieces, merged by gather()
         self.key_pos = torch.arange(N, device=dev) + kv_offset
         self.cols = None
-        if plan.record and plan.key_columns is not None:
-            local = plan.key_columns.to(dev) - kv_offset
+        if request.record and request.key_columns is not None:
+            local = request.key_columns.to(dev) - kv_offset
             self.cols = (local.clamp(0, max(N - 1, 0)), (local >= 0) & (local < N))
         self.blocks = _flash_blocks(rows_visible, N, self.R, self.K, self.cols, cdt)
         self.step = native_step(cdt) if native and dev.type == "cpu" else None
@@ -399,7 +399,7 @@ class _FlashJob:
         ws = {"qa": torch.empty(self.BH, rows, self.D + 1, **f), "s": torch.empty(self.BH * rows * self.K, **f), "views": {}}
         if self.step is None:
             ws["p"] = torch.empty(self.BH * rows * self.K, **f)
-        if self.rec and self.plan.key_mass:  # summed over row blocks: one accumulator per worker, no races
+        if self.rec and self.request.key_mass:  # summed over row blocks: one accumulator per worker, no races
             _allocate_key_mass(ws, self.B, self.Hkv * self.rep, self.N, self.dev)
         ws["tiles"] = {}
         self.workspaces.append(ws)
@@ -410,12 +410,12 @@ class _FlashJob:
         if not self.rec:
             return
         st = self.stats
-        if self.plan.key_mass:
+        if self.request.key_mass:
             _allocate_key_mass(st, self.B, self.Hkv * self.rep, self.N, self.dev)
             for ws in self.workspaces:
                 st["key_mass"] += ws["key_mass"]
                 st["key_count"] += ws["key_count"]
-        for t in range(len(self.plan.tiles)):
+        for t in range(len(self.request.tiles)):
             pieces = sorted(((i0, piece) for ws in self.workspaces for (tt, i0), piece in ws["tiles"].items() if tt == t), key=lambda x: x[0])
             st[f"tile{t}"] = [piece for _, piece in pieces]
 
@@ -526,7 +526,7 @@ class _FlashJob:
         st["lse"][:, :, i0:i1] = unflat(torch.where(seen, r.centre + log_l, float("-inf")))
         st["entropy"][:, :, i0:i1] = unflat(torch.where(seen, log_l - u / l.clamp_min(tiny), 0.0))
         found = r.m > _UNSEEN
-        if self.plan.topk == 1:
+        if self.request.topk == 1:
             st["topk_idx"][:, :, i0:i1, 0] = unflat(torch.where(found, r.top + self.kv_offset, -1))
             st["topk_prob"][:, :, i0:i1, 0] = unflat(torch.where(found, torch.exp(r.m - log_l), 0.0))
         if self.cols is not None:
@@ -538,22 +538,22 @@ class _FlashJob:
     def _second_pass(self, r: "_Rows", i0: int, i1: int, c: int, tiles, ws: dict, log_l: torch.Tensor) -> None:
         """Normalised probabilities p = exp(s − centre − log l), tile by tile, for the statistics that
         read them: top-k > 1 (merged across tiles), span mass, tiles, key mass, distance moments and row keys."""
-        B, Hkv, rep, BH, plan, st = self.B, self.Hkv, self.rep, self.BH, self.plan, self.stats
+        B, Hkv, rep, BH, request, st = self.B, self.Hkv, self.rep, self.BH, self.request, self.stats
         Hq, rows = Hkv * rep, rep * c
         qp = self.q_pos[i0:i1]
-        k = plan.topk
+        k = request.topk
         top_v = torch.full((BH, rows, k), _NEG, dtype=self.cdt, device=self.dev) if k > 1 else None
         top_i = torch.zeros((BH, rows, k), dtype=torch.long, device=self.dev) if k > 1 else None
         spans = None
-        if plan.spans is not None:
-            sp = plan.spans.to(self.dev)
+        if request.spans is not None:
+            sp = request.spans.to(self.dev)
             spans = (sp, torch.zeros(B, Hq, c, sp.shape[0], dtype=self.cdt, device=self.dev))
         zeros = lambda *shape: torch.zeros(*shape, dtype=self.cdt, device=self.dev)
-        moments = zeros(2, B, Hq, c) if plan.distance_moments else None
-        row_keys = None if plan.row_keys is None else (plan.row_keys[:, i0:i1].to(self.dev).expand(B, -1), zeros(B, Hq, c))
-        valid = plan.query_valid[:, i0:i1].to(self.dev) if plan.key_mass and plan.query_valid is not None else None
+        moments = zeros(2, B, Hq, c) if request.distance_moments else None
+        row_keys = None if request.row_keys is None else (request.row_keys[:, i0:i1].to(self.dev).expand(B, -1), zeros(B, Hq, c))
+        valid = request.query_valid[:, i0:i1].to(self.dev) if request.key_mass and request.query_valid is not None else None
         pieces = {}
-        for t, (q0, q1, k0, k1) in enumerate(plan.tiles):
+        for t, (q0, q1, k0, k1) in enumerate(request.tiles):
             sel = (qp >= q0) & (qp < q1)
             if bool(sel.any()):
                 pieces[t] = (sel, torch.zeros(B, Hq, int(sel.sum()), k1 - k0, dtype=torch.float32, device=self.dev))
@@ -575,12 +575,12 @@ class _FlashJob:
             if row_keys is not None:
                 row_keys[1].add_(semantics.row_key_prob(p, row_keys[0], kp))
             for t, (sel, piece) in pieces.items():
-                q0, q1, k0, k1 = plan.tiles[t]
+                q0, q1, k0, k1 = request.tiles[t]
                 a, b = max(k0, j0 + self.kv_offset), min(k1, j1 + self.kv_offset)
                 if a < b:
                     lo = j0 + self.kv_offset
                     piece[..., a - k0 : b - k0] = p[:, :, sel][..., a - lo : b - lo].float()
-            if plan.key_mass:  # padding query rows (query_valid False) see real keys but are not counted
+            if request.key_mass:  # padding query rows (query_valid False) see real keys but are not counted
                 vis = torch.ones(1, c, n, dtype=torch.bool, device=self.dev) if bias is None else bias[:, 0, 0] == 0
                 if valid is not None:
                     p, vis = p * valid[:, None, :, None], vis & valid[..., None]

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ProbeError
 from ..hooks import Bound, Edit
-from .plan import HeadEdit, LayerPlan
+from .request import HeadEdit, LayerRequest
 
 Head = tuple[int, int]
 ABLATION_MODES = ("zero", "mean", "uniform")
@@ -58,7 +58,7 @@ class BoundHeadEdits(Bound):
 
     def attention(self, layer, call):
         edits = self.by_layer.get(layer)
-        return LayerPlan(edits=list(edits)) if edits else None
+        return LayerRequest(edits=list(edits)) if edits else None
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class _BoundOutputMeans(Bound):
         self.counts: dict[int, int] = {}
 
     def attention(self, layer, call):
-        return LayerPlan(record_outputs=True)
+        return LayerRequest(record_outputs=True)
 
     def attention_done(self, layer, stats, call):
         self.sums[layer] = self.sums.get(layer, 0) + stats["output_sum"].cpu()

@@ -19,8 +19,9 @@ import torch
 from .. import names as N
 from ..errors import ProbeError
 from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
+from ..kernels.semantics import BIG
 from ..spec import _index
-from .plan import BIG, LayerPlan
+from .request import LayerRequest
 
 #: the head-type statistics (AttentionStats(taxonomy=True)), names under blocks.{l}.attn.
 TAXONOMY = ("self_mass", "prev_mass", "local_mass", "dist_mean", "dist_var", "induction_mass")
@@ -120,9 +121,9 @@ class BoundAttention(Bound):
             if local_window < 1:
                 raise ProbeError(f"AttentionStats: local_window must be ≥ 1, got {local_window}")
             own = torch.tensor([(0, BIG, 1), (0, BIG, 2), (0, BIG, local_window)], dtype=torch.long)  # self, +previous, local
-            self._plan_spans = own if spans is None else torch.cat([spans, own])
+            self._request_spans = own if spans is None else torch.cat([spans, own])
         else:
-            self._plan_spans = spans
+            self._request_spans = spans
         self._history = None
         self.sites = frozenset(("attn", l) for l in self.layers)
         self._layer_set = frozenset(self.layers)
@@ -191,11 +192,11 @@ class BoundAttention(Bound):
         valid = real & (ids >= 0)  # embeddings without ids match nothing
         return induction_keys(ids, q_pos=call.q_pos, valid=valid)
 
-    def attention(self, layer: int, call: Call) -> LayerPlan | None:
+    def attention(self, layer: int, call: Call) -> LayerRequest | None:
         if layer not in self._layer_set:
             return None
         tax = self.local_window is not None
-        return LayerPlan(record=True, key_columns=self._cols if self.keys else None, spans=self._plan_spans, topk=self.topk,
+        return LayerRequest(record=True, key_columns=self._cols if self.keys else None, spans=self._request_spans, topk=self.topk,
                          tiles=self.tiles, key_mass=self.key_mass, z_norm=True, query_valid=self._query_valid, keep_qk=self.qk,
                          distance_moments=tax, row_keys=self._row_keys if tax else None)  # fmt: skip
 

@@ -183,12 +183,12 @@ def transitions(rec, *, choice: str = "top1", normalize: bool = True) -> torch.T
     P(j at the next layer | i) (NaN where i was never chosen)."""
     rec = _rows(rec)
     ex, ok = _routed(rec)
-    L, R, K = ex.shape
+    L = ex.shape[0]
     if L < 2:
         raise ProbeError("transitions need at least two recorded MoE layers")
     E = rec.n_experts
     if choice == "top1":
-        ex, ok, K = ex[..., :1], ok[..., :1], 1
+        ex, ok = ex[..., :1], ok[..., :1]
     elif choice != "all":
         raise ProbeError(f"choice must be 'top1' or 'all', got {choice!r}")
     out = torch.zeros(L - 1, E, E)

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ProbeError
-from ..kernels.semantics import BIG  # "unlimited" window in span triples (start, end, window)
 
 
 @dataclass
@@ -24,7 +23,7 @@ class HeadEdit:
 
 
 @dataclass
-class LayerPlan:
+class LayerRequest:
     """Statistics requested and edits active for one layer during one forward call."""
 
     record: bool = False
@@ -71,13 +70,13 @@ def _union(parts: list[list], key=lambda x: x) -> tuple[list, list[list[int]]]:
     return merged, index
 
 
-def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
-    """One plan that computes what every fragment asks (union of key columns, spans and tiles, the
+def merge(fragments: list[LayerRequest]) -> tuple[LayerRequest, list]:
+    """One request that computes what every fragment asks (union of key columns, spans and tiles, the
     largest top-k) and applies every fragment's edits; plus, per fragment, a function that cuts the
     computed statistics down to exactly what that fragment asked for, in its own order."""
     if len(fragments) == 1:
         return fragments[0], [lambda st: st]
-    merged = LayerPlan()
+    merged = LayerRequest()
     recorders = [f for f in fragments if f.record]
     cols, col_idx = _union([f.key_columns.tolist() if f.key_columns is not None else [] for f in recorders])
     spans, span_idx = _union([f.spans.tolist() if f.spans is not None else [] for f in recorders], key=tuple)
@@ -110,7 +109,7 @@ def merge(fragments: list[LayerPlan]) -> tuple[LayerPlan, list]:
     return merged, views
 
 
-def _view(f: LayerPlan, cols: list[int], spans: list[int], tiles: list[int]):
+def _view(f: LayerRequest, cols: list[int], spans: list[int], tiles: list[int]):
     def view(st: dict) -> dict:
         out = {k: v for k, v in st.items() if not k.startswith("tile")}
         out["topk_idx"], out["topk_prob"] = st["topk_idx"][..., : f.topk], st["topk_prob"][..., : f.topk]

@@ -1,4 +1,4 @@
-"""The backend's route to the Triton kernel (``workbench.kernels.attention_stats``): which requests it
+"""The backend's path to the Triton kernel (``workbench.kernels.attention_stats``): which requests it
 covers (the capability table, ``workbench.kernels.capabilities``) and how its results map onto the
 statistics dict the chunked torch path returns (same keys, shapes, dtypes and absolute coordinates)."""
 from __future__ import annotations
@@ -7,54 +7,54 @@ import torch
 
 from ..kernels import capabilities, semantics
 from .masks import LazyMask
-from .plan import LayerPlan
+from .request import LayerRequest
 
 
-def covers(use_triton: bool | None, plan: LayerPlan, q, v, mask, sliding_window) -> bool:
-    """True when the Triton kernel computes everything ``plan`` asks for on these inputs.
+def covers(use_triton: bool | None, request: LayerRequest, q, v, mask, sliding_window) -> bool:
+    """True when the Triton kernel computes everything ``request`` asks for on these inputs.
     ``use_triton``: None = on CUDA only; True = also on CPU (interpreter); False = never."""
     if use_triton is False or (use_triton is None and not q.is_cuda):
         return False
     from ..kernels.attention_stats import triton_available
 
     structured = isinstance(mask, LazyMask) and mask.structured(sliding_window)
-    return triton_available() and capabilities.triton_covers(capabilities.requested(plan, structured_mask=structured))
+    return triton_available() and capabilities.triton_covers(capabilities.requested(request, structured_mask=structured))
 
 
-def run(q, k, v, scale, mask: LazyMask, sliding_window, sinks, plan: LayerPlan, q_pos):
+def run(q, k, v, scale, mask: LazyMask, sliding_window, sinks, request: LayerRequest, q_pos):
     """Attention output and statistics from the Triton kernel, or ``(None, None)`` for inputs it refuses."""
     from ..kernels.attention_stats import attention_stats_triton
 
-    rec = plan.record
+    rec = request.record
     try:
         res = attention_stats_triton(
             q, k, v, scale=scale, q_offset=mask.q_offset, kv_offset=mask.kv_offset, causal=True, window=sliding_window,
             key_valid=mask.padding, sinks=sinks,
-            key_columns=plan.key_columns if rec else None, spans=plan.spans if rec else None,
-            topk=plan.topk if rec else 1, tiles=plan.tiles if rec else (), key_mass=rec and plan.key_mass,
-            edits=[e for e in plan.edits if e.kind not in semantics.OUTPUT_EDITS], stats=rec,
-            distance_moments=rec and plan.distance_moments, row_keys=plan.row_keys if rec else None,
+            key_columns=request.key_columns if rec else None, spans=request.spans if rec else None,
+            topk=request.topk if rec else 1, tiles=request.tiles if rec else (), key_mass=rec and request.key_mass,
+            edits=[e for e in request.edits if e.kind not in semantics.OUTPUT_EDITS], stats=rec,
+            distance_moments=rec and request.distance_moments, row_keys=request.row_keys if rec else None,
         )  # fmt: skip
     except ValueError:  # shape/dtype the kernel does not take: the torch path does
         return None, None
-    out = semantics.apply_output_edits(res["out"], plan.edits, q_pos)
+    out = semantics.apply_output_edits(res["out"], request.edits, q_pos)
     stats: dict = {}
     if rec:
         stats = {name: res[name] for name in ("lse", "entropy", "topk_idx", "topk_prob")}
-        if plan.key_columns is not None:
+        if request.key_columns is not None:
             stats["col_prob"] = res["col_prob"]
-            stats["col_visible"] = _col_visible(plan.key_columns.to(q.device), mask, sliding_window, q_pos, q.shape[0], k.shape[2])
-        if plan.spans is not None:
+            stats["col_visible"] = _col_visible(request.key_columns.to(q.device), mask, sliding_window, q_pos, q.shape[0], k.shape[2])
+        if request.spans is not None:
             stats["span_mass"] = res["span_mass"]
-        if plan.key_mass:
+        if request.key_mass:
             stats["key_mass"], stats["key_count"] = res["key_mass"].double(), res["key_count"]
-        for t in range(len(plan.tiles)):
+        for t in range(len(request.tiles)):
             stats[f"tile{t}"] = res[f"tile{t}"]
-        if plan.distance_moments:  # [B, Hq, M] float32
+        if request.distance_moments:  # [B, Hq, M] float32
             stats["dist_sum"], stats["dist_sq_sum"] = res["dist_sum"], res["dist_sq_sum"]
-        if plan.row_keys is not None:  # [B, Hq, M] float32, NaN where row_keys is -1
+        if request.row_keys is not None:  # [B, Hq, M] float32, NaN where row_keys is -1
             stats["row_key_prob"] = res["row_key_prob"]
-    if plan.record_outputs:
+    if request.record_outputs:
         stats["output_sum"] = out.double().sum(dim=(0, 2))
         stats["output_count"] = torch.tensor(q.shape[0] * q.shape[2], device=q.device)
     return out, stats
