@@ -14,7 +14,7 @@ from typing import Iterator
 
 from .errors import OutsideRootError
 
-__all__ = ["OutsideRootError", "atomic_path", "confined", "confined_dir", "dir_mode", "file_mode", "umask", "write_bytes", "write_text"]
+__all__ = ["OutsideRootError", "atomic_path", "confined", "confined_dir", "dir_mode", "file_mode", "inside", "umask", "write_bytes", "write_text"]
 
 
 _UMASK_LOCK = threading.Lock()
@@ -51,6 +51,15 @@ def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     if resolved != base and base not in resolved.parents:
         raise OutsideRootError(f"refused: {path} resolves to {resolved}, outside {base}")
     return resolved
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` resolves (through symlinks) inside ``root``: :func:`confined` as a test."""
+    try:
+        confined(root, path)
+    except OutsideRootError:
+        return False
+    return True
 
 
 def confined_dir(root: str | os.PathLike, path: str | os.PathLike) -> Path:

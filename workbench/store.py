@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
-from .files import OutsideRootError, atomic_path, confined
+from .files import atomic_path, confined, inside
 
 _META_KEY = b"workbench.provenance"
 
@@ -60,7 +60,7 @@ class ResultStore:
 
     def names(self) -> list[str]:
         """Stored results: the ``*.parquet`` files that resolve inside the store (a link out is never listed)."""
-        return sorted(p.stem for p in self.root.glob("*.parquet") if _inside(self.root, p)) if self.root.is_dir() else []
+        return sorted(p.stem for p in self.root.glob("*.parquet") if inside(self.root, p)) if self.root.is_dir() else []
 
     def sql(self, query: str) -> pd.DataFrame:
         """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``; a name with
@@ -76,14 +76,6 @@ class ResultStore:
         for n in self.names():
             con.register(n, ds.dataset(str(self.path(n)), format="parquet"))
         return con.execute(query).df()
-
-
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        confined(root, path)
-    except OutsideRootError:
-        return False
-    return True
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:

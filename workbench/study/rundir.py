@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import WorkbenchError
-from ..files import OutsideRootError, confined, confined_dir, write_text
+from ..files import OutsideRootError, confined, confined_dir, inside, write_text
 from ..store import ResultStore
 from .config import Study, StudyError, load_study
 from .plan import Unit
@@ -205,7 +205,7 @@ class Run:
         for path in sorted(self.units.root.glob("*.parquet")):
             if not UNIT_ID.match(path.stem):  # not a unit's file (a glob-like or foreign name): never read
                 continue
-            if not _inside(self.path, path):  # a unit file linked out of the run: never read, never counted
+            if not inside(self.path, path):  # a unit file linked out of the run: never read, never counted
                 warnings.warn(f"{path} points outside the run directory {self.path.resolve()}: not read")
                 continue
             try:
@@ -246,10 +246,10 @@ class Run:
         """One row per failed unit; an unreadable failure file is a row saying so (its unit still failed)."""
         folder = self.path / "failures"
         rows = []
-        inside = folder.is_dir() and _inside(self.path, folder)  # a failures/ linked out of the run is not read
-        for p in sorted(folder.glob("*.json")) if inside else []:
+        readable = folder.is_dir() and inside(self.path, folder)  # a failures/ linked out of the run is not read
+        for p in sorted(folder.glob("*.json")) if readable else []:
             try:
-                if not _inside(self.path, p):
+                if not inside(self.path, p):
                     raise StudyError(f"{p} points outside the run directory: not read")
                 row = _read_json(p, "failure record")
                 if not isinstance(row, dict):
@@ -293,15 +293,6 @@ class Run:
         from .report import write_report
 
         return write_report(self, Path(out_dir) if out_dir else self._subdir("report"), png=png)
-
-
-def _inside(root: Path, path: Path) -> bool:
-    """Whether ``path`` resolves (through symlinks) inside ``root``."""
-    try:
-        confined(root, path)
-    except OutsideRootError:
-        return False
-    return True
 
 
 def _definition(unit: Unit) -> str:
