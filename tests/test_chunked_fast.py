@@ -253,3 +253,18 @@ def test_without_a_compiler_the_torch_step_is_used(monkeypatch, tmp_path):
     out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=LayerRequest(record=True))
     torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
     torch.testing.assert_close(st["entropy"].double(), ref["entropy"], atol=1e-5, rtol=0)
+
+
+def test_a_cached_step_others_can_write_is_not_loaded(monkeypatch, tmp_path):
+    """The compiled tile step runs in-process: a cached build that other users can write is refused."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(C, "_native", {})
+    if C.native_step(torch.float32) is None:
+        pytest.skip("no C compiler here")
+    (built,) = (tmp_path / "native").glob("flash_step-*.so")
+    built.chmod(0o777)
+    monkeypatch.setattr(C, "_native", {})
+    assert C.native_step(torch.float32) is None
+    built.chmod(0o755)
+    monkeypatch.setattr(C, "_native", {})
+    assert C.native_step(torch.float32) is not None

@@ -176,8 +176,10 @@ def test_long_prompt_clicks_are_fast_and_the_server_never_blocks(browser, long_m
             assert max(clicks) < CLICK_TARGET_S, clicks
             a.screenshot(path=str(artifacts() / "views-long-prompt-rows.png"), full_page=True)
 
-            # session B runs the same long prompt with an ablation; /liveness and A's clicks stay fast meanwhile
+            # session B runs the same long prompt with an ablation; /liveness and A's clicks stay fast meanwhile.
+            # uniform (Wu's masking) changes the probabilities: the slower general path, a few seconds of work
             _run(b, text)
+            b.locator(".wb-ablation-mode select").select_option("uniform")
             b.click(".wb-toggle-ablation button")
             b.locator(".wb-status", has_text="edited run").wait_for(timeout=30_000)
             with LivenessPoller(port, tmp_path / "liveness.txt") as poller:

@@ -302,7 +302,8 @@ def _needs_grad(*ts) -> bool:
 
 def flash_covers(request: LayerRequest) -> bool:
     """What :func:`flash_attention` computes: every statistic (lse, entropy, top-k, key columns, spans,
-    tiles, key mass), learned sinks, zero/mean output edits and output sums. Edits that change the
+    tiles, key mass, distance moments, row-key probabilities), learned sinks, zero/mean output edits and
+    output sums. Edits that change the
     probabilities (uniform, calibrate, mask_keys, streaming) take :func:`general_attention`."""
     return not request.changes_probabilities
 
@@ -864,6 +865,9 @@ def _load_native():
                     log.warning("workbench: compiling the attention tile step failed; using the torch step\n%s", res.stderr[-2000:])
                     return None
                 os.replace(so_file, path)  # atomic: concurrent builders each install a complete file
+        if not _trusted(path):
+            log.warning("workbench: %s is writable by other users or not ours: not loaded; using the torch step", path)
+            return None
         lib = ctypes.CDLL(str(path))
         P, I = ctypes.c_void_p, ctypes.c_int64
         for name, real in (("wb_flash_step_f32", ctypes.c_float), ("wb_flash_step_f64", ctypes.c_double)):
@@ -874,6 +878,18 @@ def _load_native():
     except Exception as e:  # no compiler that works, unwritable cache, foreign binary, ...
         log.warning("workbench: the compiled attention tile step is unavailable (%s); using the torch step", e)
         return None
+
+
+def _trusted(path) -> bool:
+    """A cached binary runs in this process: load it only when this user owns it and its folder and no other
+    user can write either (a world-writable cache would let anyone swap in code)."""
+    if not hasattr(os, "getuid"):
+        return True
+    for p in (path, os.path.dirname(path)):
+        st = os.stat(p)
+        if st.st_uid != os.getuid() or st.st_mode & 0o002:
+            return False
+    return True
 
 
 def _cpu_flags() -> str:

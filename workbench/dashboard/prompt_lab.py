@@ -60,7 +60,7 @@ class PromptLab(Page):
                                                 css_classes=["wb-heads-input"])  # fmt: skip
         self.heads_button = pn.widgets.Button(label="Set", width=60, css_classes=["wb-heads-set"])
         self.heads_button.on_click(lambda e: self.guarded(self.set_heads)(self.heads_input.value_input or self.heads_input.value))
-        self.mode_input = pn.widgets.Select.from_param(self.param.mode, label="ablation mode", width=140)
+        self.mode_input = pn.widgets.Select.from_param(self.param.mode, label="ablation mode", width=140, css_classes=["wb-ablation-mode"])
         self.keys_input = pn.widgets.TextInput.from_param(self.param.sink_keys, label="sink keys", width=120, max_length=8 * caps.max_sink_keys)
         self.beta_input = pn.widgets.FloatSlider.from_param(self.param.beta, label="β", step=0.05, width=180)
         self.grid = None  # the HeadGrid widget of the current baseline (tests, scripts)
