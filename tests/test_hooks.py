@@ -1,7 +1,6 @@
 """The hook core: names on every architecture, user hooks vs plain torch hooks, reductions vs full
 tensors, thread isolation, re-entrant captures, spec reuse across models, padding, TransformerLens and
 nnsight interop."""
-import tempfile
 import threading
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 import workbench as wb
 from workbench import names as N
-from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_hf_model, tiny_model
+from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_hf_model, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 IDS = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -231,14 +230,7 @@ def test_full_tensors_have_a_budget(tiny):
 def test_activations_equal_transformerlens_bridge_cache():
     """Independent reference: TransformerLens' own run_with_cache on the same weights."""
     pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
-    hf = tiny_hf_model("llama")
-    with tempfile.TemporaryDirectory() as d:
-        byte_tokenizer().save_pretrained(d)
-        hf.config.save_pretrained(d)
-        bridge = TransformerBridge.boot_transformers(d, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(d))
+    bridge, hf = tiny_bridge("llama")
     ids = IDS[:1]
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids)
@@ -253,14 +245,7 @@ def test_activations_equal_transformerlens_bridge_cache():
 
 def test_hooks_attached_to_the_bridge_keep_working():
     pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
-    hf = tiny_hf_model("llama")
-    with tempfile.TemporaryDirectory() as d:
-        byte_tokenizer().save_pretrained(d)
-        hf.config.save_pretrained(d)
-        bridge = TransformerBridge.boot_transformers(d, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(d))
+    bridge, hf = tiny_bridge("llama")
     ids = IDS[:1]
 
     def halve(x, hook):

@@ -10,7 +10,7 @@ import torch
 
 import workbench as wb
 from workbench import embedded
-from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_config, tiny_hf_model
+from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_config, tiny_hf_model
 
 
 def test_default_model_answers_in_english(smollm):
@@ -100,15 +100,8 @@ def test_local_directory_and_module_sources():
 @pytest.mark.parametrize("arch", ["llama", "olmoe", "gemma3"])
 def test_transformerlens_bridge(arch):
     pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
-    hf = tiny_hf_model(arch)
+    bridge, hf = tiny_bridge(arch)
     plain_spec = wb.load(tiny_hf_model(arch), tokenizer=byte_tokenizer()).spec
-    with tempfile.TemporaryDirectory() as d:
-        byte_tokenizer().save_pretrained(d)
-        hf.config.save_pretrained(d)
-        bridge = TransformerBridge.boot_transformers(d, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(d))
     m = wb.load(bridge)
     for f in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "attention_paths", "sliding_windows", "routers", "learned_sinks"):
         assert getattr(m.spec, f) == getattr(plain_spec, f), f

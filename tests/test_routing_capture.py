@@ -2,14 +2,13 @@
 the router returned, what ``output_router_logits`` reports and what the experts module received —
 in forward and in generate — and the margin equals a brute-force computation from the logits."""
 import dataclasses
-import tempfile
 
 import pytest
 import torch
 
 import workbench as wb
 from workbench.routing import RuleInputs, route, rule_inputs
-from workbench.testing import byte_tokenizer, tiny_hf_model, tiny_model
+from workbench.testing import tiny_bridge, tiny_model
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -173,14 +172,7 @@ def test_layers_subset_frame_and_provenance():
 def test_transformerlens_bridge():
     """Routing through a TransformerBridge-wrapped model equals the bridge's own expert-index hooks."""
     pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer
-
-    hf = tiny_hf_model("olmoe")
-    with tempfile.TemporaryDirectory() as d:
-        byte_tokenizer().save_pretrained(d)
-        hf.config.save_pretrained(d)
-        bridge = TransformerBridge.boot_transformers(d, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(d))
+    bridge, hf = tiny_bridge("olmoe")
     ids = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _, cache = bridge.run_with_cache(ids)
