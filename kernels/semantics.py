@@ -199,12 +199,15 @@ def entropy(p: torch.Tensor, p_sink: torch.Tensor | None = None) -> torch.Tensor
 
 def topk(p: torch.Tensor, vis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` keys of rows ``p`` ``[..., N]`` among the visible ones: ``(index [..., k], prob [..., k])``.
-    Ties go to the lower index (a stable sort: ``torch.topk`` leaves tie order unspecified); slots beyond
-    a row's visible keys hold index -1 and probability 0. Indices are into the last dimension."""
+    Ties go to the lower index (``torch.topk`` leaves tie order unspecified); slots beyond a row's visible
+    keys hold index -1 and probability 0. Indices are into the last dimension."""
     n = p.shape[-1]
     masked = p.masked_fill(~vis.expand_as(p), -1.0)
-    val, idx = torch.sort(masked, dim=-1, descending=True, stable=True)
-    val, idx = val[..., :k], idx[..., :k]
+    kk = min(k, n)
+    if kk == 1:
+        val, idx = masked.max(-1, keepdim=True)  # the first maximal index on ties (documented by torch.max)
+    else:
+        val, idx = _topk_lower_index_first(masked, kk)
     ok = val >= 0
     idx = torch.where(ok, idx, -1)
     prob = torch.where(ok, val, 0.0)
@@ -213,6 +216,25 @@ def topk(p: torch.Tensor, vis: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
         idx = torch.nn.functional.pad(idx, pad, value=-1)
         prob = torch.nn.functional.pad(prob, pad, value=0.0)
     return idx, prob
+
+
+def _topk_lower_index_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k)`` (2 ≤ k ≤ N) with ties going to the lower index, as a stable descending sort would give,
+    without sorting whole rows: the k winners are reordered stably, and only rows where equal values
+    straddle the k-th place (e.g. a uniform row) are sorted in full."""
+    n = x.shape[-1]
+    val, idx = x.topk(min(k + 1, n), dim=-1)
+    straddle = None
+    if n > k:
+        straddle = (val[..., k - 1] == val[..., k]) & (val[..., k - 1] >= 0)  # hidden keys (−1) are dropped anyway
+        val, idx = val[..., :k], idx[..., :k]
+    idx, order = idx.sort(-1)  # winners by index, then stably by value: equal values keep index order
+    val, order = val.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+    idx = idx.gather(-1, order)
+    if straddle is not None and bool(straddle.any()):
+        sv, si = x[straddle].sort(dim=-1, descending=True, stable=True)
+        val[straddle], idx[straddle] = sv[..., :k], si[..., :k]
+    return val, idx
 
 
 def distance_moments(p: torch.Tensor, q_pos: torch.Tensor, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,3 +141,21 @@ def test_key_mass_is_the_column_sum():
     _, st = chunked_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, block_rows=5)
     torch.testing.assert_close(st["key_mass"], ref["probs"].sum(2), atol=1e-10, rtol=0)
     assert torch.equal(st["key_count"], vis.expand(B, M, N).sum(1))
+
+
+def test_topk_breaks_ties_toward_the_lower_index():
+    """semantics.topk (one definition for the reference and the edited chunked path) equals a full stable
+    descending sort, on rows full of ties: uniform rows, equal values straddling the k-th place, hidden keys."""
+    from workbench.kernels import semantics
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n, k = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
+        p = torch.randint(0, 4, (2, 3, 5, n), generator=g).double() / 4
+        vis = torch.rand(2, 1, 5, n, generator=g) > 0.3
+        val, idx = torch.sort(p.masked_fill(~vis, -1.0), dim=-1, descending=True, stable=True)
+        val, idx = val[..., :k], idx[..., :k]
+        want_idx = torch.nn.functional.pad(torch.where(val >= 0, idx, -1), [0, max(0, k - n)], value=-1)
+        want_prob = torch.nn.functional.pad(torch.where(val >= 0, val, 0.0), [0, max(0, k - n)], value=0.0)
+        got_idx, got_prob = semantics.topk(p, vis, k)
+        assert torch.equal(got_idx, want_idx) and torch.equal(got_prob, want_prob), (n, k)
