@@ -15,6 +15,14 @@ def eager_attentions(m, ids, mask=None):
     return torch.stack([a.double() for a in out.attentions]), out.logits
 
 
+def untied(prob: torch.Tensor, gap: float = 1e-9) -> torch.Tensor:
+    """Slots of sorted top-k lists ``prob`` ``[..., k]`` whose value differs from both neighbours by more than
+    ``gap``: where two paths must agree on the index (a tie may legitimately be broken either way)."""
+    gaps = (prob[..., :-1] - prob[..., 1:]).abs() > gap
+    ones = torch.ones_like(prob[..., :1], dtype=torch.bool)
+    return torch.cat([ones, gaps], -1) & torch.cat([gaps, ones], -1)
+
+
 def assert_round_trip(result, store, prefix=None):
     """``result`` saved to ``store`` loads back equal (every table, the summary, the provenance); its repr is
     one short line, its notebook display and every figure render. Returns the loaded result."""

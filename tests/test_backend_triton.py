@@ -14,6 +14,7 @@ from workbench.attention import backend, triton_path
 from workbench.attention.request import HeadEdit, LayerRequest
 from workbench.attention import head_output_means
 from workbench.kernels import capabilities
+from reference import untied
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -72,12 +73,6 @@ def paths(monkeypatch):
     return run
 
 
-def _untied(p: torch.Tensor) -> torch.Tensor:
-    gaps = (p[..., :-1] - p[..., 1:]).abs() > 1e-5
-    ones = torch.ones_like(p[..., :1], dtype=torch.bool)
-    return torch.cat([ones, gaps], -1) & torch.cat([gaps, ones], -1) & (p > 0)
-
-
 def assert_same(a, b, rows, skip_entropy=()):
     """Every recorded statistic of two captures (a: chunked, b: Triton) on real query rows ``rows``
     [B, R]; ``skip_entropy``: (layer, head) pairs compared separately."""
@@ -95,7 +90,7 @@ def assert_same(a, b, rows, skip_entropy=()):
     torch.testing.assert_close(pa[r[..., None].expand_as(pa)], pb[r[..., None].expand_as(pb)], atol=ATOL, rtol=0)
     ia, ib = a.stack("attn.topk"), b.stack("attn.topk")
     assert ia.dtype == ib.dtype == torch.long and ia.shape == ib.shape
-    clear = _untied(pa) & r[..., None]
+    clear = untied(pa, 1e-5) & (pa > 0) & r[..., None]
     assert clear.float().mean() > 0.3
     assert torch.equal(ia[clear], ib[clear])
     assert torch.equal(a.stack("attn.key_count"), b.stack("attn.key_count"))
