@@ -163,3 +163,14 @@ def test_routing_scan_on_a_real_model():
     rec = wb.routing.scan(m, texts=["abc", "hello"], progress=False).rows
     assert rec.experts.shape[1] == 4 + 6 and rec.call.tolist() == [0] * 4 + [1] * 6 and rec.verified
     torch.testing.assert_close(A.expert_load(rec).sum(1), torch.ones(len(rec.layers)))
+
+
+def test_expert_load_by_label_equals_scanning_each_label_alone():
+    m = tiny_model("granitemoe")
+    texts, labels = ["abc def", "ghi jkl", "mno pqr"], ["a", "b", "a"]
+    table = wb.routing.scan(m, texts=texts, labels=labels, progress=False).by_label()
+    assert list(dict.fromkeys(table.index.get_level_values("label"))) == ["a", "b"]
+    for lab in ("a", "b"):
+        alone = wb.routing.scan(m, texts=[t for t, x in zip(texts, labels) if x == lab], progress=False)
+        want = A.expert_load(alone.rows) * 100
+        torch.testing.assert_close(torch.tensor(table.loc[lab].to_numpy()).double(), want.double(), atol=1e-5, rtol=0)

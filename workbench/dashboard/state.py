@@ -132,9 +132,6 @@ class Workbench:
         self.drilldowns = DrilldownCache(self.caps.max_drilldown_elements, self.caps.max_drilldown_prompts)
 
     # --- models (the pool) ------------------------------------------------------------------------------
-    def model_names(self) -> list[str]:
-        return self.pool.names()
-
     def model(self, name: str | None = None):
         return self.pool.model(name)
 
