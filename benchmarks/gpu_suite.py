@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import statistics
@@ -74,12 +75,13 @@ def load_kernels():
     try:
         return importlib.import_module("workbench.kernels")
     except Exception:  # a bare GPU image: no workbench dependencies, no install
+        # kernels/ is a plain folder (no __init__.py, so it never shadows Hugging Face's ``kernels``):
+        # give it a package name of its own so its relative imports resolve
         name = "workbench_kernels"
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(ROOT / "kernels")]
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
         return mod
 
 
