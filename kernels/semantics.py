@@ -45,7 +45,7 @@ slot), top-k (ties broken towards the lower key position; rows that see fewer th
 ``key_count[b, j]`` counts the rows that see key ``j`` under the *structured* visibility (edits are per
 head, the count is per sequence).
 
-Head-taxonomy statistics (DESIGN.md §3), per row, off the same edited ``p``:
+Head-taxonomy statistics (docs/definitions.md), per row, off the same edited ``p``:
 :func:`distance_moments` (``Σ_j p_ij·(q_pos_i − key_pos_j)`` and ``Σ_j p_ij·(q_pos_i − key_pos_j)²``) and
 :func:`row_key_prob` (``p_{i, row_keys[b, i]}``, one chosen key per row: induction mass with
 :func:`induction_keys`). Both are sums over keys, so a backend that scores keys in blocks adds the
@@ -280,7 +280,7 @@ def row_key_prob(p: torch.Tensor, row_keys: torch.Tensor, key_pos: torch.Tensor)
 def induction_keys(token_ids: torch.Tensor, q_pos: torch.Tensor | None = None,
                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """The induction key of each row: ``j* + 1`` where ``j*`` is the most recent earlier position with
-    ``token[j*] == token[i]``, ``-1`` when the token has not occurred before (DESIGN.md §3).
+    ``token[j*] == token[i]``, ``-1`` when the token has not occurred before (docs/definitions.md).
 
     ``token_ids`` ``[B, T]`` are the tokens at absolute positions ``0..T-1`` (the cache and the current
     rows); ``q_pos`` ``[M]`` picks the rows (default: all ``T``); ``valid`` ``[B, T]`` (False = padding)

@@ -503,7 +503,6 @@ def test_compare_frames_without_keys():
     assert out["Δ x"].iloc[0] == 2.0
 
 
-@pytest.mark.slow
 def test_prompt_lab_on_the_embedded_model(smollm):
     """The default configuration: SmolLM2 in the prompt lab, chat template on, a mean ablation of a late head."""
     w = Workbench(None, moe_models=[], loader=lambda source: smollm)

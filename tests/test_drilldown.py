@@ -42,7 +42,6 @@ def test_rows_and_patterns_equal_eager(tiny, arch):
     assert d.forward_passes == 1  # every row above came from the cached queries and keys
 
 
-@pytest.mark.slow
 def test_smollm_rows_equal_eager(smollm):
     ids = smollm.encode("The capital of France is Paris. The capital of Germany is Berlin. The capital of France is")
     d = Drilldown(smollm, ids)
@@ -184,7 +183,7 @@ def test_prompt_effect_counts_only_the_users_tokens(smollm_or_tiny):
     assert all(op in "=+-" for op, _ in pe.diff())
 
 
-@pytest.fixture(params=["tiny", pytest.param("smollm", marks=pytest.mark.slow)])
+@pytest.fixture(params=["tiny", "smollm"])
 def smollm_or_tiny(request, tiny):
     if request.param == "tiny":
         return tiny("llama"), False  # BOS is the only template token

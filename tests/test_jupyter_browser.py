@@ -13,7 +13,6 @@ from browser import CHROMIUM, ROOT, artifacts, free_port, served
 NOTEBOOK = ROOT / "notebooks" / "01_quickstart.ipynb"
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make browser)"),
 ]
 

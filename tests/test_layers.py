@@ -22,7 +22,7 @@ LAYERS = {
 _LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
 
-KERNELS = ROOT / "kernels"  # installed as workbench.kernels
+KERNELS = ROOT / "kernels"  # workbench.kernels (through the symlink workbench/kernels; no __init__.py)
 
 
 def _module_name(path: Path) -> str:
@@ -66,12 +66,13 @@ def _known(name: str) -> str | None:
     """``name`` if it is a module of the package (``from . import sinks``), else None (an attribute)."""
     parts = name.split(".")
     p = KERNELS.joinpath(*parts[1:]) if parts[0] == "kernels" else PKG.joinpath(*parts)
-    return name if p.with_suffix(".py").exists() or (p / "__init__.py").exists() else None
+    package = (p / "__init__.py").exists() or (p.is_dir() and any(p.glob("*.py")))  # kernels/ has no __init__.py
+    return name if p.with_suffix(".py").exists() or package else None
 
 
 def _graph() -> dict[str, set[str]]:
     graph = {}
-    for path in [*PKG.rglob("*.py"), *KERNELS.rglob("*.py")]:
+    for path in {p.resolve() for p in [*PKG.rglob("*.py"), *KERNELS.rglob("*.py")]}:
         if "static" in path.parts:
             continue
         mod = _module_name(path)

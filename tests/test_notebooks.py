@@ -2,9 +2,10 @@
 
 Each notebook is executed with nbclient in a kernel started from *this* interpreter (the venv's
 ipykernel, whatever kernelspecs the machine has installed), with ``notebooks/`` as the working
-directory. Notebooks that load the embedded SmolLM2 (``wb.load()`` / ``workbench.load()`` with no
-source) carry the ``slow`` marker like the tests that use the ``smollm`` fixture; the default suite
-runs them too. A notebook can override the detection with ``metadata.workbench.slow: true|false``.
+directory. Every notebook is in the slow tier (tests/conftest.py); those that load the embedded SmolLM2
+(``wb.load()`` / ``workbench.load()`` with no source) also carry the ``smollm`` marker, like the tests
+that use the ``smollm`` fixture. A notebook can override that detection with
+``metadata.workbench.slow: true|false``.
 The kernel runs torch single-threaded (see :func:`test_notebook_runs`).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def needs_embedded_model(path: Path) -> bool:
 def _param(path: Path):
     marks = [pytest.mark.timeout(NOTEBOOK_TIMEOUT_S)] if HAVE_PYTEST_TIMEOUT else []
     if needs_embedded_model(path):
-        marks.append(pytest.mark.slow)
+        marks.append(pytest.mark.smollm)
     return pytest.param(path, id=path.stem, marks=marks)
 
 

@@ -80,7 +80,7 @@ def test_calibration_bad_beta(smollm):
 
 
 def test_calibration_keeps_the_first_token_sink(monkeypatch):
-    """ACT calibrates the hidden sinks only (its released code drops the first sink index; DESIGN.md §3):
+    """ACT calibrates the hidden sinks only (its released code drops the first sink index; docs/definitions.md):
     position 0 is never in the calibrated keys, and a prompt without a sink token runs unedited."""
     m = handbuilt()
     seen = []

@@ -36,7 +36,6 @@ def test_attention_view_rows_equal_eager(tiny, arch):
     assert view.tokens == m.tokens(view.ids[0])
 
 
-@pytest.mark.slow
 def test_attention_view_smollm_row_equals_eager(smollm):
     view = AttentionView(smollm, "The capital of France is Paris. The capital of France is", layer=14, head=4)
     q = view.ids.shape[1] - 1

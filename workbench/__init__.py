@@ -22,12 +22,12 @@ from .hooks import Edit, Hook, Probe
 from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
 from .loading import load
 from .model import Model
-from .provenance import Provenance
+from .provenance import DISTRIBUTION as _DISTRIBUTION, Provenance
 from .spec import ModelSpec
 from .store import ResultStore
 
 try:
-    __version__ = _metadata.version("workbench")
+    __version__ = _metadata.version(_DISTRIBUTION)
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 

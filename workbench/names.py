@@ -56,7 +56,7 @@ POINTS: tuple[Point, ...] = (
     Point("attn.tile.{}", "[batch, head, row, key]", "exact probabilities of tile i (AttentionStats(tiles=[...])), its rows only", "attention", _ROW,
           configured=True),
     Point("attn.hook_z_norm", "[batch, head, row]", "L2 norm of each head's output (TransformerLens hook_z) per token", "attention", _ROW),
-    # head-type statistics (AttentionStats(taxonomy=True)): per row, exactly, at any length — DESIGN.md §3
+    # head-type statistics (AttentionStats(taxonomy=True)): per row, exactly, at any length — docs/definitions.md
     Point("attn.self_mass", "[batch, head, row]", "p_{i,i}: attention on the row's own token", "attention", _ROW),
     Point("attn.prev_mass", "[batch, head, row]", "p_{i,i−1}: attention on the previous token", "attention", _ROW),
     Point("attn.local_mass", "[batch, head, row]", "attention within the last `local_window` keys (i − j < w)", "attention", _ROW),

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 
 
+DISTRIBUTION = "interp-workbench"  # the name on PyPI; the import name is workbench (PyPI's "workbench" is another project)
+
+
 def _version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
@@ -18,9 +21,9 @@ def _version(pkg: str) -> str | None:
 
 
 def library_versions() -> dict[str, str | None]:
-    return {p: _version(p) for p in ("workbench", "transformers", "torch", "triton", "transformer-lens")} | {
-        "python": platform.python_version()
-    }
+    return {"workbench": _version(DISTRIBUTION)} | {
+        p: _version(p) for p in ("transformers", "torch", "triton", "transformer-lens")
+    } | {"python": platform.python_version()}
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -1,6 +1,6 @@
 """Query-focused retrieval heads (QRHead; Zhang et al. 2025, "Query-Focused Retrieval Heads Improve
 Long-Context Reasoning and Re-ranking"), measured on the NIAH prompts of :mod:`workbench.niah`
-(shared/DESIGN.md §3, "Query-focused retrieval score (QRHead)").
+(docs/definitions.md, "Query-focused retrieval score (QRHead)").
 
 Definition, as implemented
 - Query rows Q: the tokens of the question inside the prompt (the ids where the prompt with the real

@@ -1,5 +1,5 @@
 """Compression valley and the first token's norm, per layer (Queipo-de-Llano et al. 2025, "Attention Sinks
-and Compression Valleys in LLMs are Two Sides of the Same Coin"; shared/DESIGN.md §3, "Compression valley").
+and Compression Valleys in LLMs are Two Sides of the Same Coin"; docs/definitions.md, "Compression valley").
 
 Definition, as implemented
 - Per layer l and text, X = the layer's residual output ``blocks.{l}.hook_resid_post`` ``[T, d]`` (the

@@ -1,6 +1,6 @@
 """Retrieval heads (Wu et al. 2024): NIAH scan with in-kernel top-1 attention, and the causal ablation test.
 
-Definition (shared/DESIGN.md §3). At each greedy decode step the forward pass on the previous token
+Definition (docs/definitions.md). At each greedy decode step the forward pass on the previous token
 produces token ``w``; a query head copy-pastes when its top-1 attention position ``i`` lies in the
 needle span and ``prompt_ids[i] == w``. Score of a test = |copied needle positions| / |needle tokens|
 (variant ``set``, the paper) or the number of copying steps / |needle tokens| (``per_step``, the

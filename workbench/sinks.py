@@ -1,5 +1,5 @@
 """Attention sinks: Gu et al.'s Sink_k^ε, ACT hidden sinks, Sun et al.'s massive activations, and
-ACT calibration as an experiment (shared/DESIGN.md §3).
+ACT calibration as an experiment (docs/definitions.md).
 
 - α_k = (1/(T−k+1)) Σ_{i≥k} A[i, k]: mean attention key k receives from the queries that see it;
   Sink_k^ε = % of (layer, head) with α_k > ε (ε = 0.3; the paper's T = 64 on natural text).
@@ -311,7 +311,7 @@ def _prompt(text: str) -> str:
 def task_accuracy(model, items: list[dict], *, sink_tokens: set[str] = frozenset(), heads=(), beta: float = 0.4) -> dict:
     """Zero-shot accuracy and 2-way loss on ``items``; with ``heads``, ACT calibration (β) on the
     positions of ``sink_tokens`` in each prompt, the first token excluded (ACT keeps the first-token sink:
-    DESIGN.md §3; a prompt with no such position runs unedited)."""
+    docs/definitions.md; a prompt with no such position runs unedited)."""
     tok = model.tokenizer
     choice = [tok.encode(" positive", add_special_tokens=False)[0], tok.encode(" negative", add_special_tokens=False)[0]]
     correct, loss = 0, 0.0

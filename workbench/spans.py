@@ -1,12 +1,12 @@
 """Span profile of every head (MoA, Fu et al. 2024, "MoA: Mixture of Sparse Attention for Automatic Large
 Language Model Compression"): how far back each head must look to hold most of its attention, and how that
-reach grows with the input length (shared/DESIGN.md §3, "Span profile (MoA)").
+reach grows with the input length (docs/definitions.md, "Span profile (MoA)").
 
 Definition, as implemented
 - Row span. For a query row i with probabilities p_ij over its visible keys j, the span at mass q
   (``q = 0.9`` default) is the smallest distance d such that Σ_{i−j<d} p_ij ≥ q (d = 1: the row's own key only).
   With ``sink = k`` > 0 the first k keys count as always kept, like MoA's masks (StreamingLLM's initial tokens
-  plus a sliding window): the smallest d with Σ_{i−j<d or j<k} p_ij ≥ q. ``sink = 0`` is DESIGN.md's definition.
+  plus a sliding window): the smallest d with Σ_{i−j<d or j<k} p_ij ≥ q. ``sink = 0`` is the published definition (docs/definitions.md).
 - Without the matrix. The backend reduces, per row, the cumulative mass of windows of the last w keys
   (``AttentionStats(spans={"w8": Window(8), ...})``); the reported span of a row is the smallest window of a
   geometric grid whose mass reaches q (a window whose float32 mass lies within ``TOL`` = 1e-5 below q counts:
@@ -124,7 +124,7 @@ def lower_median(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 class SpanConfig:
     """A span-profile scan: input ``lengths`` N (prefixes of each text; at least two, for the rule
     span(N) = a + b·N), the mass ``q`` a span must hold, ``steps_per_octave`` of the window grid, ``sink``
-    first keys always kept (0: DESIGN.md's definition), ``texts`` (None: the shipped prose)."""
+    first keys always kept (0: the published definition (docs/definitions.md)), ``texts`` (None: the shipped prose)."""
 
     lengths: tuple[int, ...] = (64, 128, 256, 512)
     q: float = DEFAULT_Q

@@ -1,5 +1,5 @@
 """Head taxonomy at any length: every head placed on the head-type axes reduced inside the backend
-(DESIGN.md §3, "Head taxonomy statistics"), next to its first-token sink α₀ and, when given, Wu et al.'s
+(docs/definitions.md, "Head taxonomy statistics"), next to its first-token sink α₀ and, when given, Wu et al.'s
 retrieval score.
 
 Per row i with probabilities p_ij over visible keys j (no N×N matrix: spans, moments and one gathered
@@ -287,7 +287,7 @@ def scan(model, config: TaxonomyConfig | None = None, *, edits=(), on_case=None,
         raise ProbeError("the taxonomy scan was cancelled before its first case: nothing to report")
     table = pd.DataFrame([(i, k, n, len(ids), list(ids)) for i, (k, n, ids) in enumerate(cases[: len(done)])],
                          columns=["case", "kind", "length", "tokens", "token_ids"])  # fmt: skip
-    prov = model.provenance.with_run(definition=f"head taxonomy (DESIGN.md §3): per-row self/prev/local(w={cfg.local_window})/"
+    prov = model.provenance.with_run(definition=f"head taxonomy (docs/definitions.md): per-row self/prev/local(w={cfg.local_window})/"
                                                 "distance/induction mass, head means over real rows; rules " + str(rules),
                                      edits=", ".join(edit_labels(edits)) or None, seed=cfg.seed, complete=complete)  # fmt: skip
     result = TaxonomyResult(torch.stack(done), _AXES, table, prov, rules, cfg.local_window, complete=complete)

@@ -178,7 +178,7 @@ class BoundAttention(Bound):
             self._induction_keys(call)
 
     def _induction_keys(self, call: Call) -> torch.Tensor:
-        """Each row's j*+1 (DESIGN.md §3) from every token seen so far in this sequence (decode steps extend it)."""
+        """Each row's j*+1 (docs/definitions.md) from every token seen so far in this sequence (decode steps extend it)."""
         from ..kernels.semantics import induction_keys
 
         ids, real = call.token_ids, call.real

@@ -78,7 +78,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError as e:  # pragma: no cover - ray is a declared extra
-            raise StudyError("the ray executor needs Ray: pip install 'workbench[ray]'") from e
+            raise StudyError("the ray executor needs Ray: pip install 'interp-workbench[ray]'") from e
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:
