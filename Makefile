@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) requirements/uv.txt | sha1sum | cut -c1-12)
-# torch's CPU build lies here on the CI machine kind; elsewhere uv looks on PyPI only (see README, "Set-up")
+# torch's CPU build lies here on the CI machine kind; elsewhere uv looks on PyPI only (README, "Installing it elsewhere")
 FIND_LINKS := $(wildcard /opt/wheels)
 UV_LINKS = --quiet $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
@@ -36,13 +36,15 @@ lock: $(STAMP)
 	  --upgrade --extra dev pyproject.toml requirements/lock.in -o $(LOCK)
 	$(BIN)/uv pip compile $(UV_LINKS) --generate-hashes --custom-compile-command "make lock" --upgrade requirements/uv.in -o requirements/uv.txt
 
+NORMALISE = awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$2}' | sort
 # the newest releases pyproject.toml allows (torch stays the CPU build of the lock: see requirements/lock.in)
 test-latest: $(STAMP) browser
 	test -x $(VENV)-latest/bin/python || $(PY) -m venv $(VENV)-latest
 	$(BIN)/uv pip install $(UV_LINKS) --python $(VENV)-latest/bin/python \
 	  --upgrade --reinstall-package interp-workbench "torch==2.13.0+cpu" -e ".[dev]"
-	$(VENV)-latest/bin/python -m pip list --format=freeze > $(VENV)-latest/versions.txt
-	diff <(grep '==' $(LOCK) | sed 's/ .*//' | sort) <(sort $(VENV)-latest/versions.txt | grep -v '^interp-workbench') || true
+	@echo "what differs from the lock (< lock, > newest):"
+	@diff <(grep '==' $(LOCK) | sed 's/ .*//' | $(NORMALISE)) \
+	  <($(VENV)-latest/bin/python -m pip list --format=freeze | grep -v '^interp-workbench\|^pip==' | $(NORMALISE)) || true
 	$(VENV)-latest/bin/python -m pytest -q
 
 # Debian's chromium for the browser tests and PNG export (kaleido finds it on PATH); never `playwright install`
