@@ -377,3 +377,45 @@ def test_html_report_replaces_a_link_instead_of_writing_through(tmp_path):
     report.write_html(out / "report.html", "t", [("s", "text")])
     assert not (out / "report.html").is_symlink() and "text" in (out / "report.html").read_text()
     assert (outside / "secret.csv").read_text() == "keep me" and (outside / "precious.png").read_bytes() == b"not yours"
+
+
+# === issue 27: hardening, round two (rows 1 and 2 over real sockets: tests/test_security_browser.py) ============
+
+# --- row 3: compiled code is loaded only when nobody but its owner could have changed it ----------------------
+
+
+def test_compiled_step_refuses_group_writable_code_dirs_and_links(monkeypatch, tmp_path):
+    """A planted tile step that is group-writable, sits in a group-writable folder, or is reached through a symlink
+    into a world-writable folder is not loaded (its constructor would run in this process)."""
+    import torch
+
+    from workbench.attention import chunked as C
+    from workbench.files import untrusted_part
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
+    monkeypatch.setattr(C, "_native", {})
+    if C.native_step(torch.float32) is None:
+        pytest.skip("no C compiler here")
+    (built,) = (cache / "native").glob("flash_step-*.so")
+
+    def loads() -> bool:
+        monkeypatch.setattr(C, "_native", {})
+        return C.native_step(torch.float32) is not None
+
+    assert untrusted_part(built) is None and loads()
+    built.chmod(0o775)  # group-writable file: the old check (world bit only) loaded it
+    assert "writable by its group" in untrusted_part(built) and not loads()
+    built.chmod(0o755)
+    (cache / "native").chmod(0o775)  # group-writable folder: anyone in the group can swap the file
+    assert str(cache / "native") in untrusted_part(built) and not loads()
+    (cache / "native").chmod(0o755)
+    assert loads()
+    shared = tmp_path / "shared"  # a world-writable folder without the sticky bit, reached through a link
+    shared.mkdir()
+    shared.chmod(0o777)
+    (cache / "native").rename(shared / "native")
+    (cache / "native").symlink_to(shared / "native")
+    assert str(shared) in untrusted_part(built) and not loads()
+    shared.chmod(0o755)
+    assert loads()
