@@ -419,3 +419,42 @@ def test_compiled_step_refuses_group_writable_code_dirs_and_links(monkeypatch, t
     assert str(shared) in untrusted_part(built) and not loads()
     shared.chmod(0o755)
     assert loads()
+
+
+# --- row 7: crash logs hold no secrets and only their owner can read them ---------------------------------------
+
+
+def test_serve_crash_log_redacts_secrets_and_is_private(tmp_path, monkeypatch):
+    """A crash of ``workbench serve --basic-auth PW --cookie-secret S`` used to write the whole command line (and an
+    error quoting the password) to a world-readable log."""
+    import socket
+    import sys
+
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    password, cookie = "hunter2-password", "cookie-secret-0123456789"
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+
+    def crash(*a, basic_auth=None, **k):
+        raise RuntimeError(f"could not read the users file {basic_auth}")  # an error that quotes the secret
+
+    monkeypatch.setattr("workbench.dashboard.serve.serve", crash)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path), "--basic-auth", password,
+            f"--cookie-secret={cookie}"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["workbench", *args])
+    old = os.umask(0o022)  # the usual umask: the old log came out 0644
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 3, result.output
+    log = result.output.split("traceback written to ")[1].strip()
+    text = open(log).read()
+    assert "RuntimeError: could not read the users file [redacted]" in text and "--basic-auth [redacted]" in text
+    assert password not in text and cookie not in text and "--cookie-secret=[redacted]" in text
+    assert _mode(log) == 0o600 and _mode(os.path.dirname(log)) == 0o700
