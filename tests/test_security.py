@@ -458,3 +458,69 @@ def test_serve_crash_log_redacts_secrets_and_is_private(tmp_path, monkeypatch):
     assert "RuntimeError: could not read the users file [redacted]" in text and "--basic-auth [redacted]" in text
     assert password not in text and cookie not in text and "--cookie-secret=[redacted]" in text
     assert _mode(log) == 0o600 and _mode(os.path.dirname(log)) == 0o700
+
+
+# --- row 6: every read under a root resolves and confines files and folders --------------------------------------
+
+
+def test_folders_named_like_results_and_run_files_linked_out_are_not_read(tmp_path):
+    """A folder ``evil.parquet/`` in a store (or ``units/eval-….parquet/`` in a run) holding a link to an outside
+    Parquet file was read as a dataset by ``ResultStore.sql``/``load``; ``study.toml`` and ``run.json`` linked
+    outside were read and shown in the Runs tab."""
+    from workbench.study import Run, list_runs
+
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    ResultStore(secret).save("secret", pd.DataFrame({"a": [42]}))
+    store = ResultStore(tmp_path / "store")
+    store.save("ok", pd.DataFrame({"a": [1]}))
+    (store.root / "evil.parquet").mkdir()
+    (store.root / "evil.parquet" / "part-0.parquet").symlink_to(secret / "secret.parquet")
+    assert store.names() == ["ok"]
+    with pytest.raises(wb.WorkbenchError, match="is a folder, not a file"):
+        store.load("evil")
+    with pytest.raises(Exception, match="evil"):  # no such view: the folder was never registered
+        store.sql("SELECT * FROM evil")
+
+    runs = tmp_path / "runs"
+    run = Run.create(runs / "r", STUDY_TOML, resume=False)
+    uid = "eval-0123456789abcdef"
+    (run.path / "units" / f"{uid}.parquet").mkdir()
+    (run.path / "units" / f"{uid}.parquet" / "part-0.parquet").symlink_to(
+        ResultStore(secret).save(uid, pd.DataFrame({"metric": [42.0], "unit_id": [uid]})))
+    with pytest.warns(UserWarning, match="is a folder"):
+        assert run.completed(quarantine=False) == set()
+    assert run.results().empty
+    # study.toml and run.json linked outside the run: not read, the listing says why
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "study.toml").write_text('name = "SECRET-STUDY-NAME"\n' + STUDY_TOML.split("\n", 1)[1])
+    (hidden / "run.json").write_text('{"created": "SECRET-CREATED"}')
+    linked = Run.create(runs / "linked", STUDY_TOML, resume=False).path
+    (linked / "study.toml").unlink()
+    (linked / "study.toml").symlink_to(hidden / "study.toml")
+    (linked / "run.json").unlink()
+    (linked / "run.json").symlink_to(hidden / "run.json")
+    listed = list_runs(runs).set_index("run_id")
+    assert "SECRET" not in listed.to_string()
+    assert "outside" in listed.loc["linked", "status"] and "study.toml" in listed.loc["linked", "status"]
+    with pytest.raises(wb.WorkbenchError, match="outside"):
+        Run(linked).study
+    with pytest.warns(UserWarning, match="run.json"):
+        assert Run._meta(linked) == {}
+
+
+# --- row 9: exact file lists, never patterns; one head once ------------------------------------------------------
+
+
+def test_run_directory_with_glob_characters_reads_only_its_own_units(tmp_path):
+    """DuckDB expands glob characters even in a list of paths: the results of ``runs/run-*`` held every ``run-…``
+    run's rows."""
+    from workbench.study import Run
+
+    uid = "eval-0123456789abcdef"
+    for name, metric in (("run-a", 1.0), ("run-b", 2.0), ("run-*", 3.0)):
+        run = Run.create(tmp_path / name, STUDY_TOML, resume=False)
+        run.units.save(uid, pd.DataFrame({"metric": [metric], "unit_id": [uid]}))
+    res = Run(tmp_path / "run-*").results()
+    assert res["metric"].tolist() == [3.0]

@@ -54,6 +54,17 @@ def confined(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     return resolved
 
 
+def confined_file(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """:func:`confined`, and a regular file: what every reader under a root opens. A folder named like a file
+    (``evil.parquet/``) is refused: Parquet and DuckDB readers take a folder as a dataset of every file in it,
+    links to files outside the root included."""
+    resolved = confined(root, path)
+    if not resolved.is_file():
+        kind = "a folder" if resolved.is_dir() else "missing" if not resolved.exists() else "not a regular file"
+        raise OutsideRootError(f"refused: {path} is {kind}, not a file")
+    return resolved
+
+
 def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
     """Whether ``path`` resolves (through symlinks) inside ``root``: :func:`confined` as a test."""
     try:

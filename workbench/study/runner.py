@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import Study, StudyError, load_study, read_study_text, study_path
 from .plan import Shape, Unit, check, eval_units, rank_units
-from .rundir import Run
+from .rundir import Run, _run_file
 
 EXECUTORS = ("local", "ray")
 
@@ -202,7 +202,7 @@ def _rankings(run: Run, ranks: Iterable[Unit]) -> dict:
             fail = run.failures()
             why = fail.loc[fail.unit_id == u.id, "error"].tolist()
             raise StudyError(f"the ranking scan failed, so `top` sets cannot be chosen: {why[0] if why else 'no result'}")
-        frame = pq.read_table(path, columns=["layer", "unit", "rank"]).to_pandas().sort_values("rank")
+        frame = pq.read_table(_run_file(run.path, path, "ranking file"), columns=["layer", "unit", "rank"]).to_pandas().sort_values("rank")
         out[u.condition] = [(int(l), int(h)) for l, h in zip(frame["layer"], frame["unit"])]
     return out
 
