@@ -524,3 +524,13 @@ def test_run_directory_with_glob_characters_reads_only_its_own_units(tmp_path):
         run.units.save(uid, pd.DataFrame({"metric": [metric], "unit_id": [uid]}))
     res = Run(tmp_path / "run-*").results()
     assert res["metric"].tolist() == [3.0]
+
+
+def test_a_set_naming_one_head_twice_is_refused_with_its_line():
+    """``sets = [[[0, 0], [0, 0]]]`` ablated one head and was recorded as k = 2."""
+    from workbench.study import StudyError, load_study
+
+    text = STUDY_TOML.replace('select = "none"', 'select = "explicit"\nsets = [[[0, 0], [0, 0]]]')
+    with pytest.raises(StudyError, match=r"grid\[0\]\.sets \(line 8\): set 0 lists \[0, 0\] twice.*k = 2 for 1 distinct"):
+        load_study(text)
+    assert load_study(text.replace("[[[0, 0], [0, 0]]]", "[[[0, 0], [0, 1]]]")).grid[0].sets == [[(0, 0), (0, 1)]]
