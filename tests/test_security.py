@@ -534,3 +534,35 @@ def test_a_set_naming_one_head_twice_is_refused_with_its_line():
     with pytest.raises(StudyError, match=r"grid\[0\]\.sets \(line 8\): set 0 lists \[0, 0\] twice.*k = 2 for 1 distinct"):
         load_study(text)
     assert load_study(text.replace("[[[0, 0], [0, 0]]]", "[[[0, 0], [0, 1]]]")).grid[0].sets == [[(0, 0), (0, 1)]]
+
+
+# --- row 5: mean-ablation studies run (the study hands token ids as the reference) -------------------------------
+
+
+def test_mean_ablation_study_runs_end_to_end(tmp_path):
+    """Every ablated unit of a ``mode = "mean"`` study failed with ``TypeError: unhashable type: 'list'``."""
+    import json
+
+    import torch
+
+    from workbench.study import run_study
+    from workbench.study.tasks import texts
+
+    study = (STUDY_TOML.replace('kind = "loss"', 'kind = "loss"\nn_texts = 2\nmax_tokens = 32')
+             + '[ablation]\nmode = "mean"\n[[grid]]\nselect = "explicit"\nsets = [[[0, 1]], [[1, 0], [1, 2]]]\n')  # fmt: skip
+    path = tmp_path / "mean.toml"
+    path.write_text(study)
+    run = run_study(path, tmp_path / "run", progress=False)
+    assert run.status() == {"n_units": 3, "n_done": 3, "n_failed": 0, "status": "complete"}, run.failures()
+    res = run.results()
+    model = wb.load("tiny:llama")
+    ids = [model.tokenizer.encode(t)[:32] for t in texts(run.study)]
+    means = wb.head_output_means(model, ids)  # the token-id reference the study uses, accepted directly
+    for uid, part in res[res["select"] == "explicit"].groupby("unit_id"):
+        heads = [tuple(h) for h in json.loads(part["targets"].iloc[0])]
+        with torch.no_grad(), wb.intervene(model, wb.HeadAblation(heads, mode="mean", means=means)):
+            expected = [float(torch.nn.functional.cross_entropy(model.hf(input_ids=torch.tensor([i])).logits[0, :-1], torch.tensor(i[1:])))
+                        for i in ids]  # fmt: skip
+        assert part.sort_values("item")["metric"].tolist() == pytest.approx(expected, abs=1e-5)
+    base = res[res["select"] == "none"]["metric"].mean()
+    assert all(res[res["select"] == "explicit"].groupby("unit_id")["metric"].mean() != base)  # the ablation did something
