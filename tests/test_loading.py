@@ -19,7 +19,7 @@ def test_default_model_answers_in_english(smollm):
     answer = smollm.generate("What is the capital of France?", max_new_tokens=16)
     assert "Paris" in answer
     p = smollm.provenance
-    assert p.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert p.weights_hash == embedded.weights_digest(embedded.converted_dir())  # the files loaded, not the GGUF's hash
     assert p.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and p.dtype == "float32"
     assert p.versions["transformers"] and p.versions["torch"]
     assert "BOS" in p.bos_policy or "bos" in p.bos_policy.lower()
@@ -268,6 +268,7 @@ def test_corrupted_conversion_is_detected_and_converted_again(own_cache):
     import time
 
     weights = own_cache / "safetensors" / "model.safetensors"
+    clean = embedded.weights_digest(own_cache / "safetensors")
     t = time.perf_counter()
     assert embedded.check_conversion(own_cache / "safetensors", full=False) is None
     fast = time.perf_counter() - t
@@ -284,7 +285,7 @@ def test_corrupted_conversion_is_detected_and_converted_again(own_cache):
     with pytest.warns(UserWarning, match="does not match the SHA-256 recorded at conversion"):
         m = wb.load()
     assert "Paris" in _answer(m)
-    assert m.provenance.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert m.provenance.weights_hash == clean  # the conversion again: the same files
     assert embedded.check_conversion(own_cache / "safetensors", full=True) is None
 
 

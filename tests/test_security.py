@@ -566,3 +566,77 @@ def test_mean_ablation_study_runs_end_to_end(tmp_path):
         assert part.sort_values("item")["metric"].tolist() == pytest.approx(expected, abs=1e-5)
     base = res[res["select"] == "none"]["metric"].mean()
     assert all(res[res["select"] == "explicit"].groupby("unit_id")["metric"].mean() != base)  # the ablation did something
+
+
+# --- row 4: --resume never mixes units of two models ----------------------------------------------------------------
+
+
+def test_resume_with_other_weights_is_refused_naming_the_field(tmp_path):
+    """Weights changed between a run and its resume gave a "complete" run with units of two weights hashes."""
+    import torch
+
+    from workbench.study import StudyError, run_study
+
+    path = tmp_path / "s.toml"
+    path.write_text(STUDY_TOML.replace('kind = "loss"', 'kind = "loss"\nn_texts = 1\nmax_tokens = 16')
+                    + '[[grid]]\nselect = "explicit"\nsets = [[[0, 1]], [[1, 0]]]\n')  # fmt: skip
+    run = run_study(path, tmp_path / "run", progress=False, model=wb.load("tiny:llama"))
+    assert run.status()["n_done"] == 3
+    first = sorted(run.completed())[0]
+    run.units.path(first).unlink()  # as if the run had been interrupted
+    other = wb.load("tiny:llama")
+    with torch.no_grad():
+        other.hf.get_input_embeddings().weight[0, 0] += 1.0  # other weights, same everything else
+    with pytest.raises(StudyError, match=r"2 of its 2 finished units were computed with weights_hash blake2b:.*mix results"):
+        run_study(path, tmp_path / "run", resume=True, progress=False, model=other)
+    assert first not in run.completed()  # nothing ran
+    run = run_study(path, tmp_path / "run", resume=True, progress=False, model=wb.load("tiny:llama"))
+    assert run.status()["status"] == "complete" and run.results()["weights_hash"].nunique() == 1
+
+
+# --- row 8: provenance describes the weights and tokenizer actually loaded ----------------------------------------
+
+
+def test_provenance_names_the_loaded_weights_and_tokenizer(tmp_path, monkeypatch):
+    """A byte flip plus a rewritten verification stamp loaded other weights while provenance still named the GGUF;
+    an unstamped ``added_tokens.json`` in the cache changed token ids silently."""
+    import json
+    import shutil
+
+    from workbench import embedded
+    from workbench.errors import ModelLoadError
+    from workbench.zoo.tiny import byte_tokenizer, tiny_hf_model
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / embedded.SMOLLM2.name / "safetensors"  # a (tiny) verified conversion
+    out.mkdir(parents=True)
+    tiny_hf_model("llama").save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    embedded.write_stamp(out, embedded.SMOLLM2)
+    clean = wb.load().provenance
+    assert clean.weights_hash.startswith("safetensors-sha256:") and clean.tokenizer_hash.startswith("blake2b:")
+
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # one byte of the last tensor
+    weights.write_bytes(bytes(data))
+    embedded.write_stamp(out, embedded.SMOLLM2)  # the attacker rewrites the stamp: the file verifies
+    assert wb.load().provenance.weights_hash not in (clean.weights_hash, "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256)
+
+    plain = tmp_path / "plain"  # the same files as a directory source, before the extra file
+    shutil.copytree(out, plain)
+    added = json.dumps({"ab": 259})
+    (out / "added_tokens.json").write_text(added)  # not in the stamp: the conversion is not used as it is
+    assert "added_tokens.json is not part of the conversion" in embedded.check_conversion(out, embedded.SMOLLM2, full=False)
+
+    def no_reconversion(*a, **k):
+        raise ModelLoadError("reconversion (needs the GGUF) is not part of this test")
+
+    monkeypatch.setattr(embedded, "convert", no_reconversion)
+    with pytest.warns(UserWarning, match="added_tokens.json"), pytest.raises(ModelLoadError, match="reconversion"):
+        wb.load()
+    before = wb.load(str(plain))
+    (plain / "added_tokens.json").write_text(added)  # a directory source: it is used, and provenance says so
+    after = wb.load(str(plain))
+    assert before.encode("ab").tolist() != after.encode("ab").tolist()
+    assert before.provenance.tokenizer_hash != after.provenance.tokenizer_hash

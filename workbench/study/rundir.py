@@ -31,6 +31,8 @@ from .plan import Unit
 
 # columns that differ between two runs of the same unit (timing, placement): not part of a result's identity
 VOLATILE = ("seconds", "worker", "finished_at")
+# provenance fields that define a unit's result: a resumed run whose model differs in one of them would mix results
+UNIT_DEFINING = ("weights_hash", "tokenizer_hash", "dtype", "bos_policy")
 UNIT_ID = re.compile(r"^(eval|rank)-[0-9a-f]{16}$")  # Unit.id's form; nothing else in units/ is ever read
 _FAILURE_COLUMNS = ["unit_id", "unit", "grid", "k", "seed", "error", "traceback", "worker", "finished_at"]
 
@@ -180,6 +182,7 @@ class Run:
             unit_config=json.dumps(unit.config, sort_keys=True, default=list),
             model_source=provenance["model_source"], model_id=provenance["model_id"], revision=provenance["revision"],
             weights_hash=provenance["weights_hash"], dtype=provenance["dtype"], bos_policy=provenance["bos_policy"],
+            tokenizer_hash=provenance.get("tokenizer_hash"),
             workbench_version=provenance["versions"].get("workbench"),
             transformers_version=provenance["versions"].get("transformers"),
             definition=_definition(unit), seconds=seconds, worker=worker, finished_at=time.time(),
@@ -234,6 +237,19 @@ class Run:
                 continue
             done.add(path.stem)
         return done
+
+    def unit_provenance(self) -> pd.DataFrame:
+        """The fields of :data:`UNIT_DEFINING` each completed unit recorded (one row per unit; a field a run
+        written by an older workbench lacks is absent): what ``--resume`` compares with the model it loaded."""
+        import pyarrow.parquet as pq
+
+        rows = []
+        for uid in sorted(self.completed(quarantine=False)):
+            path = _run_file(self.path, self.units.path(uid), "unit file")
+            names = set(pq.read_schema(path).names)
+            table = pq.read_table(path, columns=[c for c in UNIT_DEFINING if c in names])
+            rows.append({"unit_id": uid, **{c: table.column(c)[0].as_py() for c in table.column_names}})
+        return pd.DataFrame(rows)
 
     def _frames(self, kind: str) -> pd.DataFrame:
         planned = [u["id"] for u in self.plan() if u["kind"] == kind] or None
