@@ -3,6 +3,7 @@
 Plain-Python tests here; the served app in a real browser is in tests/test_dashboard_browser.py."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -541,8 +542,6 @@ def test_a_set_naming_one_head_twice_is_refused_with_its_line():
 
 def test_mean_ablation_study_runs_end_to_end(tmp_path):
     """Every ablated unit of a ``mode = "mean"`` study failed with ``TypeError: unhashable type: 'list'``."""
-    import json
-
     import torch
 
     from workbench.study import run_study
@@ -600,9 +599,6 @@ def test_resume_with_other_weights_is_refused_naming_the_field(tmp_path):
 def test_provenance_names_the_loaded_weights_and_tokenizer(tmp_path, monkeypatch):
     """A byte flip plus a rewritten verification stamp loaded other weights while provenance still named the GGUF;
     an unstamped ``added_tokens.json`` in the cache changed token ids silently."""
-    import json
-    import shutil
-
     from workbench import embedded
     from workbench.errors import ModelLoadError
     from workbench.zoo.tiny import byte_tokenizer, tiny_hf_model
@@ -640,3 +636,68 @@ def test_provenance_names_the_loaded_weights_and_tokenizer(tmp_path, monkeypatch
     after = wb.load(str(plain))
     assert before.encode("ab").tolist() != after.encode("ab").tolist()
     assert before.provenance.tokenizer_hash != after.provenance.tokenizer_hash
+
+
+# --- row 10: every misuse is a WorkbenchError that says what to do ----------------------------------------------------
+
+
+def test_misuse_of_captures_hooks_studies_and_models_is_a_clear_error(tiny_llama, tmp_path):
+    """Each of these was a bare traceback or a silent empty result."""
+    import threading
+
+    import torch
+
+    from workbench.study import load_study
+
+    m = tiny_llama
+    block = wb.capture(m, wb.AttentionStats())
+    with block:
+        m.forward_text("hello there")
+    with pytest.raises(wb.WorkbenchError, match="already entered"):  # was AttributeError: ... no attribute 'args'
+        with block:
+            pass
+    shared, errors = wb.capture(m, wb.AttentionStats()), []
+    with shared:  # a second thread entering the same block while this one holds it
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(wb.WorkbenchError, shared.__enter__)))
+        t.start()
+        t.join()
+    assert errors and "already entered" in str(errors[0].value)
+    with pytest.raises(wb.WorkbenchError, match="already entered"):
+        once = wb.intervene(m, wb.HeadAblation([(0, 0)]))
+        with once, once:
+            pass
+    # mean reference given as token ids: accepted (a list per text); one flat id list says how to pass it
+    ids = m.tokenizer.encode("the cat sat on the mat")
+    with wb.intervene(m, wb.HeadAblation([(0, 1)], mode="mean", reference=[ids])):
+        m.forward_text("a b c")
+    assert torch.equal(wb.head_output_means(m, [ids])[(0, 1)], wb.head_output_means(m, [torch.tensor(ids)])[(0, 1)])
+    with pytest.raises(wb.WorkbenchError, match=r"flat list of token ids is one text.*\[ids\]"):
+        wb.head_output_means(m, ids)
+    # a hook returning a meta tensor (was NotImplementedError deep in torch)
+    meta = wb.Hook("blocks.0.hook_resid_post", lambda t, name: torch.empty(t.shape, device="meta"))
+    with pytest.raises(wb.WorkbenchError, match="'meta' device"):
+        with wb.intervene(m, meta):
+            m.forward_text("hello")
+    with pytest.raises(wb.WorkbenchError, match="'meta' device"):
+        with wb.capture(m, wb.Hook("blocks.0.attn.entropy", lambda t, name: torch.empty(3, device="meta"))):
+            m.forward_text("hello")
+    # filters that keep nothing (were a capture recording nothing)
+    with pytest.raises(wb.WorkbenchError, match="names_filter is empty"):
+        wb.capture(m, names_filter=[]).__enter__()
+    with pytest.raises(wb.WorkbenchError, match="keeps none of the names"):
+        wb.capture(m, wb.AttentionStats(), names_filter=lambda name: False).__enter__()
+    # a study file saved with a UTF-8 byte order mark (was "Invalid statement (line 1, column 1)")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + STUDY_TOML.encode())
+    assert load_study(bom).name == "x"
+    # a model folder that ships code: refused, saying how to opt in (never transformers' y/N prompt)
+    folder = tmp_path / "remote"
+    m.hf.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.Evil"}}))
+    (folder / "modeling_x.py").write_text("raise SystemExit('custom code ran')\n")
+    from workbench.loading import load_config
+
+    for call in (lambda: wb.load(str(folder)), lambda: load_config(str(folder))):
+        with pytest.raises(wb.WorkbenchError, match=r"ships its own Python code .*auto_map.*trust_remote_code=True.*workbench.load\(hf, tokenizer=tok\)"):
+            call()
