@@ -701,3 +701,128 @@ def test_misuse_of_captures_hooks_studies_and_models_is_a_clear_error(tiny_llama
     for call in (lambda: wb.load(str(folder)), lambda: load_config(str(folder))):
         with pytest.raises(wb.WorkbenchError, match=r"ships its own Python code .*auto_map.*trust_remote_code=True.*workbench.load\(hf, tokenizer=tok\)"):
             call()
+
+
+# --- row 2: a closed session frees what it held; drill-downs share one budget ------------------------------------
+
+
+def _live(*kinds: str) -> dict[str, int]:
+    import gc
+
+    gc.collect()
+    counts = dict.fromkeys(kinds, 0)
+    for o in gc.get_objects():
+        name = type(o).__name__
+        if name in counts:
+            counts[name] += 1
+    return counts
+
+
+def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
+    """Ten tabs with distinct prompts, then closed: every Prompt-lab page, run, view and drill-down of theirs stayed
+    alive (ipywidgets' registry held the views), and each tab's drill-down came on top of the 1 GiB cap."""
+    import asyncio
+    import gc
+    import re
+    import sys
+    import threading
+    import time
+    import urllib.request
+
+    import torch
+
+    pn = pytest.importorskip("panel")
+    from panel.io.state import set_curdoc
+    from tornado.httpclient import HTTPRequest
+    from tornado.ioloop import IOLoop
+    from tornado.websocket import websocket_connect
+
+    from workbench.dashboard.app import build
+    from workbench.dashboard.state import Caps, Workbench
+    from workbench.widgets.drilldown import qk_elements
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from browser import free_port
+
+    kinds = ("Dashboard", "PromptLab", "PromptOutcome", "PatternView", "HeadGrid", "Drilldown", "Document")
+    model = wb.load("tiny:llama")
+    prompts = [f"prompt {i}: " + "the cat sat on a mat " * 15 for i in range(10)]
+    per_prompt = qk_elements(model.spec, len(model.encode(prompts[0])[0]), model.spec.n_layers)
+    cap = 3 * per_prompt  # three prompts' drill-downs, for ten open tabs
+    bench = Workbench(model, runs=tmp_path, caps=Caps(max_prompt_chars=4000, max_drilldown_elements=cap), loader=lambda source: source)
+    made = []  # (document, dashboard) of each session, dropped before counting
+
+    def factory():
+        page = build(bench)
+        made.append((pn.state.curdoc, page.dashboard))
+        return page
+
+    port, servers = free_port(), []
+
+    def serve():
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        server = pn.serve({"/": factory}, port=port, address="127.0.0.1", websocket_origin=[f"127.0.0.1:{port}"], show=False,
+                          start=False, check_unused_sessions_milliseconds=100, unused_session_lifetime_milliseconds=500)  # fmt: skip
+        server.start()
+        servers.append(server)
+        IOLoop.current().start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    while not servers:
+        time.sleep(0.05)
+    app = servers[0]._tornado._applications["/"]
+    before = _live(*kinds)
+    tensor_bytes = lambda: sum(t.numel() * t.element_size() for t in gc.get_objects()  # noqa: E731
+                               if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter))  # fmt: skip
+    bytes_before = tensor_bytes()
+    closing = threading.Event()
+
+    def tab(token: str) -> None:  # one browser tab: its websocket stays open until `closing`
+        async def hold():
+            request = HTTPRequest(f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"})
+            conn = await websocket_connect(request, subprotocols=["bokeh", token])
+            while not closing.is_set():
+                await asyncio.sleep(0.05)
+            conn.close()
+
+        asyncio.run(hold())
+
+    tabs = []
+    for text in prompts:
+        html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).read().decode()
+        tabs.append(threading.Thread(target=tab, args=(re.search(r'"token":\s*"([^"]+)"', html).group(1),), daemon=True))
+        tabs[-1].start()
+        doc, dash = made[-1]
+        lab = dash.pages["Prompt lab"]
+        lab.text, lab.prompt.value_input = text, text
+        with set_curdoc(doc):
+            lab.run()
+        for _ in range(2400):  # wait for the worker thread and its hand-back (a count, not a time limit)
+            if lab.baseline is not None or lab.last_error:
+                break
+            time.sleep(0.05)
+        assert lab.baseline is not None and lab.view is not None, lab.last_error
+    assert len(app.sessions) == 10
+    open_now = _live(*kinds)
+    assert open_now["PromptLab"] == 10 and open_now["PromptOutcome"] >= 10
+    held = sum(o.elements for o in gc.get_objects() if type(o).__name__ == "Drilldown")
+    assert 0 < held <= cap, (held, cap)  # ten open tabs, one budget
+    del doc, dash, lab, open_now
+    made.clear()
+    closing.set()
+    for t in tabs:
+        t.join()
+    for _ in range(400):  # Bokeh discards a session 0.5 s after its last connection closed
+        if not app.sessions:
+            break
+        time.sleep(0.05)
+    assert not app.sessions
+    after = _live(*kinds)
+    for name in ("Dashboard", "PromptLab", "PromptOutcome", "PatternView", "HeadGrid", "Document"):
+        assert after[name] <= before[name], (name, before, after)
+    assert after["Drilldown"] <= bench.caps.max_drilldown_prompts  # the shared cache, within its bounds
+    leftover = tensor_bytes() - bytes_before
+    assert leftover <= 4 * cap + (1 << 20), leftover  # what the shared cache may hold (fp32), plus 1 MiB
+    print(f"sessions: tensors {bytes_before / 2**20:.1f} MiB before, {leftover / 2**20:.2f} MiB more after 10 opened and "
+          f"closed (drill-down budget {4 * cap / 2**20:.2f} MiB); live objects before {before}, after {after}")
+    servers[0].stop()
