@@ -203,7 +203,24 @@ def _rebinding_refused(port: int, page: str) -> None:
     assert _get(port, "/liveness", f"[::1]:{port}")[0] == 200
 
 
-def test_panel_serve_refuses_a_rebound_host_name(tmp_path):
+def _rebound_browser(browser, port: int, path: str) -> tuple[int, str]:
+    """Chromium with ``evil.example`` resolving to 127.0.0.1 (what a rebinding DNS server does) opens the
+    dashboard under that name: the HTTP status and page title it gets. (A second Chromium from the module's
+    Playwright: the name mapping is a launch option.)"""
+    from browser import CHROMIUM, CHROMIUM_ARGS
+
+    rebound = browser.browser_type.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+    try:
+        page = rebound.new_page()
+        response = page.goto(f"http://evil.example:{port}{path}")
+        page.wait_for_timeout(1500)  # a dashboard would open its websocket and draw the prompt lab by now
+        assert page.locator(".wb-run").count() == 0  # nothing to run from the attacker's page
+        return response.status, page.title()
+    finally:
+        rebound.close()
+
+
+def test_panel_serve_refuses_a_rebound_host_name(browser, tmp_path):
     """`panel serve apps/dashboard.py --address 127.0.0.1` served the dashboard to ``Host: evil.example:PORT``
     (Origin equal to Host passes Bokeh's check): any web page could run prompts and read runs."""
     port = free_port()
@@ -211,10 +228,12 @@ def test_panel_serve_refuses_a_rebound_host_name(tmp_path):
         status, html = _get(port, "/dashboard", f"evil.example:{port}")  # the very first page: checked by the app
         assert status == 403 or "<title>workbench dashboard: refused</title>" in html, status  # the refusal page
         _rebinding_refused(port, "/dashboard")
+        assert _rebound_browser(browser, port, "/dashboard")[0] == 403
 
 
-def test_workbench_serve_refuses_a_rebound_host_name(tmp_path):
+def test_workbench_serve_refuses_a_rebound_host_name(browser, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "workbench", "serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path)]
     with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "rebinding-serve.log"):
+        assert _rebound_browser(browser, port, "/")[0] == 403  # the very first request, from a real browser
         _rebinding_refused(port, "/")
