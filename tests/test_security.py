@@ -398,6 +398,28 @@ def test_html_report_replaces_a_link_instead_of_writing_through(tmp_path):
 
 # === issue 27: hardening, round two (rows 1 and 2 over real sockets: tests/test_security_browser.py) ============
 
+# --- row 1 (the rule; the served attack is in tests/test_security_browser.py): which Host names are accepted -----
+
+
+def test_host_rule_loopback_names_and_with_auth_the_configured_ones():
+    pytest.importorskip("panel")
+    from bokeh.server.auth_provider import NullAuth
+
+    from workbench.dashboard.serve import host_problem
+
+    class App:
+        websocket_origins = {"127.0.0.1:5006", "dash.example.org:443"}
+        auth_provider = NullAuth()
+
+    for ok in ("127.0.0.1:5006", "localhost:5006", "LOCALHOST.", "[::1]:5006", "127.9.9.9"):
+        assert host_problem(ok, App()) is None, ok
+    for bad in ("evil.example:5006", "dash.example.org", "10.0.0.1:5006", "", None, "localhost.evil.example"):
+        assert host_problem(bad, App()), bad  # without auth: loopback only
+    App.auth_provider = object()  # authentication on: the configured public name, and IP addresses, too
+    assert host_problem("dash.example.org", App()) is None and host_problem("10.0.0.1:5006", App()) is None
+    assert "--allow-websocket-origin=evil.example" in host_problem("evil.example:5006", App())
+
+
 # --- row 3: compiled code is loaded only when nobody but its owner could have changed it ----------------------
 
 
