@@ -843,8 +843,10 @@ def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
     assert len(app.sessions) == 10
     open_now = _live(*kinds)
     assert open_now["PromptLab"] == 10 and open_now["PromptOutcome"] >= 10
-    held = sum(o.elements for o in gc.get_objects() if type(o).__name__ == "Drilldown")
-    assert 0 < held <= cap, (held, cap)  # ten open tabs, one budget
+    drills = {id(d): d for d in [dash.pages["Prompt lab"].baseline.drill for _, dash in made] + list(bench.drilldowns._items.values())}
+    held = sum(d.elements for d in drills.values())  # what the ten tabs and the shared cache hold between them
+    assert len(drills) == 10 and 0 < held <= cap, (len(drills), held, cap)  # ten open tabs, one budget
+    del drills
     del doc, dash, lab, open_now
     made.clear()
     closing.set()
@@ -858,7 +860,7 @@ def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
     after = _live(*kinds)
     for name in ("Dashboard", "PromptLab", "PromptOutcome", "PatternView", "HeadGrid", "Document"):
         assert after[name] <= before[name], (name, before, after)
-    assert after["Drilldown"] <= bench.caps.max_drilldown_prompts  # the shared cache, within its bounds
+    assert after["Drilldown"] - before["Drilldown"] <= bench.caps.max_drilldown_prompts  # the shared cache, within its bounds
     leftover = tensor_bytes() - bytes_before
     assert leftover <= 4 * cap + (1 << 20), leftover  # what the shared cache may hold (fp32), plus 1 MiB
     print(f"sessions: tensors {bytes_before / 2**20:.1f} MiB before, {leftover / 2**20:.2f} MiB more after 10 opened and "
