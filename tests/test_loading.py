@@ -39,7 +39,10 @@ def test_cached_conversion_reloads_fast_and_identically(smollm):
 def test_gguf_path_loads_the_same_weights(smollm):
     path = embedded.gguf_path()
     m = wb.load(str(path))
-    assert m.provenance.weights_hash == smollm.provenance.weights_hash
+    # the same weights, from different files: each provenance names the file it loaded
+    assert m.provenance.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert smollm.provenance.weights_hash == embedded.weights_digest(embedded.converted_dir())
+    assert m.provenance.tokenizer_hash and smollm.provenance.tokenizer_hash
     ids = smollm.encode("The capital of France")
     with torch.no_grad():
         torch.testing.assert_close(m.hf(ids).logits, smollm.hf(ids).logits, atol=1e-5, rtol=0)
