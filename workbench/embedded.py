@@ -9,7 +9,9 @@ it is written (``workbench-source.json``). Each load compares the files' stat fi
 mtime, ctime: microseconds) with the one recorded when their content was last hashed; any change —
 a write, a truncation, a copy — triggers the full hash (about 1 s for SmolLM2's 538 MB on one core),
 and a mismatch re-converts from the verified GGUF (``workbench doctor`` hashes everything
-unconditionally). A cache written before hashes were recorded is re-converted once. Downloads and
+unconditionally). A cache written before hashes were recorded is re-converted once, and so is one holding a
+file the conversion did not write (an ``added_tokens.json`` would change token ids). Provenance names the files
+actually loaded (:func:`weights_digest`), not the GGUF they should have come from. Downloads and
 conversions work in ``.download-<pid>-*`` / ``.convert-<pid>-*`` folders under a lock; folders left by a
 killed process are swept on the next load.
 """
