@@ -493,7 +493,7 @@ def serve(
     runs: Path = typer.Option(Path("runs"), help="study runs directory shown in the Runs tab (nothing outside it is opened)"),
     max_prompt_tokens: int = typer.Option(None, min=2, help="prompt cap in tokens (default: the model's context)"),
     max_scan_tests: int = typer.Option(24, min=1, help="cap on NIAH tests per scan"),
-    allow_websocket_origin: list[str] = typer.Option(None, help="extra HOST:PORT origins (behind a proxy); with auth, also the names the server may be reached by (Host header)"),
+    allow_websocket_origin: list[str] = typer.Option(None, help="extra HOST:PORT origins (behind a proxy); their names are also accepted as Host (loopback names always are)"),
     basic_auth: str = typer.Option(None, help="Panel basic auth: a password, or a JSON file of user → password"),
     cookie_secret: str = typer.Option(None, help="secret that signs auth cookies (set with --basic-auth / --oauth-provider)"),
     oauth_provider: str = typer.Option(None, help="Panel OAuth provider (github, google, azure, generic, ...)"),

@@ -223,7 +223,7 @@ def _is_ip(name: str) -> bool:
 
 
 def public_names(app) -> set[str]:
-    """Names a server with authentication may be reached by: the hosts of its allowed websocket origins
+    """Names the operator gave the server besides loopback: the hosts of its allowed websocket origins
     (``--allow-websocket-origin``; ``workbench serve`` adds its ``--address``)."""
     names = {_host_name(o) for o in getattr(app, "websocket_origins", ()) or ()}
     return {n for n in names if n and n not in ("0.0.0.0", "::", "*")}
@@ -234,9 +234,10 @@ def host_problem(host: str | None, app=None) -> str | None:
     requests to this server under the page's own name (DNS rebinding: ``evil.example`` resolves to 127.0.0.1);
     such a request carries ``Host: evil.example`` — and ``Origin`` equal to it, so Bokeh's origin check (which
     tornado skips when Origin equals Host) does not stop it. As Jupyter does: loopback names (``localhost``,
-    ``127.0.0.0/8``, ``::1``) are always accepted; with authentication on, also an IP address and the names the
-    server was configured with (:func:`public_names`); nothing else. ``app``: the Bokeh/Tornado application (default:
-    this process's)."""
+    ``127.0.0.0/8``, ``::1``) are always accepted, and so are the names the operator configured
+    (:func:`public_names`: a proxy's public name, which an attacker's page cannot take); with authentication on,
+    also IP addresses (a rebinding page always has a name); nothing else. ``app``: the Bokeh/Tornado application
+    (default: this process's)."""
     from bokeh.server.auth_provider import NullAuth
 
     name = _host_name(host)
@@ -246,14 +247,13 @@ def host_problem(host: str | None, app=None) -> str | None:
         return None
     apps = [app] if app is not None else [getattr(s, "request_callback", None) for s in _servers()]
     apps = [a for a in apps if a is not None]
-    auth = bool(apps) and all(not isinstance(getattr(a, "auth_provider", None), (NullAuth, type(None))) for a in apps)
-    if auth and (_is_ip(name) or any(name in public_names(a) for a in apps)):
+    if any(name in public_names(a) for a in apps):
         return None
-    if auth:
-        return (f"Host {name!r} is not a name this server was configured with; add it with "
-                f"--allow-websocket-origin={name}:PORT")  # fmt: skip
-    return (f"Host {name!r} is not a loopback name: this dashboard serves loopback only (localhost, 127.0.0.1, ::1); "
-            "a page of another site may be driving your browser here (DNS rebinding)")  # fmt: skip
+    auth = bool(apps) and all(not isinstance(getattr(a, "auth_provider", None), (NullAuth, type(None))) for a in apps)
+    if auth and _is_ip(name):
+        return None
+    return (f"Host {name!r} is neither a loopback name (localhost, 127.0.0.1, ::1) nor one this server was given "
+            f"(--allow-websocket-origin={name}:PORT): a page of another site may be driving your browser here (DNS rebinding)")  # fmt: skip
 
 
 _HOST_PATCHED = False
