@@ -9,16 +9,19 @@ workbench: the loaded models and one lock per model.
 
 Served beyond loopback (no --address, or a public one) without --basic-auth/--oauth-provider, every
 visitor gets a refusal instead of the dashboard, and the model is never loaded; websocket handshakes
-without an Origin header are refused.
+without an Origin header are refused, and so is any request whose Host header is not a loopback name (a page
+of another site rebinding its name to 127.0.0.1), or with authentication, a name the server was given.
 """
 
 import logging
 import sys
 
-from workbench.dashboard.serve import exposure_problem, refusal_page, require_websocket_origin, workbench_from_argv
+from workbench.dashboard.serve import (exposure_problem, refusal_page, require_known_host, require_websocket_origin,
+                                       session_host_problem, workbench_from_argv)
 
 require_websocket_origin()
-problem = exposure_problem()
+require_known_host()  # later requests; this one (the first may come before the patch) is checked just below
+problem = session_host_problem() or exposure_problem()
 if problem:
     logging.getLogger("workbench.dashboard").error(problem)
     refusal_page(problem).servable(title="workbench dashboard: refused")

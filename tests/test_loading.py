@@ -19,7 +19,7 @@ def test_default_model_answers_in_english(smollm):
     answer = smollm.generate("What is the capital of France?", max_new_tokens=16)
     assert "Paris" in answer
     p = smollm.provenance
-    assert p.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert p.weights_hash == embedded.weights_digest(embedded.converted_dir())  # the files loaded, not the GGUF's hash
     assert p.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and p.dtype == "float32"
     assert p.versions["transformers"] and p.versions["torch"]
     assert "BOS" in p.bos_policy or "bos" in p.bos_policy.lower()
@@ -40,7 +40,10 @@ def test_cached_conversion_reloads_fast_and_identically(smollm, monkeypatch):
 def test_gguf_path_loads_the_same_weights(smollm):
     path = embedded.gguf_path()
     m = wb.load(str(path))
-    assert m.provenance.weights_hash == smollm.provenance.weights_hash
+    # the same weights, from different files: each provenance names the file it loaded
+    assert m.provenance.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert smollm.provenance.weights_hash == embedded.weights_digest(embedded.converted_dir())
+    assert m.provenance.tokenizer_hash and smollm.provenance.tokenizer_hash
     ids = smollm.encode("The capital of France")
     with torch.no_grad():
         torch.testing.assert_close(m.hf(ids).logits, smollm.hf(ids).logits, atol=1e-5, rtol=0)
@@ -266,6 +269,7 @@ def _answer(m) -> str:
 
 def test_corrupted_conversion_is_detected_and_converted_again(own_cache):
     weights = own_cache / "safetensors" / "model.safetensors"
+    clean = embedded.weights_digest(own_cache / "safetensors")
     hashed = []
     real_sha = embedded.sha256_file
 
@@ -288,7 +292,7 @@ def test_corrupted_conversion_is_detected_and_converted_again(own_cache):
     with pytest.warns(UserWarning, match="does not match the SHA-256 recorded at conversion"):
         m = wb.load()
     assert "Paris" in _answer(m)
-    assert m.provenance.weights_hash == "gguf-sha256:" + embedded.SMOLLM2.gguf_sha256
+    assert m.provenance.weights_hash == clean  # the conversion again: the same files
     assert embedded.check_conversion(own_cache / "safetensors", full=True) is None
 
 

@@ -150,3 +150,90 @@ def test_workbench_serve_refuses_a_public_address_without_auth(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "workbench", "serve", "--port", str(busy.getsockname()[1]),
                                "--model", "tiny:llama", "--runs", str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "already in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- issue 27 row 1: DNS rebinding — the Host header must name this server -------------------------------------------
+
+
+def _get(port: int, path: str, host: str) -> tuple[int, str]:
+    """``GET path`` on 127.0.0.1:port with this ``Host`` header, as a browser sends it for a page whose name
+    resolves to 127.0.0.1 (DNS rebinding)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _ws_as(port: int, path: str, token: str, host: str) -> None:
+    """A websocket handshake whose Origin equals its Host (tornado then skips Bokeh's origin check)."""
+    import asyncio
+    import concurrent.futures
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    request = HTTPRequest(f"ws://127.0.0.1:{port}{path}", headers={"Host": host, "Origin": f"http://{host}"})
+
+    async def go():
+        conn = await websocket_connect(request, subprotocols=["bokeh", token])
+        conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, asyncio.wait_for(go(), 30)).result()
+
+
+def _rebinding_refused(port: int, page: str) -> None:
+    from tornado.httpclient import HTTPClientError
+
+    evil = f"evil.example:{port}"
+    for path in (page, "/liveness", f"{page}/autoload.js"):
+        status, _ = _get(port, path, evil)
+        assert status == 403, (path, status)
+    status, html = _get(port, page, f"127.0.0.1:{port}")
+    assert status == 200 and "refused</title>" not in html
+    token = re.search(r'"token":\s*"([^"]+)"', html).group(1)
+    with pytest.raises(HTTPClientError, match="403"):
+        _ws_as(port, f"{page.rstrip('/')}/ws", token, evil)
+    _ws_as(port, f"{page.rstrip('/')}/ws", token, f"localhost:{port}")  # loopback names stay allowed
+    assert _get(port, "/liveness", f"[::1]:{port}")[0] == 200
+
+
+def _rebound_browser(browser, port: int, path: str) -> tuple[int, str]:
+    """Chromium with ``evil.example`` resolving to 127.0.0.1 (what a rebinding DNS server does) opens the
+    dashboard under that name: the HTTP status and page title it gets. (A second Chromium from the module's
+    Playwright: the name mapping is a launch option.)"""
+    from browser import CHROMIUM, CHROMIUM_ARGS
+
+    rebound = browser.browser_type.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+    try:
+        page = rebound.new_page()
+        response = page.goto(f"http://evil.example:{port}{path}")
+        page.wait_for_timeout(1500)  # a dashboard would open its websocket and draw the prompt lab by now
+        assert page.locator(".wb-run").count() == 0  # nothing to run from the attacker's page
+        return response.status, page.title()
+    finally:
+        rebound.close()
+
+
+def test_panel_serve_refuses_a_rebound_host_name(browser, tmp_path):
+    """`panel serve apps/dashboard.py --address 127.0.0.1` served the dashboard to ``Host: evil.example:PORT``
+    (Origin equal to Host passes Bokeh's check): any web page could run prompts and read runs."""
+    port = free_port()
+    with served(_panel_cmd(port, tmp_path), f"http://127.0.0.1:{port}/liveness", artifacts() / "rebinding-panel.log"):
+        status, html = _get(port, "/dashboard", f"evil.example:{port}")  # the very first page: checked by the app
+        assert status == 403 or "<title>workbench dashboard: refused</title>" in html, status  # the refusal page
+        _rebinding_refused(port, "/dashboard")
+        assert _rebound_browser(browser, port, "/dashboard")[0] == 403
+
+
+def test_workbench_serve_refuses_a_rebound_host_name(browser, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "workbench", "serve", "--port", str(port), "--model", "tiny:llama", "--runs", str(tmp_path)]
+    with served(cmd, f"http://127.0.0.1:{port}/liveness", artifacts() / "rebinding-serve.log"):
+        assert _rebound_browser(browser, port, "/")[0] == 403  # the very first request, from a real browser
+        _rebinding_refused(port, "/")

@@ -9,8 +9,10 @@ that opened it: a forward pass run in a thread you start inside the block is not
 """
 from __future__ import annotations
 
+import functools
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -229,7 +231,43 @@ def _default_probes(model, wanted: list[str]) -> list[Bound]:
     return [DEFAULT_PROBES[f](model, names) for f, names in fam.items()]
 
 
-@contextmanager
+class _Block:
+    """A ``capture``/``intervene`` block, entered at most once: a second ``with`` on the same object (again, or
+    from another thread) would run a finished generator (a bare ``AttributeError``) or share its hooks."""
+
+    def __init__(self, cm, what: str):
+        self._cm, self._what = cm, what
+        self._lock = threading.Lock()
+        self._entered = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._entered:
+                raise ProbeError(f"this workbench.{self._what}(...) block was already entered (it may be used in one `with`, "
+                                 f"in one thread); call workbench.{self._what}(...) again for another block")  # fmt: skip
+            self._entered = True
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def _once(what: str) -> Callable:
+    """Like ``contextlib.contextmanager``, but the block refuses a second entry (:class:`_Block`)."""
+
+    def wrap(gen_fn):
+        cm = contextmanager(gen_fn)
+
+        @functools.wraps(gen_fn)
+        def make(*args, **kwargs) -> _Block:
+            return _Block(cm(*args, **kwargs), what)
+
+        return make
+
+    return wrap
+
+
+@_once("capture")
 def capture(model, *probes, names_filter=None, rows: str = "all", max_elements: int = MAX_ELEMENTS) -> Iterator[Capture]:
     """Record what ``probes`` ask for while the block runs the model (forward or generate).
 
@@ -264,6 +302,9 @@ def capture(model, *probes, names_filter=None, rows: str = "all", max_elements: 
     elif names_filter is not None:
         N.check_filter(names_filter, [n for b in bound for n in b.names()])
     kept = frozenset(n for b in bound for n in b.names() if keep(n))
+    if names_filter is not None and not kept and not hooks:  # `[]` or a function true for no name: nothing recorded
+        raise ProbeError(f"names_filter {names_filter!r} keeps none of the names these probes emit, so the capture would "
+                         "record nothing; list them with workbench.names.available(model.spec) or cap.names()")  # fmt: skip
     hooked = {t for h in hooks for t in h.targets}
     clash = sorted(n for h in hooks if h.key is None for n in h.targets if n in kept)
     if clash:
@@ -276,7 +317,7 @@ def capture(model, *probes, names_filter=None, rows: str = "all", max_elements: 
         yield cap
 
 
-@contextmanager
+@_once("intervene")
 def intervene(model, *edits) -> Iterator[None]:
     """Apply ``edits`` inside the block: attention edits (``HeadAblation``, ``SinkCalibration``, ``SpanMask``,
     ``StreamingHeads``), routing edits (``ExpertMask``, ``ExpertForce``, ``TopK``) and :class:`~workbench.Hook`

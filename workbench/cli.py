@@ -42,19 +42,57 @@ def _cli_exceptions() -> tuple[type[BaseException], ...]:
 _CLI_EXCEPTIONS = _cli_exceptions()
 
 
-def _crash_log(exc: BaseException) -> Path:
-    """Write ``exc``'s traceback to a log file (the cache's ``logs/``, else the temp folder); its path."""
+# options whose values are secrets: never written to a log (crash logs may be read by others, or sent in a report)
+SECRET_OPTIONS = ("--basic-auth", "--cookie-secret", "--oauth-key", "--oauth-secret", "--oauth-encryption-key")
+REDACTED = "[redacted]"
+
+
+def redacted_argv(argv: list[str]) -> tuple[list[str], set[str]]:
+    """``argv`` with the values of :data:`SECRET_OPTIONS` (``--opt VALUE`` and ``--opt=VALUE``) replaced, and
+    the secret values found (to redact them from any other text, e.g. an exception message quoting one)."""
+    out, secrets = [], set()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in SECRET_OPTIONS and eq:
+            out.append(f"{name}={REDACTED}")
+            secrets.add(value)
+        elif a in SECRET_OPTIONS and i + 1 < len(argv):
+            out += [a, REDACTED]
+            secrets.add(argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out, {v for v in secrets if v}
+
+
+def _crash_log(exc: BaseException, options: dict | None = None) -> Path:
+    """Write ``exc``'s traceback to a log file (the cache's ``logs/``, else the temp folder); its path.
+
+    Secrets never reach it: the values of :data:`SECRET_OPTIONS` (from the command line, and ``options``, the
+    command's parsed keyword arguments) are replaced wherever they appear. The file is created 0600, new
+    (``O_EXCL``: a planted file or symlink of that name is not written through), in a 0700 ``logs/``."""
     import tempfile
     import traceback
 
     from .embedded import cache_dir
 
-    text = f"workbench {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))
-    name = f"workbench-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    argv, secrets = redacted_argv(list(sys.argv[1:]))
+    for key, value in (options or {}).items():
+        if "--" + key.replace("_", "-") in SECRET_OPTIONS and isinstance(value, str) and value:
+            secrets.add(value)
+    text = f"workbench {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc))
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one secret may contain another
+        text = text.replace(secret, REDACTED)
+    name = f"workbench-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}.log"
     for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(text)
             return folder / name
         except OSError:
             continue
@@ -87,11 +125,11 @@ def _guard(fn):
             typer.echo("error: out of memory; try smaller inputs (shorter lengths, fewer texts) or a machine with more memory", err=True)
             raise typer.Exit(EXIT_ERROR) from None
         except OSError as e:
-            log = _crash_log(e)
+            log = _crash_log(e, k)
             typer.echo(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (details: {log})", err=True)
             raise typer.Exit(EXIT_ERROR) from None
         except Exception as e:  # noqa: BLE001 - a bug: say so, keep the traceback
-            log = _crash_log(e)
+            log = _crash_log(e, k)
             typer.echo(f"internal error, please report: {type(e).__name__}: {e}\ntraceback written to {log}", err=True)
             raise typer.Exit(EXIT_INTERNAL) from None
 
@@ -455,7 +493,7 @@ def serve(
     runs: Path = typer.Option(Path("runs"), help="study runs directory shown in the Runs tab (nothing outside it is opened)"),
     max_prompt_tokens: int = typer.Option(None, min=2, help="prompt cap in tokens (default: the model's context)"),
     max_scan_tests: int = typer.Option(24, min=1, help="cap on NIAH tests per scan"),
-    allow_websocket_origin: list[str] = typer.Option(None, help="extra HOST:PORT origins (behind a proxy)"),
+    allow_websocket_origin: list[str] = typer.Option(None, help="extra HOST:PORT origins (behind a proxy); their names are also accepted as Host (loopback names always are)"),
     basic_auth: str = typer.Option(None, help="Panel basic auth: a password, or a JSON file of user → password"),
     cookie_secret: str = typer.Option(None, help="secret that signs auth cookies (set with --basic-auth / --oauth-provider)"),
     oauth_provider: str = typer.Option(None, help="Panel OAuth provider (github, google, azure, generic, ...)"),

@@ -9,7 +9,9 @@ it is written (``workbench-source.json``). Each load compares the files' stat fi
 mtime, ctime: microseconds) with the one recorded when their content was last hashed; any change —
 a write, a truncation, a copy — triggers the full hash (about 1 s for SmolLM2's 538 MB on one core),
 and a mismatch re-converts from the verified GGUF (``workbench doctor`` hashes everything
-unconditionally). A cache written before hashes were recorded is re-converted once. Downloads and
+unconditionally). A cache written before hashes were recorded is re-converted once, and so is one holding a
+file the conversion did not write (an ``added_tokens.json`` would change token ids). Provenance names the files
+actually loaded (:func:`weights_digest`), not the GGUF they should have come from. Downloads and
 conversions work in ``.download-<pid>-*`` / ``.convert-<pid>-*`` folders under a lock; folders left by a
 killed process are swept on the next load.
 """
@@ -143,6 +145,11 @@ def check_conversion(out: Path, model: EmbeddedModel = DEFAULT, *, full: bool) -
     files = meta.get("files")
     if meta.get("format") != STAMP_FORMAT or not isinstance(files, dict) or not files:
         return "it was written before file hashes were recorded"
+    # every file transformers could read must be one the conversion wrote: an unstamped added_tokens.json (or a
+    # second weights file) would change token ids or weights while every stamped file still verifies
+    extra = sorted(p.name for p in out.iterdir() if p.name not in files and p.name not in (STAMP, VERIFIED))
+    if extra:
+        return f"{', '.join(extra[:5])} {'is' if len(extra) == 1 else 'are'} not part of the conversion (unstamped files)"
     try:
         seen = json.loads((out / VERIFIED).read_text())
     except (OSError, ValueError):
@@ -166,6 +173,15 @@ def check_conversion(out: Path, model: EmbeddedModel = DEFAULT, *, full: bool) -
         except OSError:  # a read-only cache still loads; it is just hashed again next time
             pass
     return None
+
+
+def weights_digest(out: Path) -> str:
+    """The SHA-256 of the weights files of the conversion in ``out`` as verified by :func:`check_conversion`
+    (which hashes any file whose fingerprint changed): provenance names the files actually loaded, not the GGUF
+    they should have come from (a flipped byte plus a rewritten stamp gives another digest). Costs one small read."""
+    files = json.loads((out / STAMP).read_text())["files"]
+    weights = {n: f["sha256"] for n, f in sorted(files.items()) if n.endswith((".safetensors", ".bin"))}
+    return "safetensors-sha256:" + hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
 
 
 def _fingerprint(path: Path) -> list[int]:

@@ -18,4 +18,5 @@ class ProbeError(WorkbenchError, ValueError):
 
 
 class OutsideRootError(WorkbenchError):
-    """A file or folder that resolves (through symlinks) outside the directory it must stay in."""
+    """A file or folder that resolves (through symlinks) outside the directory it must stay in, or a folder
+    where a file is read (a folder's contents would be read as a dataset, links out included)."""

@@ -269,6 +269,7 @@ class Session:
         if hooks:
             for h in hooks:
                 out = h.fn(value, HookName(name))
+                _no_meta(out, name, h)
                 if out is not None:
                     self.capture._keep_value(h.kept_name(name), out, call)
             if not self.capture._wants(name):
@@ -496,9 +497,18 @@ def _as_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
 
 
+def _no_meta(value, name: str, item) -> None:
+    """A meta tensor has a shape but no data: kept or used as a replacement it fails later with a bare
+    ``NotImplementedError`` far from the hook that returned it."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise ProbeError(f"{label_of(item)} on {name}: returned a tensor on the 'meta' device (a shape without data); "
+                         "return a real tensor (e.g. torch.zeros_like(value)) or None")  # fmt: skip
+
+
 def _checked_replacement(new, old: torch.Tensor, name: str, item) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
         raise ProbeError(f"{label_of(item)} on {name}: an edit must return a tensor or None, got {type(new).__name__}")
+    _no_meta(new, name, item)
     if new.shape != old.shape:
         raise ProbeError(
             f"{label_of(item)} on {name}: returned shape {tuple(new.shape)}, expected {tuple(old.shape)} "

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ProbeError
-from .provenance import Provenance, weights_hash
+from .provenance import Provenance, tokenizer_hash, weights_hash
 from .spec import ModelSpec
 
 
@@ -43,6 +43,7 @@ class Model:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             bos_policy=self.spec.bos.describe() if self.spec.bos else "unknown",
+            tokenizer_hash=tokenizer_hash(self.tokenizer),
         )
 
     # --- text helpers -------------------------------------------------------------------------

@@ -215,7 +215,10 @@ def check_filter(names_filter: NamesFilter, known: Iterable[str]) -> None:
     if names_filter is None or callable(names_filter):
         return
     known = list(known)
-    for s in _filter_items(names_filter):
+    items = _filter_items(names_filter)
+    if not items:
+        raise ProbeError("names_filter is empty: it selects no name (pass None to keep every name a probe emits)")
+    for s in items:
         if _is_glob(s):
             if not any(fnmatch.fnmatchcase(n, _canon_glob(s)) for n in known):
                 raise ProbeError(f"names_filter {s!r} matches no name of this model" + _suggest(s, known))

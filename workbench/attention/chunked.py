@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..files import untrusted_part
 from ..kernels import semantics
 from .masks import LazyMask
 from .request import LayerRequest
@@ -852,7 +853,7 @@ def _load_native():
     path = cache_dir() / "native" / f"flash_step-{key}.so"
     try:
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # never group-writable: see untrusted_part
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 c_file, so_file = os.path.join(tmp, "flash_step.c"), os.path.join(tmp, "flash_step.so")
                 with open(c_file, "w") as f:
@@ -864,9 +865,11 @@ def _load_native():
                 else:
                     log.warning("workbench: compiling the attention tile step failed; using the torch step\n%s", res.stderr[-2000:])
                     return None
+                os.chmod(so_file, 0o755)  # the compiler followed the umask (0775 under 002): owner-only writes
                 os.replace(so_file, path)  # atomic: concurrent builders each install a complete file
-        if not _trusted(path):
-            log.warning("workbench: %s is writable by other users or not ours: not loaded; using the torch step", path)
+        problem = untrusted_part(path)
+        if problem:
+            log.warning("workbench: %s not loaded (%s); using the torch step", path, problem)
             return None
         lib = ctypes.CDLL(str(path))
         P, I = ctypes.c_void_p, ctypes.c_int64
@@ -878,18 +881,6 @@ def _load_native():
     except Exception as e:  # no compiler that works, unwritable cache, foreign binary, ...
         log.warning("workbench: the compiled attention tile step is unavailable (%s); using the torch step", e)
         return None
-
-
-def _trusted(path) -> bool:
-    """A cached binary runs in this process: load it only when this user owns it and its folder and no other
-    user can write either (a world-writable cache would let anyone swap in code)."""
-    if not hasattr(os, "getuid"):
-        return True
-    for p in (path, os.path.dirname(path)):
-        st = os.stat(p)
-        if st.st_uid != os.getuid() or st.st_mode & 0o002:
-            return False
-    return True
 
 
 def _cpu_flags() -> str:

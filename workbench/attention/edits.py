@@ -93,10 +93,10 @@ class HeadAblation(Edit):
                 if not isinstance(self.means, Mapping):
                     raise ProbeError("HeadAblation(mode='mean'): means must be a mapping {(layer, head): tensor [Dv]}")
                 means = dict(self.means)
-            elif self.reference:
+            elif self.reference is not None:
                 if isinstance(self.reference, str):
                     raise ProbeError("HeadAblation(mode='mean'): reference must be a list of texts, not one string")
-                means = head_output_means(model, list(self.reference), layers={l for l, _ in heads})
+                means = head_output_means(model, self.reference, layers={l for l, _ in heads})
             else:
                 raise ProbeError("HeadAblation(mode='mean') needs reference texts or precomputed means")
             missing = [h for h in heads if h not in means]
@@ -200,23 +200,43 @@ class _BoundOutputMeans(Bound):
         self.counts[layer] = self.counts.get(layer, 0) + int(stats["output_count"])
 
 
+def _reference_items(texts) -> tuple:
+    """A mean-ablation reference as a hashable tuple (the cache key): each item a text, or a sequence of token
+    ids (a list, tuple or 1-D tensor; studies pass the task's tokenised texts) as a tuple of ints."""
+    if isinstance(texts, str) or isinstance(texts, torch.Tensor) and texts.dim() < 2 or not texts:
+        raise ProbeError("reference must be a non-empty list of texts or of token-id lists (one per text)")
+    items = []
+    for t in texts:
+        if isinstance(t, str):
+            items.append(t)
+            continue
+        if isinstance(t, torch.Tensor):
+            t = t.flatten().tolist() if t.dim() <= 2 and (t.dim() < 2 or t.shape[0] == 1) else None
+        elif isinstance(t, (int, float)) and not isinstance(t, bool):
+            raise ProbeError("reference: a flat list of token ids is one text; pass a list of texts or of id lists: [ids]")
+        if not isinstance(t, (list, tuple)) or not t or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
+            raise ProbeError(f"reference items must be texts or non-empty lists of integer token ids, got {type(t).__name__}")
+        items.append(tuple(t))
+    return tuple(items)
+
+
 @torch.no_grad()
 def head_output_means(model, texts, layers=None) -> dict[Head, torch.Tensor]:
-    """Mean attention output of every head over the tokens of ``texts`` (``mode="mean"`` ablation).
+    """Mean attention output of every head over the tokens of ``texts`` (``mode="mean"`` ablation); each
+    item a text or a list of token ids.
     Cached per model and reference set: binding the same reference twice does not rerun it."""
     from ..hooks import HookManager, attached
 
-    if isinstance(texts, str) or not texts:
-        raise ProbeError("reference must be a non-empty list of texts")
+    items = _reference_items(texts)
     layers = tuple(sorted(range(model.spec.n_layers) if layers is None else model.spec.layers(layers, what="head_output_means")))
     # means taken under an active edit (inside intervene) describe the edited model: never cache or reuse them there
     edited = any(s.edits for s in HookManager.of(model).sessions())
     cache = {} if edited else model.__dict__.setdefault("_mean_cache", {})
-    key = (tuple(texts), layers)
+    key = (items, layers)
     if key not in cache:
         bound = _BoundOutputMeans(layers)
         with attached(model, [bound]):
-            for t in texts:
-                model.forward_text(t)
+            for t in items:
+                model.forward_text(list(t) if isinstance(t, tuple) else t)
         cache[key] = {(l, h): (bound.sums[l][h] / bound.counts[l]).float() for l in bound.sums for h in range(model.spec.n_heads)}
     return cache[key]

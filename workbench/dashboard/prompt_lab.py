@@ -17,7 +17,7 @@ from ..attention.edits import ABLATION_MODES
 from .common import Page, effect_html, md_escape, tokens_html
 from .state import HeadEdits, Progress, PromptOutcome, head_name
 from .validation import parse_heads
-from .views import head_grid
+from .views import close, head_grid
 
 EXAMPLE = "The lighthouse keeper climbed the stairs every evening. Where did the keeper go every evening?"
 
@@ -153,6 +153,8 @@ class PromptLab(Page):
         grid.ablate = [list(x) for x in self.ablate]
         for old in self._links:  # the previous run's views let go of the page
             _unlink(old)
+        for old in (self.grid, self.view):  # and are closed: ipywidgets' registry would keep them (and a drill-down)
+            close(old)
         view_pane = self.host(view)
         self._links = [_link(grid_pane, self, selected="selected", ablate="ablate"), _link(view_pane, self, selected="selected")]
         self.grid, self.view = grid, view

@@ -11,7 +11,8 @@ authentication. :func:`serve` refuses such a configuration before anything loads
 ``panel serve apps/dashboard.py`` (whose sockets Panel opens before the app runs) the app looks at the
 sockets its server actually listens on and, when one is not loopback and no auth is configured,
 shows every visitor a refusal instead of the dashboard (:func:`exposure_problem`). Websocket handshakes
-without an ``Origin`` header are refused too (:func:`require_websocket_origin`).
+without an ``Origin`` header are refused too (:func:`require_websocket_origin`), and so is every request whose
+``Host`` header is not a loopback name (or, with authentication, a configured one): :func:`require_known_host`.
 """
 
 from __future__ import annotations
@@ -198,6 +199,100 @@ def require_websocket_origin() -> None:
     _ORIGIN_PATCHED = True
 
 
+# --- DNS rebinding: the Host header must name this server ------------------------------------------------------
+
+
+def _host_name(host: str | None) -> str | None:
+    """The name in a ``Host`` header (``name:port``, ``[::1]:port``), lower-case, without a trailing dot."""
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0] or None
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".") or None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def public_names(app) -> set[str]:
+    """Names the operator gave the server besides loopback: the hosts of its allowed websocket origins
+    (``--allow-websocket-origin``; ``workbench serve`` adds its ``--address``)."""
+    names = {_host_name(o) for o in getattr(app, "websocket_origins", ()) or ()}
+    return {n for n in names if n and n not in ("0.0.0.0", "::", "*")}
+
+
+def host_problem(host: str | None, app=None) -> str | None:
+    """Why a request with this ``Host`` header must be refused, or ``None``. A web page can make a browser send
+    requests to this server under the page's own name (DNS rebinding: ``evil.example`` resolves to 127.0.0.1);
+    such a request carries ``Host: evil.example`` — and ``Origin`` equal to it, so Bokeh's origin check (which
+    tornado skips when Origin equals Host) does not stop it. As Jupyter does: loopback names (``localhost``,
+    ``127.0.0.0/8``, ``::1``) are always accepted, and so are the names the operator configured
+    (:func:`public_names`: a proxy's public name, which an attacker's page cannot take); with authentication on,
+    also IP addresses (a rebinding page always has a name); nothing else. ``app``: the Bokeh/Tornado application
+    (default: this process's)."""
+    from bokeh.server.auth_provider import NullAuth
+
+    name = _host_name(host)
+    if name is None:
+        return "the request has no Host header"
+    if is_loopback(name):
+        return None
+    apps = [app] if app is not None else [getattr(s, "request_callback", None) for s in _servers()]
+    apps = [a for a in apps if a is not None]
+    if any(name in public_names(a) for a in apps):
+        return None
+    auth = bool(apps) and all(not isinstance(getattr(a, "auth_provider", None), (NullAuth, type(None))) for a in apps)
+    if auth and _is_ip(name):
+        return None
+    return (f"Host {name!r} is neither a loopback name (localhost, 127.0.0.1, ::1) nor one this server was given "
+            f"(--allow-websocket-origin={name}:PORT): a page of another site may be driving your browser here (DNS rebinding)")  # fmt: skip
+
+
+_HOST_PATCHED = False
+
+
+def require_known_host() -> None:
+    """Refuse (403) every HTTP request and websocket handshake whose ``Host`` header :func:`host_problem` rejects,
+    in every Bokeh server of this process (``workbench serve`` and ``panel serve apps/dashboard.py``). Idempotent.
+    Under ``panel serve`` this runs when the app script first runs, i.e. inside the first page request: the app
+    checks that request itself (:func:`session_host_problem`)."""
+    global _HOST_PATCHED
+    if _HOST_PATCHED:
+        return
+    from bokeh.server.tornado import BokehTornado
+    from tornado.web import ErrorHandler
+
+    original = BokehTornado.find_handler
+
+    def find_handler(self, request, **kwargs):
+        problem = host_problem(request.headers.get("Host"), self)
+        if problem:
+            log.warning("refused %s %s: %s", request.method, request.path, problem)
+            return self.get_handler_delegate(request, ErrorHandler, {"status_code": 403})
+        return original(self, request, **kwargs)
+
+    BokehTornado.find_handler = find_handler
+    _HOST_PATCHED = True
+
+
+def session_host_problem() -> str | None:
+    """:func:`host_problem` for the request that opened the current Panel session (``None`` outside a server)."""
+    import panel as pn
+
+    request = getattr(getattr(pn.state.curdoc, "session_context", None), "request", None)
+    if request is None:
+        return None
+    return host_problem(request.headers.get("Host"))
+
+
 def check_address(address: str, port: int, *, auth: bool) -> None:
     """Refuse, before anything loads: a non-loopback ``address`` without ``auth``; an address that does not
     resolve or is not this machine's; a ``port`` already in use."""
@@ -256,6 +351,7 @@ def serve(
 
     check_address(address, port, auth=bool(basic_auth or oauth_provider))
     require_websocket_origin()
+    require_known_host()
     wb = shared(model, moe_models=tuple(moe_models), runs=runs, caps=caps)
     if preload:
         wb.model()

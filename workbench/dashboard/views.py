@@ -7,14 +7,59 @@ server's event loop. Static figures are the results' own (``figure()``, :mod:`wo
 
 from __future__ import annotations
 
+import threading
+import weakref
+
+import panel as pn
+
+# the widgets each server session showed: ipywidgets keeps every widget ever opened in a process-wide registry
+# until it is closed, so a closed browser tab would otherwise keep its widgets — and their drill-downs, patterns
+# and scans — alive for the server's lifetime
+_SESSION_WIDGETS: "weakref.WeakKeyDictionary[object, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+_SESSION_LOCK = threading.Lock()
+
 
 def to_panel_component(widget):
-    """The widget as a Panel component (``wb-widget`` CSS class)."""
+    """The widget as a Panel component (``wb-widget`` CSS class); in a server session it is closed with the session."""
     from ..widgets.panel import to_panel
 
     pane = to_panel(widget)
     pane.css_classes = list(getattr(pane, "css_classes", []) or []) + ["wb-widget"]
+    close_with_session(widget)
     return pane
+
+
+def close_with_session(widget) -> None:
+    """Close ``widget`` when the current server session is destroyed (no-op outside a server session)."""
+    doc = pn.state.curdoc
+    if doc is None or getattr(doc, "session_context", None) is None:
+        return
+    with _SESSION_LOCK:
+        widgets = _SESSION_WIDGETS.get(doc)
+        if widgets is None:
+            widgets = _SESSION_WIDGETS[doc] = weakref.WeakSet()
+            ref = weakref.ref(doc)
+            doc.on_session_destroyed(lambda context: close_session_widgets(ref()))
+        widgets.add(widget)
+
+
+def close_session_widgets(doc) -> int:
+    """Close every widget the session of ``doc`` showed (its session ended); how many were closed."""
+    with _SESSION_LOCK:
+        widgets = list(_SESSION_WIDGETS.pop(doc, ())) if doc is not None else []
+    for w in widgets:
+        close(w)
+    return len(widgets)
+
+
+def close(widget) -> None:
+    """Close a widget that is no longer shown: out of ipywidgets' registry, its data free to go."""
+    if widget is None:
+        return
+    try:
+        widget.close()
+    except Exception:  # noqa: BLE001 — a widget whose comm is already gone is closed enough
+        pass
 
 
 def head_grid(scores, *, title: str = "", editable: bool = False):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import WorkbenchError
 
@@ -142,6 +142,19 @@ class GridEntry(_Strict):
     layers: list[Annotated[int, Field(ge=0)]] = []
     rank: Ranking = Ranking()
 
+    @field_validator("sets")
+    @classmethod
+    def _each_unit_once(cls, sets: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+        """A set naming one head twice (``[[0, 0], [0, 0]]``) ablates one head but would be recorded as k = 2."""
+        for i, s in enumerate(sets):
+            seen = set()
+            for pair in s:
+                if pair in seen:
+                    raise ValueError(f"set {i} lists {list(pair)} twice: a set ablates each unit once (it would be "
+                                     f"recorded as k = {len(s)} for {len(set(s))} distinct units)")  # fmt: skip
+                seen.add(pair)
+        return sets
+
     @model_validator(mode="after")
     def _needs(self):
         need = {"explicit": ("sets", self.sets), "top": ("k", self.k), "random": ("k", self.k), "layer": ("layers", self.layers)}
@@ -207,7 +220,7 @@ def load_study(source: str | Path | dict) -> Study:
         data = source
     else:
         path = study_path(source)
-        text = read_study_text(path) if path is not None else str(source)
+        text = read_study_text(path) if path is not None else str(source).removeprefix("\ufeff")  # a BOM is not TOML
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -235,13 +248,13 @@ def study_path(source: str | Path) -> Path | None:
 
 
 def read_study_text(path: Path) -> str:
-    """A study file's text (UTF-8), or a :class:`StudyError` saying why not."""
+    """A study file's text (UTF-8, a leading byte order mark dropped), or a :class:`StudyError` saying why not."""
     if path.is_dir():
         raise StudyError(f"{path} is a directory; give the study file (TOML), e.g. {path / 'study.toml'}")
     if not path.is_file():
         raise StudyError(f"study file not found: {path}")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # Windows editors start UTF-8 files with a BOM: accepted, dropped
     except UnicodeDecodeError as e:
         raise StudyError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                          "save the study file as UTF-8") from None  # fmt: skip

@@ -24,13 +24,15 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import WorkbenchError
-from ..files import OutsideRootError, confined, confined_dir, inside, write_text
+from ..files import OutsideRootError, confined, confined_dir, confined_file, inside, write_text
 from ..store import ResultStore
 from .config import Study, StudyError, load_study
 from .plan import Unit
 
 # columns that differ between two runs of the same unit (timing, placement): not part of a result's identity
 VOLATILE = ("seconds", "worker", "finished_at")
+# provenance fields that define a unit's result: a resumed run whose model differs in one of them would mix results
+UNIT_DEFINING = ("weights_hash", "tokenizer_hash", "dtype", "bos_policy")
 UNIT_ID = re.compile(r"^(eval|rank)-[0-9a-f]{16}$")  # Unit.id's form; nothing else in units/ is ever read
 _FAILURE_COLUMNS = ["unit_id", "unit", "grid", "k", "seed", "error", "traceback", "worker", "finished_at"]
 
@@ -39,12 +41,21 @@ def _write_json(path: Path, data, root: Path) -> None:
     write_text(path, json.dumps(data, indent=1, default=str), root=root)
 
 
-def _read_json(path: Path, what: str):
-    """``path``'s JSON, or a :class:`StudyError` saying the file is unreadable (never a bare decode error)."""
+def _read_json(path: Path, what: str, root: Path):
+    """``path``'s JSON, or a :class:`StudyError` saying the file is unreadable (never a bare decode error) or
+    not a file inside ``root`` (a link out of the run is never read)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_run_file(root, path, what).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise StudyError(f"{path}: {what} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _run_file(root: Path, path: Path, what: str) -> Path:
+    """``path`` resolved, if it is a regular file inside the run ``root``; else a :class:`StudyError` naming it."""
+    try:
+        return confined_file(root, path)
+    except OutsideRootError as e:
+        raise StudyError(f"{what}: {e}; not read") from None
 
 
 def writable(path: Path) -> None:
@@ -94,7 +105,7 @@ class Run:
                 raise StudyError(f"run directory {path} already exists: pass --resume to continue it, or another --out")
             if study is not None:
                 try:
-                    old = load_study(path / "study.toml")
+                    old = load_study(_run_file(path, path / "study.toml", "study.toml"))
                 except StudyError as e:
                     raise StudyError(f"cannot resume {path}: its study.toml is unreadable ({e})") from None
                 diff = study_differences(old, study)
@@ -127,7 +138,7 @@ class Run:
         if not old.is_file():
             return {}
         try:
-            meta = _read_json(old, "run.json")
+            meta = _read_json(old, "run.json", path)
         except StudyError as e:
             warnings.warn(str(e))
             return {}
@@ -135,7 +146,7 @@ class Run:
 
     @property
     def study(self) -> Study:
-        return load_study(self.path / "study.toml")
+        return load_study(_run_file(self.path, self.path / "study.toml", "study.toml"))
 
     @property
     def name(self) -> str:
@@ -152,7 +163,7 @@ class Run:
         if not p.is_file():
             return []
         try:
-            plan = _read_json(p, "plan.json")
+            plan = _read_json(p, "plan.json", self.path)
             if not isinstance(plan, list) or not all(isinstance(u, dict) and isinstance(u.get("id"), str)
                                                      and u.get("kind") in ("eval", "rank") for u in plan):  # fmt: skip
                 raise StudyError(f"{p}: plan.json is not a list of units")
@@ -171,6 +182,7 @@ class Run:
             unit_config=json.dumps(unit.config, sort_keys=True, default=list),
             model_source=provenance["model_source"], model_id=provenance["model_id"], revision=provenance["revision"],
             weights_hash=provenance["weights_hash"], dtype=provenance["dtype"], bos_policy=provenance["bos_policy"],
+            tokenizer_hash=provenance.get("tokenizer_hash"),
             workbench_version=provenance["versions"].get("workbench"),
             transformers_version=provenance["versions"].get("transformers"),
             definition=_definition(unit), seconds=seconds, worker=worker, finished_at=time.time(),
@@ -208,6 +220,9 @@ class Run:
             if not inside(self.path, path):  # a unit file linked out of the run: never read, never counted
                 warnings.warn(f"{path} points outside the run directory {self.path.resolve()}: not read")
                 continue
+            if not path.resolve().is_file():  # a folder named like a unit would be read as a dataset of its files
+                warnings.warn(f"{path} is a folder, not a unit's file: not read")
+                continue
             try:
                 ids = pq.read_table(path, columns=["unit_id"]).column("unit_id").unique().to_pylist()
                 if ids != [path.stem]:
@@ -223,16 +238,32 @@ class Run:
             done.add(path.stem)
         return done
 
+    def unit_provenance(self) -> pd.DataFrame:
+        """The fields of :data:`UNIT_DEFINING` each completed unit recorded (one row per unit; a field a run
+        written by an older workbench lacks is absent): what ``--resume`` compares with the model it loaded."""
+        import pyarrow.parquet as pq
+
+        rows = []
+        for uid in sorted(self.completed(quarantine=False)):
+            path = _run_file(self.path, self.units.path(uid), "unit file")
+            names = set(pq.read_schema(path).names)
+            table = pq.read_table(path, columns=[c for c in UNIT_DEFINING if c in names])
+            rows.append({"unit_id": uid, **{c: table.column(c)[0].as_py() for c in table.column_names}})
+        return pd.DataFrame(rows)
+
     def _frames(self, kind: str) -> pd.DataFrame:
         planned = [u["id"] for u in self.plan() if u["kind"] == kind] or None
         done = self.completed(quarantine=False)
         ids = sorted(done & set(planned)) if planned is not None else sorted(i for i in done if i.startswith(kind))
         if not ids:
             return pd.DataFrame()
-        import duckdb
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        files = [self.units.path(i).as_posix() for i in ids]
-        return duckdb.connect().execute("SELECT * FROM read_parquet(?, union_by_name = true)", [files]).df()
+        # exact files, opened one by one: DuckDB's read_parquet expands glob characters even in a list of paths,
+        # so a run directory named `run-*` read every matching run's units
+        tables = [pq.read_table(_run_file(self.path, self.units.path(i), "unit file")) for i in ids]
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()  # union by name, as before
 
     def results(self) -> pd.DataFrame:
         """One row per test item of every completed evaluation unit of the current plan."""
@@ -251,7 +282,7 @@ class Run:
             try:
                 if not inside(self.path, p):
                     raise StudyError(f"{p} points outside the run directory: not read")
-                row = _read_json(p, "failure record")
+                row = _read_json(p, "failure record", self.path)
                 if not isinstance(row, dict):
                     raise StudyError(f"{p}: failure record is not a JSON object")
                 rows.append({c: row.get(c) for c in _FAILURE_COLUMNS})

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import Study, StudyError, load_study, read_study_text, study_path
 from .plan import Shape, Unit, check, eval_units, rank_units
-from .rundir import Run
+from .rundir import UNIT_DEFINING, Run, _run_file
 
 EXECUTORS = ("local", "ray")
 
@@ -180,6 +180,8 @@ def run_study(
         raise
     try:
         done = run.completed()
+        if resume:
+            _same_model(run, ex.provenance)
         ranks = rank_units(spec)
         _execute(run, ex, [u for u in ranks if u.id not in done], progress=progress, desc="ranking")
         rankings = _rankings(run, ranks)
@@ -192,6 +194,23 @@ def run_study(
     return run
 
 
+def _same_model(run: Run, provenance: dict) -> None:
+    """Refuse to resume ``run`` with a model whose provenance differs, in a field of ``UNIT_DEFINING``, from what
+    its finished units recorded: the run would report "complete" with units of two models mixed."""
+    recorded = run.unit_provenance()
+    for name in UNIT_DEFINING:
+        if name not in recorded.columns:
+            continue  # a run written before this field was recorded
+        now = provenance.get(name)
+        other = sorted({str(v) for v in recorded[name] if v != now})
+        if other:
+            n = int((recorded[name] != now).sum())
+            raise StudyError(f"cannot resume {run.path}: {n} of its {len(recorded)} finished units were computed with "
+                             f"{name} {other[0]}{' (and others)' if len(other) > 1 else ''}, but the model loaded now has "
+                             f"{name} {now}. Resuming would mix results of two models: restore that model, or start a "
+                             "new run with another --out")  # fmt: skip
+
+
 def _rankings(run: Run, ranks: Iterable[Unit]) -> dict:
     import pyarrow.parquet as pq
 
@@ -202,7 +221,7 @@ def _rankings(run: Run, ranks: Iterable[Unit]) -> dict:
             fail = run.failures()
             why = fail.loc[fail.unit_id == u.id, "error"].tolist()
             raise StudyError(f"the ranking scan failed, so `top` sets cannot be chosen: {why[0] if why else 'no result'}")
-        frame = pq.read_table(path, columns=["layer", "unit", "rank"]).to_pandas().sort_values("rank")
+        frame = pq.read_table(_run_file(run.path, path, "ranking file"), columns=["layer", "unit", "rank"]).to_pandas().sort_values("rank")
         out[u.condition] = [(int(l), int(h)) for l, h in zip(frame["layer"], frame["unit"])]
     return out
 

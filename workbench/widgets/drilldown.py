@@ -18,6 +18,7 @@ dropped first); a layer it does not hold is fetched by one forward pass cut righ
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -112,6 +113,7 @@ class Drilldown:
             raise ProbeError(f"Drilldown: one layer of a {self.T}-token prompt needs {qk_elements(model.spec, self.T):,} numbers; "
                              f"max_elements is {self.max_elements:,}")  # fmt: skip
         self._using = using or nullcontext
+        self.on_grow: Callable[["Drilldown"], None] | None = None  # set by a DrilldownCache: its global budget
         self._qk: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.RLock()
         self._fetch_lock = threading.Lock()  # one forward pass at a time per prompt
@@ -170,6 +172,14 @@ class Drilldown:
             while self._qk and self.elements + need > self.max_elements:
                 self._qk.popitem(last=False)  # least recently used first
             self._qk[layer] = (q, k)
+        if self.on_grow is not None:  # outside our lock: the cache takes its own, then other prompts' locks
+            self.on_grow(self)
+
+    def release(self) -> None:
+        """Drop every held layer (a later row fetches its layer again): a cache over its budget frees memory even
+        when a page still holds this drill-down."""
+        with self._lock:
+            self._qk.clear()
 
     def prime(self, *, cancel=None) -> list[int]:
         """Run the prompt once and keep every layer that fits (cut after the last kept layer)."""
@@ -304,12 +314,17 @@ def _stop(value, name):
 
 class DrilldownCache:
     """Drilldowns of recent prompts, bounded by the total numbers they hold (least recently used dropped).
-    Keyed by ``(model key, token ids)``: every session of a server asking for one prompt shares one."""
+    Keyed by ``(model key, token ids)``: every session of a server asking for one prompt shares one.
+
+    The bound is global: it counts every drill-down this cache made that is still alive — also one dropped from
+    the cache that a page still shows — and a dropped one is released (its layers freed; a later click fetches
+    the layer again and counts again), so open pages cannot hold more than ``max_elements`` between them."""
 
     def __init__(self, max_elements: int = DEFAULT_MAX_ELEMENTS, max_prompts: int = 8):
         self.max_elements, self.max_prompts = int(max_elements), int(max_prompts)
         self._items: OrderedDict[tuple, Drilldown] = OrderedDict()
-        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[Drilldown] = weakref.WeakSet()  # made here and not yet freed
+        self._lock = threading.RLock()
 
     def get(self, key, model, ids, *, using: Callable | None = None) -> tuple[Drilldown, bool]:
         """The prompt's Drilldown and whether it is new (then the caller fills it: ``take`` or ``prime``)."""
@@ -320,16 +335,33 @@ class DrilldownCache:
                 self._items.move_to_end(full)
                 return self._items[full], False
             d = Drilldown(model, ids, max_elements=self.max_elements, using=using)
+            d.on_grow = self._grown
             self._items[full] = d
+            self._live.add(d)
             self._trim(keep=full)
             return d, True
 
-    def _trim(self, keep) -> None:
+    def _grown(self, d: Drilldown) -> None:
+        """A drill-down took a layer: trim others until every live one fits the budget again."""
+        with self._lock:
+            keep = next((k for k, v in self._items.items() if v is d), None)
+            self._trim(keep=keep, grown=d)
+
+    def _trim(self, keep, grown: Drilldown | None = None) -> None:
         while len(self._items) > self.max_prompts:
-            self._items.popitem(last=False)
-        while sum(d.elements for d in self._items.values()) > self.max_elements and len(self._items) > 1:
+            self._items.popitem(last=False)[1].release()
+        if self.elements() <= self.max_elements:
+            return
+        for d in list(self._live):  # dropped from the cache but still shown by a page: freed first
+            if d is not grown and d not in self._items.values():
+                d.release()
+        while self.elements() > self.max_elements and len(self._items) > 1:
             oldest = next(k for k in self._items if k != keep)
-            self._items.pop(oldest)
+            self._items.pop(oldest).release()
+
+    def elements(self) -> int:
+        """Numbers held by every live drill-down this cache made (what ``max_elements`` bounds)."""
+        return sum(d.elements for d in list(self._live))
 
     def trim(self) -> None:
         with self._lock:
