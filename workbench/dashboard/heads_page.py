@@ -48,10 +48,13 @@ class HeadsPage(Page):
 
     def _show(self, r) -> None:
         self.result = r
+        grid = HeadGridView(r, title="head-type statistics (pick an axis)")
+        self.follow_selection(grid)
         self.results_area.objects = [
             pn.pane.Markdown("```\n" + r.summary() + "\n```", css_classes=["wb-heads-summary"]),
-            pn.Row(pn.pane.Plotly(r.figure("scatter")), pn.pane.Plotly(r.figure("kinds"))),
-            HeadGridView(r, title="head-type statistics (pick an axis)").panel,
+            pn.Row(pn.pane.Plotly(r.figure("kinds"), css_classes=["wb-kind-map"]), pn.pane.Plotly(r.figure("scatter"))),
+            grid.panel,
+            self.rank_row(grid, what="grid (current axis)"),
             pn.Row(pn.widgets.Select.from_param(self.param.kind, label="heads of kind", width=180)),
             self.kind_table,
             details("cases", table(r.cases, index=False)),

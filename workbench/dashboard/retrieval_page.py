@@ -85,15 +85,18 @@ class RetrievalPage(Page):
             note.append(pn.pane.Alert(f"Cancelled: the {len(r.tests)} test(s) finished before Cancel are shown.", alert_type="info",
                                       css_classes=["wb-partial"]))  # fmt: skip
         self.ablate_button.disabled = bool(note)
+        grid = HeadGridView(r, title="retrieval score (Wu et al.)")
+        self.follow_selection(grid)
         self.results_area.objects = [
             *note,
             pn.pane.Markdown(
                 f"**NIAH accuracy {r.accuracy:.2f}** over {len(r.tests)} tests; "
                 f"{sp['above_0.1'] * 100:.1f}% of heads score > 0.1, {sp['zero'] * 100:.0f}% score 0"
             ),  # fmt: skip
-            pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)").panel),
+            pn.Row(niah_view(r), grid.panel),
             pn.pane.Markdown("### Top retrieval heads"),
             table(top, index=False, css_classes=["wb-top-heads"]),
+            self.rank_row(grid, what="scan"),
             pn.pane.Markdown("### Tests"),
             table(r.tests[[c for c in ("length", "depth", "rouge1_recall", "counted", "response") if c in r.tests]], index=False,
                   max_rows=50, css_classes=["wb-tests"]),
