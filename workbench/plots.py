@@ -19,6 +19,15 @@ def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax
                                hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
     fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520,
                       yaxis_autorange="reversed")  # fmt: skip
+    if not torch.isfinite(v).any():  # say why the grid is blank instead of drawing an empty frame
+        explain(fig, "no head has a defined value (NaN everywhere: e.g. no NIAH test was answered)")
+    return fig
+
+
+def explain(fig, text: str):
+    """A note across the middle of ``fig``: why it draws nothing (a figure is never silently empty)."""
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font={"size": 13, "color": "#8a2b0f"},
+                       bgcolor="#fff6e5", name="empty")  # fmt: skip
     return fig
 
 
@@ -125,7 +134,7 @@ def kinds_grid(kinds: dict[tuple[int, int], list[str]], order: list[str], shape:
     fig.add_trace(go.Scatter(x=[h for _, h in cells], y=[l for l, _ in cells], mode="markers", marker={"opacity": 0, "size": 14},
                              text=[f"L{l}H{h}: {', '.join(kinds[(l, h)]) or 'no kind'}" for l, h in cells], hoverinfo="text",
                              showlegend=False, name="heads"))  # fmt: skip
-    fig.update_layout(title=title, plot_bgcolor="white", height=max(320, 18 * L + 140), width=600, legend_title_text="kind (heads)",
+    fig.update_layout(title=title, plot_bgcolor="white", height=max(400, 18 * L + 140), width=620, legend_title_text="kind (heads)",
                       xaxis={"title": heads, "tickvals": list(range(H)), "ticktext": [f"H{h}" for h in range(H)], "range": [-0.6, H - 0.4],
                              "showgrid": False, "zeroline": False},
                       yaxis={"title": "layer", "tickvals": list(range(L)), "ticktext": [f"L{l}" for l in range(L)], "range": [L - 0.4, -0.6],

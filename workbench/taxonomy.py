@@ -201,7 +201,9 @@ class TaxonomyResult(Result):
         """Every head's kinds (:meth:`kinds`, the counts :meth:`summary` gives): one colour per kind, a head
         of several kinds split into stripes."""
         L, H = self.values.shape[2:]
-        return plots.kinds_grid(self.kinds(), list(self.rules), (int(L), int(H)), "head kinds (every rule a head passes)")
+        measured = self.grids()  # a kind whose statistic this scan lacks (retrieval, not joined) has no legend entry
+        order = [k for k, (stat, _) in self.rules.items() if stat in measured]
+        return plots.kinds_grid(self.kinds(), order, (int(L), int(H)), "head kinds (every rule a head passes)")
 
     def kind_counts(self) -> dict[str, int]:
         """Heads per kind (a head of several kinds counts for each), as the summary and the kind map show them."""
