@@ -207,7 +207,7 @@ class Page(pn.viewable.Viewer):
         self.session = wb.new_session() if session is None else session  # a number shown to others, never the session id
         self.selection = selection  # the session's head selection, shared by its tabs (Selection; None: standalone page)
         self._error_from = None  # the guarded action whose failure the alert shows (its success clears it)
-        self.queue_note = pn.pane.Markdown("", visible=False, css_classes=["wb-queue"])
+        self.queue_note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wb-queue"], sizing_mode="stretch_width")
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["wb-error"], sizing_mode="stretch_width")
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wb-notice"], sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", css_classes=["wb-status"])
