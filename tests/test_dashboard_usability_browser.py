@@ -210,6 +210,10 @@ def test_one_selection_across_tabs_and_ablate_the_top_k(browser, gated):
     _tab(page, "Heads")
     page.click(".wb-heads-scan button")
     page.wait_for_selector(".wb-heads-kind table", timeout=120_000)
+    page.locator(".wb-headgrid").first.locator('rect.wb-cell[data-layer="0"][data-head="2"]').click()  # a click here selects too
+    _tab(page, "Prompt lab")
+    page.locator(".wb-selected strong", has_text="L0H2").wait_for(timeout=30_000)
+    _tab(page, "Heads")
     page.locator(".wb-rank-k input").last.fill("2")
     page.locator(".wb-ablate-top button").last.click()
     page.locator(".wb-notice", has_text="Prompt lab: ablating").last.wait_for(timeout=30_000)

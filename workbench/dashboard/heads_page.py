@@ -44,7 +44,7 @@ class HeadsPage(Page):
         prog = Progress()
         self.start("head taxonomy", lambda: self.wb.taxonomy_scan(lengths=lengths, n_texts=n_texts, local_window=w,
                                                                   retrieval=retrieval, progress=prog),
-                   self._show, progress=prog)  # fmt: skip
+                   self._show, progress=prog, failed=lambda e: self.results_area.clear())  # fmt: skip
 
     def _show(self, r) -> None:
         self.result = r

@@ -71,7 +71,7 @@ class RetrievalPage(Page):
             return
         prog = Progress()
         self.start("NIAH scan", lambda: self.wb.retrieval_scan(lengths, depths, n_needles=needles, max_new_tokens=n, progress=prog),
-                   self._show_scan, progress=prog, on_progress=self._on_progress)  # fmt: skip
+                   self._show_scan, progress=prog, on_progress=self._on_progress, failed=self._clear_scan)  # fmt: skip
 
     def _show_scan(self, r) -> None:
         self.result = r
@@ -103,6 +103,13 @@ class RetrievalPage(Page):
             details("test details (needles, token ids)", table(_detail_columns(r.tests), index=False, max_rows=50)),
         ]  # fmt: skip
         self.ablation_area.objects = []
+
+    def _clear_scan(self, err=None) -> None:
+        """An error replaces the last scan: its results (and the causal test built on them) go."""
+        self.result = None
+        self.ablate_button.disabled = True
+        self.results_area.clear()
+        self.ablation_area.clear()
 
     def run_ablation(self) -> None:
         if self.result is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import panel as pn
 import param
 
-from .validation import box_chars
 from .common import Page, effect_html, md_escape, table
 from .state import Progress, expert_name
+from .validation import box_chars
 
 EXAMPLE = "def add(a, b):\n    return a + b\n\nThe river flows to the sea. 2 + 3 = 5"
 

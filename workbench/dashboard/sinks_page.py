@@ -6,8 +6,8 @@ import panel as pn
 import param
 
 from .. import plots
-from .validation import box_chars
 from .common import Page, details, table, with_heads
+from .validation import box_chars
 from .views import HeadGridView
 
 
@@ -49,7 +49,8 @@ class SinksPage(Page):
         from .state import Progress
 
         prog = Progress()
-        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts, progress=prog), self._show, progress=prog)
+        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts, progress=prog), self._show, progress=prog,
+                   failed=lambda e: self.results_area.clear())  # an error replaces the last scan: it goes
 
     def _show(self, s) -> None:
         self.result = s
