@@ -585,3 +585,16 @@ def test_the_model_line_is_first_come_first_served_visible_and_cancellable():
     assert order == [2, 4] and [s for s, _ in errors] == [3]
     assert seen[2][-1] is None and seen[4][-1] is None  # told when their turn came
     assert pool.queue() == (None, []) and pool.lock_stats("m")["max_active"] == 1
+
+
+def test_prompt_limits_are_checked_whole_and_named():
+    """The size of the whole text and the limit are in the message; a text that filled its box (which may have
+    cut it) says "at least"; the box takes several times the limit, so a paste over the limit arrives whole."""
+    from workbench.dashboard.validation import DashboardError, box_chars, check_text
+
+    assert box_chars(60_000) > 100_000
+    with pytest.raises(DashboardError, match=r"prompt has 100,000 characters; the limit is 60,000 characters.*nothing was cut"):
+        check_text("x" * 100_000, limit=60_000)
+    with pytest.raises(DashboardError, match=r"prompt has at least 240,000 characters \(the box stops there\); the limit is 60,000"):
+        check_text("x" * box_chars(60_000), limit=60_000)
+    assert check_text("x" * 60_000, limit=60_000)

@@ -191,6 +191,25 @@ def sync(a: param.Parameterized, b: param.Parameterized, **names: str) -> list:
     return watchers
 
 
+def link_two_way(component, target, **links) -> tuple:
+    """``component.link(target, bidirectional=True, **links)`` (Panel's own two-way link); returns what
+    :func:`unlink_two_way` needs to undo it."""
+    forward = component.link(target, bidirectional=True, **links)
+    reverse = component._links[-1].bidirectional_watcher if getattr(component, "_links", None) else None
+    return component, target, forward, reverse
+
+
+def unlink_two_way(link) -> None:
+    """Undo :func:`link_two_way`: both watchers go (the old views, and what they hold — a drill-down of a long prompt —
+    can be freed)."""
+    if not link:
+        return
+    component, target, forward, reverse = link
+    component.param.unwatch(forward)
+    if reverse is not None:
+        target.param.unwatch(reverse)
+
+
 class Page(pn.viewable.Viewer):
     """A tab: ``busy`` while its computation runs in a worker thread (a spinner and a Cancel button show);
     errors land in :attr:`alert`, neutral notices (a cancelled run) in :attr:`notice`."""
@@ -206,6 +225,7 @@ class Page(pn.viewable.Viewer):
         self.wb = wb
         self.session = wb.new_session() if session is None else session  # a number shown to others, never the session id
         self.selection = selection  # the session's head selection, shared by its tabs (Selection; None: standalone page)
+        self._followed = None  # the link of this page's grid to the session's selection (follow_selection)
         self._error_from = None  # the guarded action whose failure the alert shows (its success clears it)
         self.queue_note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wb-queue"], sizing_mode="stretch_width")
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["wb-error"], sizing_mode="stretch_width")
@@ -242,7 +262,8 @@ class Page(pn.viewable.Viewer):
             view.panel.selected = list(sel.selected)
         elif view.panel.selected:
             sel.selected = list(view.panel.selected)
-        view.panel.link(sel, bidirectional=True, selected="selected")
+        unlink_two_way(self._followed)  # the page's previous grid lets go of the selection
+        self._followed = link_two_way(view.panel, sel, selected="selected")
 
     def rank_row(self, view, *, what: str = "grid") -> pn.Row:
         """"Ablate the top K" of a ranking in one click: the K highest heads of ``view``'s current metric

@@ -14,7 +14,7 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page, effect_html, md_escape, sync, tokens_html
+from .common import Page, effect_html, link_two_way, md_escape, sync, tokens_html, unlink_two_way
 from .state import HeadEdits, Progress, PromptOutcome, head_name
 from .validation import DashboardError, box_chars, parse_heads
 from .views import head_grid
@@ -144,7 +144,7 @@ class PromptLab(Page):
     def clear_result(self) -> None:
         """Take the last run off the page: an error replaces it (its output would read as this prompt's)."""
         for old in self._links:
-            _unlink(old)
+            unlink_two_way(old)
         self._links = []
         self.grid = self.view = None
         self._grid_pane, self._view_pane = pn.pane.Markdown("Run a prompt to see its heads."), pn.Column()
@@ -169,9 +169,9 @@ class PromptLab(Page):
         grid.selected = list(self.selected)  # the grid opens on its best cell; keep the page's selection
         grid.ablate = [list(x) for x in self.ablate]
         for old in self._links:  # the previous run's views let go of the page
-            _unlink(old)
+            unlink_two_way(old)
         view_pane = self.host(view)
-        self._links = [_link(grid_pane, self, selected="selected", ablate="ablate"), _link(view_pane, self, selected="selected")]
+        self._links = [link_two_way(grid_pane, self, selected="selected", ablate="ablate"), link_two_way(view_pane, self, selected="selected")]
         self.grid, self.view = grid, view
         self._grid_pane, self._view_pane = grid_pane, view_pane
         self.param.update(baseline=base, edited=edited)
@@ -256,25 +256,6 @@ class PromptLab(Page):
             pn.Row(pn.Column(self.grid_view), pn.Column(self.pattern_view, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-
-
-def _link(component, target, **links) -> tuple:
-    """``component.link(target, bidirectional=True, **links)`` (Panel's own two-way link); returns what
-    :func:`_unlink` needs to undo it."""
-    forward = component.link(target, bidirectional=True, **links)
-    reverse = component._links[-1].bidirectional_watcher if getattr(component, "_links", None) else None
-    return component, target, forward, reverse
-
-
-def _unlink(link) -> None:
-    """Undo :func:`_link`: both watchers go (the old views, and what they hold — a drill-down of a long prompt —
-    can be freed)."""
-    if not link:
-        return
-    component, target, forward, reverse = link
-    component.param.unwatch(forward)
-    if reverse is not None:
-        target.param.unwatch(reverse)
 
 
 def _outcome_html(title: str, o: PromptOutcome | None) -> str:
