@@ -2,7 +2,10 @@
 
 Sessions never touch a model directly: a computation holds the model's lock (:meth:`ModelPool.using`) for
 as long as its probes or edits are attached, so concurrent sessions queue instead of mixing their hooks
-into each other's captures. Only sources from the server's configuration can ever be loaded."""
+into each other's captures. The line is first come, first served and visible: a waiting computation learns
+who holds the model (what, for which session number — never a prompt or a session id — and since when) and
+its place (:class:`Waiting`), and leaves the line when its page's Cancel is pressed. Only sources from the
+server's configuration can ever be loaded."""
 from __future__ import annotations
 
 import threading
