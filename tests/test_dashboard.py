@@ -240,7 +240,7 @@ def test_prompt_lab_escapes_heads_the_browser_sends(dash):
     lab._grid_pane.ablate = [["<img src=x onerror=alert(1)>", 1]]  # a forged websocket message
     lab.wait()
     shown = lab.selection_view().object
-    assert "<img" not in shown and "&lt;img" in shown
+    assert "<img" not in shown and "&#60;img" in shown  # a character reference: shown as text
     assert "layer must be an integer" in lab.last_error and lab.grid.ablate == []
     lab.param.update(ablate=[])
     lab.wait()
@@ -494,7 +494,7 @@ def test_runs_page_on_real_study_runs(tmp_path, wb):
     assert (root / "second" / "report" / "index.html").is_file()
     page.compare()
     assert page.last_error == "" and len(page.compare_area.objects[-1].object) == 3
-    assert r"loss \(nats\)" in page.compare_area.objects[0].object  # the metric both runs measure is named
+    assert "loss &#40;nats&#41;" in page.compare_area.objects[0].object  # the metric both runs measure is named
     assert len(RunsStore(tmp_path / "missing").list()) == 0
 
 
@@ -532,3 +532,68 @@ def test_prompt_lab_cancel_is_a_notice(dash):
     lab.cancel()  # stops the forward pass at the next layer
     lab.wait()
     assert lab.last_error == "" and "stopped" in lab.last_notice and lab.notice.visible and not lab.alert.visible
+
+
+def test_the_model_line_is_first_come_first_served_visible_and_cancellable():
+    """Sessions waiting for a model see who holds it and their place; one that cancels leaves the line; the
+    others get the model in the order they came (ModelPool, no browser)."""
+    import threading
+
+    from workbench.dashboard.pool import ModelPool, Turn
+    from workbench.dashboard.state import Cancelled
+
+    pool = ModelPool("m", loader=lambda source: object())
+    held, release = threading.Event(), threading.Event()
+    seen: dict[int, list] = {2: [], 3: [], 4: []}
+    order, errors = [], []
+    cancel3 = threading.Event()
+
+    def holder():
+        with pool.on_behalf(Turn("NIAH scan", 1)), pool.using():
+            held.set()
+            release.wait(30)
+
+    def waiter(session, cancel=None):
+        try:
+            with pool.on_behalf(Turn("prompt", session), cancel=cancel, on_wait=seen[session].append), pool.using():
+                order.append(session)
+        except Cancelled as e:
+            errors.append((session, e))
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    held.wait(10)
+    for s, c in ((2, None), (3, cancel3), (4, None)):  # one after the other: their places are 1, 2, 3
+        threads.append(threading.Thread(target=waiter, args=(s, c)))
+        threads[-1].start()
+        while len(pool.queue()[1]) < s - 1:
+            threading.Event().wait(0.01)
+    holding, line = pool.queue()
+    assert holding.describe() == "NIAH scan for session 1" and [t.session for t in line] == [2, 3, 4]
+    while not seen[4]:
+        threading.Event().wait(0.01)
+    w = seen[4][-1]
+    assert w.place == 3 and [t.session for t in w.ahead] == [2, 3]
+    assert "it runs NIAH scan for session 1 since" in w.describe() and "you are 3rd in line" in w.describe()
+    cancel3.set()  # session 3 leaves the line
+    while len(pool.queue()[1]) != 2:
+        threading.Event().wait(0.01)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert order == [2, 4] and [s for s, _ in errors] == [3]
+    assert seen[2][-1] is None and seen[4][-1] is None  # told when their turn came
+    assert pool.queue() == (None, []) and pool.lock_stats("m")["max_active"] == 1
+
+
+def test_prompt_limits_are_checked_whole_and_named():
+    """The size of the whole text and the limit are in the message; a text that filled its box (which may have
+    cut it) says "at least"; the box takes several times the limit, so a paste over the limit arrives whole."""
+    from workbench.dashboard.validation import DashboardError, box_chars, check_text
+
+    assert box_chars(60_000) > 100_000
+    with pytest.raises(DashboardError, match=r"prompt has 100,000 characters; the limit is 60,000 characters.*nothing was cut"):
+        check_text("x" * 100_000, limit=60_000)
+    with pytest.raises(DashboardError, match=r"prompt has at least 240,000 characters \(the box stops there\); the limit is 60,000"):
+        check_text("x" * box_chars(60_000), limit=60_000)
+    assert check_text("x" * 60_000, limit=60_000)

@@ -3,6 +3,7 @@
 Plain-Python tests here; the served app in a real browser is in tests/test_dashboard_browser.py."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -178,7 +179,8 @@ def test_md_escape_shows_text_as_text():
     from workbench.dashboard.common import html_text, md_escape
 
     _no_markup(md_escape(XSS))
-    assert md_escape("__bold__ [x](javascript:1) `c`") == r"\_\_bold\_\_ \[x\]\(javascript:1\) \`c\`"
+    out = md_escape("__bold__ [x](javascript:1) `c`")  # every Markdown special as a character reference: no markup
+    assert not set("_[]()`:") & set(out.replace("&#", "")) and html.unescape(out) == "__bold__ [x](javascript:1) `c`"
     assert md_escape("a\nb") == "a<br>\nb" and html_text("<b>\n") == "&lt;b&gt;<br>"
 
 

@@ -1,5 +1,6 @@
 """Plotly figure builders shared by every result (pure functions of tensors and tables: no workbench
-imports). Every colour scale carries a colourbar with its unit; heads are labelled ``L{layer}H{head}``."""
+imports). Every colour scale carries a colourbar with its unit; heads are labelled ``L{layer}H{head}``.
+Layer grids run top-down (L0 at the top), like the HeadGrid widget and the pattern thumbnails."""
 from __future__ import annotations
 
 import pandas as pd
@@ -16,7 +17,17 @@ def head_grid(values: torch.Tensor, title: str, *, colorbar: str = "score", zmax
     fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"{unit}{h}" for h in range(v.shape[1])], y=[f"L{l}" for l in range(v.shape[0])],
                                colorscale="Viridis", zmin=0, zmax=zmax, colorbar={"title": colorbar},
                                hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520)
+    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * v.shape[0] + 120), width=520,
+                      yaxis_autorange="reversed")  # fmt: skip
+    if not torch.isfinite(v).any():  # say why the grid is blank instead of drawing an empty frame
+        explain(fig, "no head has a defined value (NaN everywhere: e.g. no NIAH test was answered)")
+    return fig
+
+
+def explain(fig, text: str):
+    """A note across the middle of ``fig``: why it draws nothing (a figure is never silently empty)."""
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font={"size": 13, "color": "#8a2b0f"},
+                       bgcolor="#fff6e5", name="empty")  # fmt: skip
     return fig
 
 
@@ -48,7 +59,8 @@ def layer_expert_grid(load: torch.Tensor, layers, title: str = "expert load per 
     fig = go.Figure(go.Heatmap(z=v.numpy(), x=[f"E{e}" for e in range(v.shape[1])], y=[f"L{l}" for l in layers],
                                colorscale="Viridis", zmin=0, colorbar={"title": "share"},
                                hovertemplate="layer %{y} expert %{x}: %{z:.3f}<extra></extra>"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer", height=max(300, 22 * v.shape[0] + 140), width=560)
+    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="MoE layer", height=max(300, 22 * v.shape[0] + 140), width=560,
+                      yaxis_autorange="reversed")  # fmt: skip
     return fig
 
 
@@ -83,21 +95,50 @@ def scatter(frame: pd.DataFrame, x: str, y: str, color: str, hover: str, title: 
     return fig
 
 
-def category_grid(codes: torch.Tensor, labels: list[str], title: str, *, heads: str = "query head"):
-    """Layer × head grid of categories (``codes`` index ``labels``) with a labelled discrete colourbar."""
-    import plotly.express as px
+#: categorical colours (Okabe–Ito, colour-blind safe): one per kind, in order; "none" is light grey
+KIND_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442", "#000000")
+NONE_COLOUR = "#e6e6e6"
+
+
+def kinds_grid(kinds: dict[tuple[int, int], list[str]], order: list[str], shape: tuple[int, int], title: str, *,
+               heads: str = "query head"):  # fmt: skip
+    """Layer × head map of categories where a head may have several: each cell is split into one vertical
+    stripe per kind it has, one colour per kind (``order``), a legend entry per kind with its head count
+    (the number of cells that show it), heads of no kind light grey; hover names every kind of a head."""
     import plotly.graph_objects as go
 
-    n = len(labels)
-    palette = (px.colors.qualitative.Plotly * (n // 10 + 1))[:n]
-    scale = [(i / n + e / n, c) for i, c in enumerate(palette) for e in (0.0, 1.0)]  # one flat band per category
-    L, H = codes.shape
-    names = [[labels[int(c)] for c in row] for row in codes.tolist()]
-    fig = go.Figure(go.Heatmap(z=codes.numpy(), x=[f"H{h}" for h in range(H)], y=[f"L{l}" for l in range(L)], text=names,
-                               colorscale=scale, zmin=-0.5, zmax=n - 0.5,
-                               colorbar={"tickvals": list(range(n)), "ticktext": labels, "title": "kind"},
-                               hovertemplate="layer %{y} head %{x}: %{text}<extra></extra>"))  # fmt: skip
-    fig.update_layout(title=title, xaxis_title=heads, yaxis_title="layer", height=max(320, 18 * L + 120), width=560)
+    L, H = shape
+    fig = go.Figure()
+
+    def stripes(cells):  # cells: (layer, head, i, m) -> the i-th of m stripes of that cell, as one path
+        xs, ys = [], []
+        for l, h, i, m in cells:
+            x0, x1, y0, y1 = h - 0.45 + 0.9 * i / m, h - 0.45 + 0.9 * (i + 1) / m, l - 0.45, l + 0.45
+            xs += [x0, x1, x1, x0, x0, None]
+            ys += [y0, y0, y1, y1, y0, None]
+        return xs, ys
+
+    colours = {k: KIND_COLOURS[i % len(KIND_COLOURS)] for i, k in enumerate(order)}
+    for kind in [*order, None]:
+        if kind is None:
+            cells = [(l, h, 0, 1) for (l, h), ks in kinds.items() if not ks]
+            name, colour = f"none ({len(cells)})", NONE_COLOUR
+        else:
+            cells = [(l, h, ks.index(kind), len(ks)) for (l, h), ks in kinds.items() if kind in ks]
+            name, colour = f"{kind} ({len(cells)})", colours[kind]
+        xs, ys = stripes(cells)
+        fig.add_trace(go.Scatter(x=xs or [None], y=ys or [None], mode="lines", fill="toself", fillcolor=colour, line={"width": 0},
+                                 name=name, legendgroup=str(kind), hoverinfo="skip", showlegend=True,
+                                 meta={"kind": kind, "heads": len(cells)}))  # fmt: skip
+    cells = sorted(kinds)
+    fig.add_trace(go.Scatter(x=[h for _, h in cells], y=[l for l, _ in cells], mode="markers", marker={"opacity": 0, "size": 14},
+                             text=[f"L{l}H{h}: {', '.join(kinds[(l, h)]) or 'no kind'}" for l, h in cells], hoverinfo="text",
+                             showlegend=False, name="heads"))  # fmt: skip
+    fig.update_layout(title=title, plot_bgcolor="white", height=max(400, 18 * L + 140), width=620, legend_title_text="kind (heads)",
+                      xaxis={"title": heads, "tickvals": list(range(H)), "ticktext": [f"H{h}" for h in range(H)], "range": [-0.6, H - 0.4],
+                             "showgrid": False, "zeroline": False},
+                      yaxis={"title": "layer", "tickvals": list(range(L)), "ticktext": [f"L{l}" for l in range(L)], "range": [L - 0.4, -0.6],
+                             "showgrid": False, "zeroline": False})  # fmt: skip
     return fig
 
 

@@ -166,7 +166,7 @@ class TaxonomyResult(Result):
 
     def summary(self) -> str:
         kinds = self.kinds()
-        counts = {k: sum(k in ks for ks in kinds.values()) for k in self.rules}
+        counts = self.kind_counts()
         state = "" if self.complete else f" — cancelled, {len(self.cases)} case(s) done"
         lines = [f"head taxonomy over {len(self.cases)} cases (lengths {sorted(self.cases['length'].unique().tolist())}){state}: "
                  + ", ".join(f"{k} {n}" for k, n in counts.items() if n or k != "retrieval")]  # fmt: skip
@@ -193,16 +193,22 @@ class TaxonomyResult(Result):
     def _scatter(self):
         """HeadVis-style: every head by mean attention distance and induction mass, coloured by kind."""
         df = self.heads()
-        df["kind"] = df["kinds"].map(lambda k: k.split(", ")[0] if k else "other")
+        df["kind"] = df["kinds"].map(lambda k: k.replace(", ", " + ") if k else "none")  # every kind of a head, as the map
         return plots.scatter(df, "attn.dist_mean", "attn.induction_mass", "kind", "name",
                              "heads by mean attention distance and induction mass", log_x=True)
 
     def _kind_grid(self):
-        kinds = self.kinds()
+        """Every head's kinds (:meth:`kinds`, the counts :meth:`summary` gives): one colour per kind, a head
+        of several kinds split into stripes."""
         L, H = self.values.shape[2:]
-        order = list(self.rules) + ["other"]
-        z = torch.tensor([[order.index(kinds[(l, h)][0]) if kinds[(l, h)] else len(order) - 1 for h in range(H)] for l in range(L)])
-        return plots.category_grid(z, order, "head kinds (first matching rule)")
+        measured = self.grids()  # a kind whose statistic this scan lacks (retrieval, not joined) has no legend entry
+        order = [k for k, (stat, _) in self.rules.items() if stat in measured]
+        return plots.kinds_grid(self.kinds(), order, (int(L), int(H)), "head kinds (every rule a head passes)")
+
+    def kind_counts(self) -> dict[str, int]:
+        """Heads per kind (a head of several kinds counts for each), as the summary and the kind map show them."""
+        kinds = self.kinds()
+        return {k: sum(k in ks for ks in kinds.values()) for k in self.rules}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         C, A, L, H = self.values.shape

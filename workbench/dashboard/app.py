@@ -6,7 +6,7 @@ import html
 
 import panel as pn
 
-from .common import Page
+from .common import Page, Selection
 from .heads_page import HeadsPage
 from .prompt_lab import PromptLab
 from .retrieval_page import RetrievalPage
@@ -24,12 +24,14 @@ class Dashboard(pn.viewable.Viewer):
     def __init__(self, wb: Workbench, **params):
         super().__init__(**params)
         self.wb = wb
+        self.session = wb.new_session()  # how this session is named to others waiting for a model
+        self.selection = Selection()  # one head selection for every tab of this session
         self.pages: dict[str, Page] = {}
         for cls in PAGES:
             try:
-                self.pages[cls.title] = cls(wb, **self._links(cls))
+                self.pages[cls.title] = cls(wb, session=self.session, selection=self.selection, **self._links(cls))
             except Exception as e:  # noqa: BLE001 — one broken page must not take the app down
-                page = Page(wb)
+                page = Page(wb, session=self.session)
                 page.title = cls.title
                 page.fail(e)
                 page.__panel__ = lambda p=page: pn.Column(p.alert)  # type: ignore[method-assign]
@@ -57,7 +59,8 @@ def build(wb: Workbench, *, title: str = "workbench dashboard"):
     except Exception:  # noqa: BLE001 — the prompt lab shows the error
         source = "(model failed to load)"
     header = pn.pane.HTML(f"<div style='background:#33415c;color:white;padding:8px 16px;font:600 20px sans-serif'>{html.escape(title)}"
-                          f"<span style='font-weight:400;font-size:14px;margin-left:16px'>{html.escape(source)}</span></div>",
+                          f"<span style='font-weight:400;font-size:14px;margin-left:16px'>{html.escape(source)}</span>"
+                          f"<span class='wb-session' style='font-weight:400;font-size:13px;float:right'>you are session {dash.session}</span></div>",
                           sizing_mode="stretch_width")  # fmt: skip
     page = pn.Column(header, dash, sizing_mode="stretch_width")
     page.dashboard = dash  # reachable from tests and scripts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import re
 import threading
 from typing import Callable
@@ -13,8 +14,9 @@ import panel as pn
 import param
 
 from ..errors import WorkbenchError
+from .pool import Turn, Waiting
 from .state import Progress, Workbench
-from .validation import is_cancel
+from .validation import DashboardError, is_cancel
 
 log = logging.getLogger("workbench.dashboard")
 
@@ -36,16 +38,20 @@ def _in_session(doc, fn: Callable, *args) -> None:
     fn(*args)
 
 
-_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>])")
+# Markdown punctuation, the HTML specials and whitespace that starts a line: written as numeric character
+# references, which Markdown turns back into literal characters and never reads as markup. Backslash escapes
+# would break entities (``&#x27;`` → ``&\#x27;`` shows as text: the double escape users saw).
+_MD_SPECIAL = re.compile(r"""[\\`*_{}\[\]()#+\-.!|~<>&"'$:=]|^[ \t]+""")
 
 
 def md_escape(text) -> str:
-    """``text`` for a Markdown pane, shown as text: HTML tags escaped (Panel's Markdown passes raw HTML
-    through, so ``<img onerror=...>`` would run) and Markdown punctuation backslash-escaped (``__x__``,
-    links, code spans); line breaks kept. Everything user- or file-derived (run ids, paths, error texts,
-    model names) goes through this or :func:`html_text` before it reaches the page."""
+    """``text`` for a Markdown pane, shown exactly as written, escaped once: HTML specials and Markdown
+    punctuation become character references (Panel's Markdown passes raw HTML through, so ``<img onerror=...>``
+    would run; ``__x__``, links and code spans would format); line breaks kept. Everything user- or
+    file-derived (run ids, paths, error texts, model names) goes through this or :func:`html_text` before it
+    reaches the page."""
     lines = str(text).splitlines() or [""]
-    return "<br>\n".join(_MD_PUNCT.sub(r"\\\1", html.escape(line, quote=True)) for line in lines)
+    return "<br>\n".join(_MD_SPECIAL.sub(lambda m: "".join(f"&#{ord(c)};" for c in m.group(0)), line) for line in lines)
 
 
 def html_text(text) -> str:
@@ -103,8 +109,8 @@ class Worker:
     whose lock the job holds (a name; ``None``: the main model); ``False``: the job takes no lock — drill-down
     rows from the cache, which fetch under the lock themselves only when they must run the model."""
 
-    def __init__(self, wb: Workbench, lock: str | None | bool = False):
-        self.wb, self.lock = wb, lock
+    def __init__(self, wb: Workbench, lock: str | None | bool = False, session: int | None = None):
+        self.wb, self.lock, self.session = wb, lock, session
         self.doc = pn.state.curdoc
         self._queued = None
         self._running = False
@@ -122,11 +128,12 @@ class Worker:
     def _start(self, label, work, finish) -> None:
         def target():
             try:
-                if self.lock is False:
-                    result, err = work(), None
-                else:
-                    with self.wb.using(self.lock):
+                with self.wb.pool.on_behalf(Turn(label, self.session)):
+                    if self.lock is False:
                         result, err = work(), None
+                    else:
+                        with self.wb.using(self.lock):
+                            result, err = work(), None
             except BaseException as e:  # noqa: BLE001 — shown in the widget
                 result, err = None, e
                 if not isinstance(e, WorkbenchError):
@@ -158,6 +165,51 @@ class Worker:
             time.sleep(0.01)
 
 
+class Selection(param.Parameterized):
+    """One browser session's head selection, shared by its tabs: a click in any head grid (Prompt lab,
+    Retrieval, Sinks, Heads) sets ``selected``; "ablate the top K" of any ranking sets ``ablate``; the Prompt
+    lab shows and edits both."""
+
+    selected = param.List(default=[], doc="[layer, head], or [] before anything is selected")
+    ablate = param.List(default=[], doc="heads to ablate, [[layer, head], ...]")
+
+
+def sync(a: param.Parameterized, b: param.Parameterized, **names: str) -> list:
+    """Keep ``a.<x>`` and ``b.<names[x]>`` equal both ways (``b`` takes ``a``'s value now); returns the watchers."""
+    watchers = []
+    for x, y in names.items():
+        def push(e, target=b, name=y):
+            if getattr(target, name) != e.new:
+                setattr(target, name, e.new)
+
+        def pull(e, target=a, name=x):
+            if getattr(target, name) != e.new:
+                setattr(target, name, e.new)
+
+        setattr(b, y, getattr(a, x))
+        watchers += [(a, a.param.watch(push, x)), (b, b.param.watch(pull, y))]
+    return watchers
+
+
+def link_two_way(component, target, **links) -> tuple:
+    """``component.link(target, bidirectional=True, **links)`` (Panel's own two-way link); returns what
+    :func:`unlink_two_way` needs to undo it."""
+    forward = component.link(target, bidirectional=True, **links)
+    reverse = component._links[-1].bidirectional_watcher if getattr(component, "_links", None) else None
+    return component, target, forward, reverse
+
+
+def unlink_two_way(link) -> None:
+    """Undo :func:`link_two_way`: both watchers go (the old views, and what they hold — a drill-down of a long prompt —
+    can be freed)."""
+    if not link:
+        return
+    component, target, forward, reverse = link
+    component.param.unwatch(forward)
+    if reverse is not None:
+        target.param.unwatch(reverse)
+
+
 class Page(pn.viewable.Viewer):
     """A tab: ``busy`` while its computation runs in a worker thread (a spinner and a Cancel button show);
     errors land in :attr:`alert`, neutral notices (a cancelled run) in :attr:`notice`."""
@@ -168,9 +220,14 @@ class Page(pn.viewable.Viewer):
 
     title = "page"
 
-    def __init__(self, wb: Workbench, **params):
+    def __init__(self, wb: Workbench, *, session: int | None = None, selection=None, **params):
         super().__init__(**params)
         self.wb = wb
+        self.session = wb.new_session() if session is None else session  # a number shown to others, never the session id
+        self.selection = selection  # the session's head selection, shared by its tabs (Selection; None: standalone page)
+        self._followed = None  # the link of this page's grid to the session's selection (follow_selection)
+        self._error_from = None  # the guarded action whose failure the alert shows (its success clears it)
+        self.queue_note = pn.pane.Alert("", alert_type="warning", visible=False, css_classes=["wb-queue"], sizing_mode="stretch_width")
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["wb-error"], sizing_mode="stretch_width")
         self.notice = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["wb-notice"], sizing_mode="stretch_width")
         self.status = pn.pane.Markdown("", css_classes=["wb-status"])
@@ -188,14 +245,50 @@ class Page(pn.viewable.Viewer):
         """``widget`` as a Panel component whose computations run in a :class:`Worker` (off the event loop)."""
         from .views import to_panel_component
 
-        worker = Worker(self.wb, lock)
+        worker = Worker(self.wb, lock, self.session)
         self.workers.append(worker)
         self.workers[:] = self.workers[-8:]
         widget.runner = worker
         return to_panel_component(widget)
 
+    def follow_selection(self, view) -> None:
+        """A head grid of this page (a :class:`~.views.HeadGridView`) shows the session's selected head, and a
+        click in it selects that head in every tab (the Prompt lab's edits act on it)."""
+        sel = self.selection
+        if sel is None:
+            return
+        L, H = view.widget.shape
+        if len(sel.selected) == 2 and sel.selected[0] < L and sel.selected[1] < H:
+            view.panel.selected = list(sel.selected)
+        elif view.panel.selected:
+            sel.selected = list(view.panel.selected)
+        unlink_two_way(self._followed)  # the page's previous grid lets go of the selection
+        self._followed = link_two_way(view.panel, sel, selected="selected")
+
+    def rank_row(self, view, *, what: str = "grid") -> pn.Row:
+        """"Ablate the top K" of a ranking in one click: the K highest heads of ``view``'s current metric
+        (:meth:`~workbench.widgets.HeadGrid.top`; NaN never ranks) become the Prompt lab's ablation set."""
+        k_input = pn.widgets.IntInput(name="K", value=5, start=1, end=self.wb.caps.max_ablation_k, width=80, css_classes=["wb-rank-k"])
+        button = pn.widgets.Button(label=f"ablate the top K of this {what} in the Prompt lab", css_classes=["wb-ablate-top"], width=330)
+
+        def ablate_top(_=None):
+            if self.selection is None:
+                raise DashboardError("this page is not part of a dashboard session")
+            k = int(k_input.value or 0)
+            if not 1 <= k <= self.wb.caps.max_ablation_k:
+                raise DashboardError(f"K must lie in 1..{self.wb.caps.max_ablation_k}, got {k}")
+            heads = [[l, h] for l, h, v in view.widget.top(k) if math.isfinite(v)]
+            if not heads:
+                raise DashboardError("this scan ranks no head (every score is undefined)")
+            self.selection.ablate = heads
+            self.inform(f"Prompt lab: ablating {', '.join(f'L{l}H{h}' for l, h in heads)} (top {len(heads)} by "
+                        f"{view.widget.metric}); its output re-runs with them")  # fmt: skip
+
+        button.on_click(lambda e: self.guarded(ablate_top)())
+        return pn.Row(k_input, button, align="end")
+
     def status_row(self) -> pn.Row:
-        return pn.Row(self.spinner, self.status, self.cancel_button, align="center")
+        return pn.Column(pn.Row(self.spinner, self.status, self.cancel_button, align="center"), self.queue_note)
 
     # errors and notices
     def fail(self, err: BaseException | str) -> None:
@@ -210,6 +303,7 @@ class Page(pn.viewable.Viewer):
         self.notice.visible = True
 
     def clear(self) -> None:
+        self._error_from = None
         self.last_error = self.last_notice = ""
         self.alert.visible = False
         self.notice.visible = False
@@ -219,19 +313,26 @@ class Page(pn.viewable.Viewer):
 
         def wrapper(*a, **k):
             try:
-                return fn(*a, **k)
+                out = fn(*a, **k)
             except Exception as e:  # noqa: BLE001 — every failure ends up in the page
                 self.fail(e)
+                self._error_from = fn
+                return None
+            if self._error_from is not None and self._error_from == fn:  # the input that failed is fixed
+                self.clear()
+            return out
 
         return wrapper
 
     # background work
     def start(self, label: str, work: Callable[[], object], done: Callable[[object], None], *,
               progress: Progress | None = None, on_progress: Callable[[Progress], None] | None = None,
-              queue: bool = False) -> bool:  # fmt: skip
+              queue: bool = False, failed: Callable[[BaseException], None] | None = None) -> bool:  # fmt: skip
         """Run ``work()`` in a worker thread; then ``done(result)`` on the session's loop. One at a time per
         page: another request while busy is refused (shown in the page), or with ``queue=True`` run after it.
-        ``progress``: what Cancel sets (a fresh one is made when not given; ``work`` reads :attr:`progress`)."""
+        ``progress``: what Cancel sets (a fresh one is made when not given; ``work`` reads :attr:`progress`);
+        it also stops waiting for a model another session holds — the wait is shown (:meth:`show_waiting`).
+        ``failed(err)``: called on an error (not on Cancel), e.g. to clear the result the error replaces."""
         if self.busy:
             if queue:  # views that follow a selection: the latest request runs next, older ones are dropped
                 self._queued = (label, work, done)
@@ -249,6 +350,9 @@ class Page(pn.viewable.Viewer):
 
         def finish(result, err):
             self.busy = False
+            self.show_waiting(None)
+            if err is not None and not is_cancel(err) and failed is not None:
+                failed(err)
             if err is not None and is_cancel(err):
                 self.status.object = f"{md_escape(label)}: stopped"
                 self.inform(f"{label}: stopped before it finished; nothing was changed.")
@@ -266,9 +370,12 @@ class Page(pn.viewable.Viewer):
             if queued is not None and not self.busy:
                 self.start(*queued, queue=True)
 
+        turn = Turn(label, self.session)
+
         def target():
             try:
-                result, err = work(), None
+                with self.wb.pool.on_behalf(turn, cancel=progress, on_wait=lambda w: _in_session(doc, self.show_waiting, w)):
+                    result, err = work(), None
             except BaseException as e:  # noqa: BLE001 — reported in the page
                 result, err = None, e
             _in_session(doc, finish, result, err)
@@ -291,6 +398,16 @@ class Page(pn.viewable.Viewer):
             if not self.busy and self._queued is None and (self.task is task) and not any(w._running for w in self.workers):
                 return
             time.sleep(0.01)
+
+    def show_waiting(self, waiting: Waiting | None) -> None:
+        """The line for a model this page's computation waits for (who runs, since when, its place), or
+        nothing once it runs."""
+        if waiting is None:
+            self.queue_note.visible = False
+            self.queue_note.object = ""
+            return
+        self.queue_note.object = md_escape(waiting.describe())
+        self.queue_note.visible = True
 
     def cancel(self, *_) -> None:
         if self.progress is not None and self.busy:

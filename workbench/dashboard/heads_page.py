@@ -44,14 +44,17 @@ class HeadsPage(Page):
         prog = Progress()
         self.start("head taxonomy", lambda: self.wb.taxonomy_scan(lengths=lengths, n_texts=n_texts, local_window=w,
                                                                   retrieval=retrieval, progress=prog),
-                   self._show, progress=prog)  # fmt: skip
+                   self._show, progress=prog, failed=lambda e: self.results_area.clear())  # fmt: skip
 
     def _show(self, r) -> None:
         self.result = r
+        grid = HeadGridView(r, title="head-type statistics (pick an axis)")
+        self.follow_selection(grid)
         self.results_area.objects = [
             pn.pane.Markdown("```\n" + r.summary() + "\n```", css_classes=["wb-heads-summary"]),
-            pn.Row(pn.pane.Plotly(r.figure("scatter")), pn.pane.Plotly(r.figure("kinds"))),
-            HeadGridView(r, title="head-type statistics (pick an axis)").panel,
+            pn.Row(pn.pane.Plotly(r.figure("kinds"), css_classes=["wb-kind-map"]), pn.pane.Plotly(r.figure("scatter"))),
+            grid.panel,
+            self.rank_row(grid, what="grid (current axis)"),
             pn.Row(pn.widgets.Select.from_param(self.param.kind, label="heads of kind", width=180)),
             self.kind_table,
             details("cases", table(r.cases, index=False)),

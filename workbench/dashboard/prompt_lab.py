@@ -14,11 +14,12 @@ import panel as pn
 import param
 
 from ..attention.edits import ABLATION_MODES
-from .common import Page, effect_html, md_escape, tokens_html
+from .common import Page, effect_html, link_two_way, md_escape, sync, tokens_html, unlink_two_way
 from .state import HeadEdits, Progress, PromptOutcome, head_name
-from .validation import parse_heads
+from .validation import DashboardError, box_chars, parse_heads
 from .views import close, head_grid
 
+MAX_HEADS_CHARS = 400  # the typed head list ("L17H3, L20H1, ...")
 EXAMPLE = "The lighthouse keeper climbed the stairs every evening. Where did the keeper go every evening?"
 
 
@@ -44,7 +45,7 @@ class PromptLab(Page):
         caps = wb.caps
         self.param.new_tokens.bounds = (0, caps.max_new_tokens)
         self.new_tokens = min(self.new_tokens, caps.max_new_tokens)
-        self.prompt = pn.widgets.TextAreaInput.from_param(self.param.text, label="Prompt", max_length=caps.max_prompt_chars, height=110,
+        self.prompt = pn.widgets.TextAreaInput.from_param(self.param.text, label="Prompt", max_length=box_chars(caps.max_prompt_chars), height=110,
                                                           sizing_mode="stretch_width", css_classes=["wb-prompt"])  # fmt: skip
         self.chat_input = pn.widgets.Checkbox.from_param(self.param.chat, label="chat template", css_classes=["wb-chat"])
         self.tokens_input = pn.widgets.IntSlider.from_param(self.param.new_tokens, label="new tokens", width=200)
@@ -56,7 +57,8 @@ class PromptLab(Page):
         self.calib_button.on_click(lambda e: self.guarded(self.toggle_calibration)())
         self.clear_button = pn.widgets.Button(label="Clear edits", css_classes=["wb-clear-edits"], width=110)
         self.clear_button.on_click(lambda e: self.param.update(ablate=[], calibrate=[]))
-        self.heads_input = pn.widgets.TextInput(label="or type heads to ablate", placeholder="L17H3, L20H1", width=220, max_length=400,
+        self.heads_input = pn.widgets.TextInput(label="or type heads to ablate", placeholder="L17H3, L20H1", width=220,
+                                                max_length=box_chars(MAX_HEADS_CHARS),
                                                 css_classes=["wb-heads-input"])  # fmt: skip
         self.heads_button = pn.widgets.Button(label="Set", width=60, css_classes=["wb-heads-set"])
         self.heads_button.on_click(lambda e: self.guarded(self.set_heads)(self.heads_input.value_input or self.heads_input.value))
@@ -69,6 +71,8 @@ class PromptLab(Page):
         self._view_pane = pn.Column()
         self._links: list = []
         self._configure_bounds()
+        if self.selection is not None:  # the session's selection: clicks and rankings in other tabs land here
+            sync(self, self.selection, selected="selected", ablate="ablate")
 
     def _configure_bounds(self) -> None:
         try:
@@ -98,7 +102,10 @@ class PromptLab(Page):
 
     def set_heads(self, text: str) -> None:
         """``"L17H3, L20H1"`` → the ablation set (validated by ``ModelSpec.heads``)."""
-        items = [x for x in str(text)[:400].replace(";", ",").split(",") if x.strip()]
+        text = str(text)
+        if len(text) > MAX_HEADS_CHARS:  # checked whole, never cut
+            raise DashboardError(f"heads: {len(text):,} characters; the limit is {MAX_HEADS_CHARS} (write L17H3, L20H1)")
+        items = [x for x in text.replace(";", ",").split(",") if x.strip()]
         self.ablate = [list(h) for h in parse_heads(items, self.wb.model().spec)]
 
     @param.depends("selected", "ablate", "calibrate", "mode", "beta", "sink_keys")
@@ -120,6 +127,7 @@ class PromptLab(Page):
         try:
             edits = self.edits()
         except Exception as e:  # noqa: BLE001
+            self.clear_result()
             self.fail(e)
             return
         prog = Progress()
@@ -131,7 +139,16 @@ class PromptLab(Page):
             edited = self.wb.run_prompt(text, chat=chat, max_new_tokens=n, edits=edits, progress=prog) if edits else None
             return base, view, edited
 
-        self.start("prompt", work, self._show_run, progress=prog)
+        self.start("prompt", work, self._show_run, progress=prog, failed=lambda e: self.clear_result())
+
+    def clear_result(self) -> None:
+        """Take the last run off the page: an error replaces it (its output would read as this prompt's)."""
+        for old in self._links:
+            unlink_two_way(old)
+        self._links = []
+        self.grid = self.view = None
+        self._grid_pane, self._view_pane = pn.pane.Markdown("Run a prompt to see its heads."), pn.Column()
+        self.param.update(baseline=None, edited=None)
 
     def _pattern_view(self, base: PromptOutcome, layer: int, head: int, prog):
         """The PatternView of a baseline run: built from that run's own tiles and drill-down (no forward pass)."""
@@ -152,11 +169,11 @@ class PromptLab(Page):
         grid.selected = list(self.selected)  # the grid opens on its best cell; keep the page's selection
         grid.ablate = [list(x) for x in self.ablate]
         for old in self._links:  # the previous run's views let go of the page
-            _unlink(old)
+            unlink_two_way(old)
         for old in (self.grid, self.view):  # and are closed: ipywidgets' registry would keep them (and a drill-down)
             close(old)
         view_pane = self.host(view)
-        self._links = [_link(grid_pane, self, selected="selected", ablate="ablate"), _link(view_pane, self, selected="selected")]
+        self._links = [link_two_way(grid_pane, self, selected="selected", ablate="ablate"), link_two_way(view_pane, self, selected="selected")]
         self.grid, self.view = grid, view
         self._grid_pane, self._view_pane = grid_pane, view_pane
         self.param.update(baseline=base, edited=edited)
@@ -241,25 +258,6 @@ class PromptLab(Page):
             pn.Row(pn.Column(self.grid_view), pn.Column(self.pattern_view, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
-
-
-def _link(component, target, **links) -> tuple:
-    """``component.link(target, bidirectional=True, **links)`` (Panel's own two-way link); returns what
-    :func:`_unlink` needs to undo it."""
-    forward = component.link(target, bidirectional=True, **links)
-    reverse = component._links[-1].bidirectional_watcher if getattr(component, "_links", None) else None
-    return component, target, forward, reverse
-
-
-def _unlink(link) -> None:
-    """Undo :func:`_link`: both watchers go (the old views, and what they hold — a drill-down of a long prompt —
-    can be freed)."""
-    if not link:
-        return
-    component, target, forward, reverse = link
-    component.param.unwatch(forward)
-    if reverse is not None:
-        target.param.unwatch(reverse)
 
 
 def _outcome_html(title: str, o: PromptOutcome | None) -> str:

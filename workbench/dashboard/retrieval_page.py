@@ -71,7 +71,7 @@ class RetrievalPage(Page):
             return
         prog = Progress()
         self.start("NIAH scan", lambda: self.wb.retrieval_scan(lengths, depths, n_needles=needles, max_new_tokens=n, progress=prog),
-                   self._show_scan, progress=prog, on_progress=self._on_progress)  # fmt: skip
+                   self._show_scan, progress=prog, on_progress=self._on_progress, failed=self._clear_scan)  # fmt: skip
 
     def _show_scan(self, r) -> None:
         self.result = r
@@ -85,21 +85,31 @@ class RetrievalPage(Page):
             note.append(pn.pane.Alert(f"Cancelled: the {len(r.tests)} test(s) finished before Cancel are shown.", alert_type="info",
                                       css_classes=["wb-partial"]))  # fmt: skip
         self.ablate_button.disabled = bool(note)
+        grid = HeadGridView(r, title="retrieval score (Wu et al.)")
+        self.follow_selection(grid)
         self.results_area.objects = [
             *note,
             pn.pane.Markdown(
                 f"**NIAH accuracy {r.accuracy:.2f}** over {len(r.tests)} tests; "
                 f"{sp['above_0.1'] * 100:.1f}% of heads score > 0.1, {sp['zero'] * 100:.0f}% score 0"
             ),  # fmt: skip
-            pn.Row(niah_view(r), HeadGridView(r, title="retrieval score (Wu et al.)").panel),
+            pn.Row(niah_view(r), grid.panel),
             pn.pane.Markdown("### Top retrieval heads"),
             table(top, index=False, css_classes=["wb-top-heads"]),
+            self.rank_row(grid, what="scan"),
             pn.pane.Markdown("### Tests"),
             table(r.tests[[c for c in ("length", "depth", "rouge1_recall", "counted", "response") if c in r.tests]], index=False,
                   max_rows=50, css_classes=["wb-tests"]),
             details("test details (needles, token ids)", table(_detail_columns(r.tests), index=False, max_rows=50)),
         ]  # fmt: skip
         self.ablation_area.objects = []
+
+    def _clear_scan(self, err=None) -> None:
+        """An error replaces the last scan: its results (and the causal test built on them) go."""
+        self.result = None
+        self.ablate_button.disabled = True
+        self.results_area.clear()
+        self.ablation_area.clear()
 
     def run_ablation(self) -> None:
         if self.result is None:

@@ -7,6 +7,7 @@ import param
 
 from .common import Page, effect_html, md_escape, table
 from .state import Progress, expert_name
+from .validation import box_chars
 
 EXAMPLE = "def add(a, b):\n    return a + b\n\nThe river flows to the sea. 2 + 3 = 5"
 
@@ -21,7 +22,7 @@ class RoutingPage(Page):
         super().__init__(wb, **params)
         self.param.model_name.objects = list(wb.moe_names)
         self.model_name = wb.moe_names[0] if wb.moe_names else None
-        self.text = pn.widgets.TextAreaInput(label="Text", value=EXAMPLE, height=100, max_length=wb.caps.max_routing_chars,
+        self.text = pn.widgets.TextAreaInput(label="Text", value=EXAMPLE, height=100, max_length=box_chars(wb.caps.max_routing_chars),
                                              sizing_mode="stretch_width", css_classes=["wb-routing-text"])  # fmt: skip
         self.new_tokens = pn.widgets.IntSlider(
             label="new tokens", start=0, end=wb.caps.max_new_tokens, value=min(12, wb.caps.max_new_tokens), width=200

@@ -7,6 +7,7 @@ import param
 
 from .. import plots
 from .common import Page, details, table, with_heads
+from .validation import box_chars
 from .views import HeadGridView
 
 
@@ -33,7 +34,7 @@ class SinksPage(Page):
         super().__init__(wb, **params)
         self.param.T.bounds = (2, wb.caps.max_sink_T)
         self.texts = pn.widgets.TextAreaInput(label="texts (optional; one per paragraph, blank line between)", height=90,
-                                              max_length=wb.caps.max_prompt_chars, sizing_mode="stretch_width")  # fmt: skip
+                                              max_length=box_chars(wb.caps.max_prompt_chars), sizing_mode="stretch_width")  # fmt: skip
         self.scan_button = pn.widgets.Button(
             label="Scan sinks", color="primary", css_classes=["wb-sinks-scan"], width=120
         )
@@ -48,19 +49,22 @@ class SinksPage(Page):
         from .state import Progress
 
         prog = Progress()
-        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts, progress=prog), self._show, progress=prog)
+        self.start("sink scan", lambda: self.wb.sinks_scan(T=T, eps=eps, texts=texts, progress=prog), self._show, progress=prog,
+                   failed=lambda e: self.results_area.clear())  # an error replaces the last scan: it goes
 
     def _show(self, s) -> None:
         self.result = s
         mv = s.massive_vs_sinks()
         massive = s.massive.reindex(s.massive["value"].abs().sort_values(ascending=False).index).head(30)
         hidden = with_heads(s.hidden_sinks().sort_values("alpha", ascending=False).head(50))
+        grid = HeadGridView(s, title="α_k (Gu et al.)")
+        self.follow_selection(grid)
         self.results_area.objects = [
             pn.pane.Markdown(
                 f"**Sink_1^{s.eps} = {s.sink_rate(0):.1f}%** of heads (T = {s.T}, {len(s.token_ids)} texts)",
                 css_classes=["wb-sink-rate"],
             ),  # fmt: skip
-            pn.Row(pn.pane.Plotly(sink_rate_figure(s)), HeadGridView(s, title="α_k (Gu et al.)").panel),
+            pn.Row(pn.pane.Plotly(sink_rate_figure(s)), pn.Column(grid.panel, self.rank_row(grid, what="grid (current metric)"))),
             pn.pane.Plotly(plots.bars(s.per_layer(), "layer", "mean_alpha", "mean α₀ per layer")),
             pn.pane.Markdown("### Hidden sinks (ACT: α_k > 0.1, k ≥ 1)"),
             pn.Row(

@@ -11,6 +11,7 @@ of a prompt's first run) are cached per prompt for all sessions, bounded by ``Ca
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from contextlib import nullcontext
@@ -130,6 +131,12 @@ class Workbench:
         self.runs = Path(runs)
         self.caps = caps or Caps()
         self.drilldowns = DrilldownCache(self.caps.max_drilldown_elements, self.caps.max_drilldown_prompts)
+        self._sessions = itertools.count(1)
+
+    def new_session(self) -> int:
+        """The next session number: how one browser session is named to the others (waiting lines), never
+        its Bokeh session id (that would let a reader join the session)."""
+        return next(self._sessions)
 
     # --- models (the pool) ------------------------------------------------------------------------------
     def model(self, name: str | None = None):
@@ -286,7 +293,7 @@ class Workbench:
         with self.using(name) as m:
             ids = m.encode(text)
             if ids.shape[-1] > self.caps.prompt_tokens(m):
-                raise DashboardError(f"text has {ids.shape[-1]} tokens; the limit is {self.caps.prompt_tokens(m)}")
+                raise DashboardError(f"text has {ids.shape[-1]:,} tokens; the limit is {self.caps.prompt_tokens(m):,} tokens")
             rec = routing_rows(m, ids)
             tokens = token_labels(m.tokenizer, ids[0])[0]
         load = routing.expert_load(rec)

@@ -136,11 +136,25 @@ def parse_experts(items, model) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+#: an input box takes this many times its limit, so that an oversize paste reaches the server whole and is
+#: refused with its real size (a box that stopped at the limit would cut it silently); beyond that the box
+#: stops and the message says "at least"
+BOX_FACTOR = 4
+
+
+def box_chars(limit: int) -> int:
+    """``max_length`` of an input box whose text the server checks against ``limit`` (:func:`check_text`)."""
+    return BOX_FACTOR * int(limit)
+
+
 def check_text(text, *, limit: int, what: str = "prompt") -> str:
+    """``text`` when it is non-blank and at most ``limit`` characters, checked whole; the refusal names the
+    limit and the size (``at least`` when the text filled its box, :func:`box_chars`: the box may have cut it)."""
     if not isinstance(text, str) or not text.strip():
         raise DashboardError("type a prompt first" if what == "prompt" else f"type a {what} first")
     if len(text) > limit:
-        raise DashboardError(f"{what} has {len(text)} characters; the limit is {limit}")
+        size = f"at least {len(text):,} characters (the box stops there)" if len(text) >= box_chars(limit) else f"{len(text):,} characters"
+        raise DashboardError(f"{what} has {size}; the limit is {limit:,} characters: shorten it (nothing was cut)")
     return text
 
 
@@ -153,7 +167,8 @@ def check_prompt(model, text, caps: Caps, *, chat: bool) -> torch.Tensor:
         raise DashboardError(str(e)) from None
     limit = caps.prompt_tokens(model)
     if ids.shape[-1] > limit:
-        raise DashboardError(f"prompt has {ids.shape[-1]} tokens; the limit is {limit}")
+        raise DashboardError(f"prompt has {ids.shape[-1]:,} tokens; the limit is {limit:,} tokens ({len(text):,} characters "
+                             "checked whole): shorten it (nothing was cut)")
     if ids.shape[-1] < 2:
         raise DashboardError("the prompt needs at least two tokens (the loss is over next-token predictions)")
     return ids
@@ -223,7 +238,8 @@ def sink_config(caps: Caps, T: int, eps: float, texts: Sequence[str] | None):
     if texts is not None:
         texts = [t for t in texts if isinstance(t, str) and t.strip()] or None
         if texts and (len(texts) > caps.max_sink_texts or sum(map(len, texts)) > caps.max_prompt_chars):
-            raise DashboardError(f"at most {caps.max_sink_texts} texts and {caps.max_prompt_chars} characters")
+            raise DashboardError(f"{len(texts)} texts of {sum(map(len, texts)):,} characters in all; the limit is "
+                                 f"{caps.max_sink_texts} texts and {caps.max_prompt_chars:,} characters (nothing was cut)")
     try:
         return sinks.SinkConfig(T=int(T), eps=float(eps), texts=texts if texts is not None else sinks.texts_for(int(T)))
     except ProbeError as e:

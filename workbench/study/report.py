@@ -16,28 +16,46 @@ _METRIC = {"niah": "NIAH accuracy", "loss": "loss (nats)", "logit_diff": "logit 
 
 
 def metric_vs_k(run, summary: pd.DataFrame):
-    """Mean metric against the number of ablated heads/experts, one line per grid family (± std over seeds)."""
-    import plotly.graph_objects as go
-
+    """Mean metric against the number of ablated heads/experts, one line per grid family (± std over seeds);
+    ``None`` when the study has no sized families (only ``none`` and ``layer`` grids: see :func:`per_layer`)."""
+    sized = summary[~summary["select"].isin(["none", "layer"])]
+    if not len(sized):
+        return None
     study = run.study
-    fig = go.Figure()
-    base = summary[summary["select"] == "none"]
-    for (grid, select), part in summary[~summary["select"].isin(["none", "layer"])].groupby(["grid", "select"], sort=False):
-        # a line joins the sizes of one family (top-k, random-k); explicit sets are unrelated: points, no line
-        fig.add_trace(go.Scatter(x=part["k"], y=part["metric_mean"], name=f"{grid} ({select})",
-                                 mode="markers" if select == "explicit" else "lines+markers",
-                                 error_y={"type": "data", "array": part["metric_std"].tolist(), "visible": True}))  # fmt: skip
-    for _, row in base.iterrows():
-        fig.add_hline(y=row["metric_mean"], line_dash="dash", annotation_text=f"{row['grid']} (no ablation)")
+    fig = _families(sized, summary, lambda select: "markers" if select == "explicit" else "lines+markers")
+    # a line joins the sizes of one family (top-k, random-k); explicit sets are unrelated: points, no line
     fig.update_layout(title=f"{study.name}: {_METRIC[study.task.kind]} vs number of ablated {study.ablation.target} "
                             f"(mode {study.ablation.mode})", xaxis_title=f"ablated {study.ablation.target} (k)",
                       yaxis_title=_METRIC[study.task.kind], width=760, height=420)  # fmt: skip
     return fig
 
 
-def _layer_bars(summary: pd.DataFrame, metric: str):
-    layers = summary[summary["select"] == "layer"].rename(columns={"k": "layer", "metric_mean": metric})
-    return plots.bars(layers, "layer", metric, f"{metric} with every head of one layer ablated") if len(layers) else None
+def per_layer(run, summary: pd.DataFrame):
+    """``select = "layer"`` grids: mean metric with every head (expert) of one layer ablated, per layer (± std),
+    the unablated baseline as a dashed line; ``None`` without layer grids."""
+    layers = summary[summary["select"] == "layer"]
+    if not len(layers):
+        return None
+    study = run.study
+    fig = _families(layers, summary, lambda select: "lines+markers")
+    fig.update_layout(title=f"{study.name}: {_METRIC[study.task.kind]} with every {study.ablation.target[:-1]} of one layer "
+                            f"ablated (mode {study.ablation.mode})", xaxis_title="ablated layer",
+                      yaxis_title=_METRIC[study.task.kind], width=760, height=420)  # fmt: skip
+    fig.update_xaxes(tickmode="array", tickvals=sorted(int(k) for k in layers["k"].unique()))
+    return fig
+
+
+def _families(part: pd.DataFrame, summary: pd.DataFrame, mode):
+    """One trace per (grid, select) family of ``part`` (x = its ``k``), the ``none`` baselines as dashed lines."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (grid, select), fam in part.groupby(["grid", "select"], sort=False):
+        fig.add_trace(go.Scatter(x=fam["k"], y=fam["metric_mean"], name=f"{grid} ({select})", mode=mode(select),
+                                 error_y={"type": "data", "array": fam["metric_std"].tolist(), "visible": True}))  # fmt: skip
+    for _, row in summary[summary["select"] == "none"].iterrows():
+        fig.add_hline(y=row["metric_mean"], line_dash="dash", annotation_text=f"{row['grid']} (no ablation)")
+    return fig
 
 
 def write_report(run, out: Path, *, png: bool = True) -> Path:
@@ -48,9 +66,9 @@ def write_report(run, out: Path, *, png: bool = True) -> Path:
                                                    f"({study.model.dtype}); task {study.task.kind}; {run.status()}")]  # fmt: skip
     figs: dict[str, object] = {}
     if len(summary):
-        figs["metric_vs_k"] = metric_vs_k(run, summary)
-        if (bars := _layer_bars(summary, _METRIC[study.task.kind])) is not None:
-            figs["per_layer"] = bars
+        for name, build in (("metric_vs_k", metric_vs_k), ("per_layer", per_layer)):
+            if (fig := build(run, summary)) is not None:  # a study draws only the figures its grids fill
+                figs[name] = fig
     if study.task.kind == "niah" and len(res):
         for (grid, k), part in res.groupby(["grid", "k"]):
             if k == res.loc[res["grid"] == grid, "k"].max():

@@ -29,9 +29,10 @@ function render({ model, el }) {
       t.textContent = "L" + l; svg.append(t);
       for (let hd = 0; hd < H; hd++) {
         const v = vals[l][hd];
+        // an undefined value (NaN, sent as null) is grey, never the colour scale's low end
         const isSel = sel[0] === l && sel[1] === hd, isAbl = abl.includes(l + "," + hd);
         const rect = s("rect", { x: LEFT + hd * CELL, y: TOP + l * CELL, width: CELL - 1, height: CELL - 1,
-          fill: viridis((v - lo) / (hi - lo)), class: "wb-cell", "data-layer": l, "data-head": hd,
+          fill: v == null ? "#ddd" : viridis((v - lo) / (hi - lo)), class: "wb-cell", "data-layer": l, "data-head": hd,
           stroke: isSel ? "#d62728" : isAbl ? "#000" : "none", "stroke-width": isSel || isAbl ? 2 : 0,
           "stroke-dasharray": isAbl && !isSel ? "3,2" : "none" });
         rect.addEventListener("mouseenter", () => { hover.textContent = `L${l}H${hd}: ${fmt(v)} (${metric})`; });

@@ -8,7 +8,14 @@ function render({ model, el }) {
   const big = h("canvas", { class: "wb-pattern-canvas", width: 480, height: 480, style: "cursor:crosshair;border:1px solid #ccc" });
   const bigTitle = h("div", { class: "wb-title wb-pattern-title" });
   const cellHover = h("div", { class: "wb-hover wb-cell-hover" });
-  const bigBox = h("div", { class: "wb-enlarged", style: "flex:none" }, bigTitle, big, cellHover);
+  // token labels on both axes of the enlarged pattern: queries down the left, keys along the top (read
+  // bottom-up); thinned to one every few tokens when dense, the hovered row / column shown whole
+  const AXIS = 84;
+  const qAxis = h("div", { class: "wb-axis wb-axis-q", style: `position:relative;width:${AXIS}px;overflow:visible` });
+  const kAxis = h("div", { class: "wb-axis wb-axis-k", style: `position:relative;height:${AXIS}px;overflow:visible` });
+  const plotBox = h("div", { style: `display:grid;grid-template-columns:${AXIS}px auto;grid-template-rows:${AXIS}px auto` },
+    h("span", { class: "wb-hover", style: "font-size:10px;align-self:end;text-align:right;padding:2px", text: "query ↓ key →" }), kAxis, qAxis, big);
+  const bigBox = h("div", { class: "wb-enlarged", style: "flex:none" }, bigTitle, plotBox, cellHover);
   const lower = h("div", { style: "display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start" }, bigBox,
     h("div", { style: "flex:1 1 380px;min-width:340px" }, rows.el));
   r.append(head, thumbsBox, lower, statusLine(model));
@@ -70,8 +77,34 @@ function render({ model, el }) {
     base.getContext("2d").putImageData(img, 0, 0);
     const D = Math.max(240, Math.min(480, T * 8));
     big.width = D; big.height = D; big.style.width = D + "px"; big.style.height = D + "px";
+    drawAxes(toks, D);
     paintBig(null);
     cellHover.textContent = `hover a cell: its query and key; click: make that row the query (${toks.length} tokens)`;
+  }
+  const shown = (t) => String(t).replace(/\n/g, "↵").replace(/ /g, "·");
+  const short = (t) => { const x = shown(t); return x.length > 10 ? x.slice(0, 9) + "…" : x; };
+  function axisLabel(axis, i, text, cell, full) {
+    const q = axis === qAxis;
+    const style = q ? `position:absolute;right:3px;top:${i * cell + cell / 2}px;transform:translateY(-50%);white-space:nowrap`
+      : `position:absolute;bottom:3px;left:${i * cell + cell / 2}px;transform:translateX(-50%) rotate(180deg);writing-mode:vertical-rl;white-space:nowrap`;
+    return h("span", { class: "wb-axis-label" + (full ? " wb-axis-active" : ""), "data-pos": i, title: `${i}: ${JSON.stringify(String(text))}`,
+      style: `${style};font:10px/1 ui-monospace,monospace;${full ? "background:#ffe9a8;color:#000;z-index:2;padding:1px 2px" : "color:#444"}`,
+      text: full ? `${i} ${shown(text)}` : short(text) });
+  }
+  function drawAxes(toks, D) {
+    const cell = D / T, step = Math.max(1, Math.ceil(11 / cell));  // a label every `step` tokens: ≥ 11 px apart
+    qAxis.style.height = D + "px"; kAxis.style.width = D + "px";
+    for (const axis of [qAxis, kAxis]) {
+      axis.replaceChildren(...Array.from({ length: Math.ceil(T / step) }, (_, n) => axisLabel(axis, n * step, toks[n * step], cell, false)));
+      axis.dataset.step = step;
+    }
+  }
+  function markAxes(i, j) {  // the hovered query and key, whole, over the thinned labels
+    const toks = get(model, "tokens"), cell = big.width / T;
+    for (const [axis, pos] of [[qAxis, i], [kAxis, j]]) {
+      axis.querySelectorAll(".wb-axis-active").forEach((x) => x.remove());
+      if (pos != null) axis.append(axisLabel(axis, pos, toks[pos], cell, true));
+    }
   }
   function paintBig(row) {
     if (!base) return;
@@ -99,12 +132,14 @@ function render({ model, el }) {
     cellHover.textContent = `query ${i} ${JSON.stringify(toks[i])} → key ${j} ${JSON.stringify(toks[j])}: ` +
       (j > i ? "not visible (after the query)" : P[i * T + j].toPrecision(4));
     hoverRow(i);
+    markAxes(i, j);
     el.querySelectorAll(".wb-tok.wb-key").forEach((x) => x.classList.remove("wb-key"));
     const key = el.querySelector(`.wb-tok[data-pos="${j}"]`);
     if (key) { key.classList.add("wb-key"); key.style.outline = "2px solid #ff7f0e"; }
   });
   big.addEventListener("mouseleave", () => {
     hoverRow(null);
+    markAxes(null, null);
     el.querySelectorAll(".wb-tok.wb-key").forEach((x) => { x.classList.remove("wb-key"); x.style.outline = ""; });
   });
   big.addEventListener("click", (ev) => { if (!P) return; const [i] = cellAt(ev); if (i >= 0 && i < T) put(model, "queries", [i]); });
