@@ -844,12 +844,13 @@ def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
         assert lab.baseline is not None and lab.view is not None, lab.last_error
     assert len(app.sessions) == 10
     open_now = _live(*kinds)
-    assert open_now["PromptLab"] == 10 and open_now["PromptOutcome"] >= 10
+    opened = {k: open_now[k] - before[k] for k in kinds}  # other tests may have left pages of their own alive
+    assert opened["PromptLab"] == 10 and opened["PromptOutcome"] >= 10, opened
     drills = {id(d): d for d in [dash.pages["Prompt lab"].baseline.drill for _, dash in made] + list(bench.drilldowns._items.values())}
     held = sum(d.elements for d in drills.values())  # what the ten tabs and the shared cache hold between them
     assert len(drills) == 10 and 0 < held <= cap, (len(drills), held, cap)  # ten open tabs, one budget
     del drills
-    del doc, dash, lab, open_now
+    del doc, dash, lab, open_now, opened
     made.clear()
     closing.set()
     for t in tabs:
