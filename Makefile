@@ -40,6 +40,7 @@ NORMALISE = awk -F'==' '{n = tolower($$1); gsub(/[_.]/, "-", n); print n "==" $$
 # the newest releases pyproject.toml allows (torch stays the CPU build of the lock: see requirements/lock.in)
 test-latest: $(STAMP) browser
 	test -x $(VENV)-latest/bin/python || $(PY) -m venv $(VENV)-latest
+	$(VENV)-latest/bin/python -m pip install -q --require-hashes --no-deps -r requirements/uv.txt  # the wheel test uses it
 	$(BIN)/uv pip install $(UV_LINKS) --python $(VENV)-latest/bin/python \
 	  --upgrade --reinstall-package interp-workbench "torch==2.13.0+cpu" -e ".[dev]"
 	@echo "what differs from the lock (< lock, > newest):"
