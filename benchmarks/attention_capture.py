@@ -91,7 +91,7 @@ def run_one(mode: str, n: int, repeats: int, sink_keys: int) -> dict:
     import torch
 
     import workbench as wb
-    from workbench.embedded import converted_dir
+    from workbench.models.embedded import converted_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
 

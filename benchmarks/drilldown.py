@@ -12,7 +12,7 @@ Per length, in one process (the model loaded once), on the first N tokens of the
     Drilldown: one layer's rows of the shown head from the cached queries and keys, its top keys, and the
     JSON the browser receives; median and max over ``--clicks`` random (layer, head, query) picks;
 (c) ``old click``: what a click cost before — one forward pass over the tokens up to the query with exact
-    tiles of that row in every layer (``workbench.widgets.attention_rows``, the old AttentionView with
+    tiles of that row in every layer (``workbench.views.widgets.attention_rows``, the old AttentionView with
     prefetch), for a query in the middle of the text (a typical click; the default last-token query costs a
     full forward pass). Ratio = (c) / (b) median.
 """
@@ -37,8 +37,8 @@ def main() -> None:
 
     import workbench as wb
     from workbench import niah
-    from workbench.dashboard.state import Caps, Workbench
-    from workbench.widgets import AttentionView, attention_rows
+    from workbench.views.dashboard.state import Caps, Workbench
+    from workbench.views.widgets import AttentionView, attention_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -105,7 +105,7 @@ def smollm():
 @pytest.fixture(scope="session")
 def tiny():
     """tiny_model(name), cached per session: each is a fresh random model of a real architecture."""
-    from workbench.testing import tiny_model
+    from workbench.models.testing import tiny_model
 
     cache = {}
 

@@ -4,7 +4,7 @@ import torch
 
 import workbench as wb
 from reference import eager_attentions
-from workbench.testing import TINY_CONFIGS
+from workbench.models.testing import TINY_CONFIGS
 
 ARCHS = sorted(TINY_CONFIGS)
 

@@ -24,7 +24,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the options were checked")
 
     monkeypatch.setattr(workbench, "load", refuse)
-    monkeypatch.setattr("workbench.loading.load", refuse)
+    monkeypatch.setattr("workbench.models.loading.load", refuse)
 
 
 def _run(*args):
@@ -83,7 +83,7 @@ def test_an_unexpected_exception_is_an_internal_error_with_a_log(tmp_path, monke
     def bug(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("workbench.sinks.scan", bug)
+    monkeypatch.setattr("workbench.measure.sinks.scan", bug)
     result = _run("scan", "sinks", "--model", "tiny:llama", "--out", tmp_path / "out")
     assert result.exit_code == 3 and "internal error, please report: ZeroDivisionError: a bug" in result.output
     log = result.output.split("traceback written to ")[1].strip()
@@ -186,7 +186,7 @@ def test_doctor_reports_an_empty_cache_without_repairing(tmp_path, monkeypatch):
 
 def test_exposure_rules(monkeypatch):
     pytest.importorskip("panel")
-    from workbench.dashboard import serve
+    from workbench.views.dashboard import serve
 
     def situation(hosts, auth, argv=("panel", "serve", "apps/dashboard.py")):
         monkeypatch.setattr(serve, "listening_addresses", lambda: hosts)

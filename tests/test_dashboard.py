@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("panel")
 
-from workbench.dashboard.state import (  # noqa: E402
+from workbench.views.dashboard.state import (  # noqa: E402
     Caps,
     DashboardError,
     HeadEdits,
@@ -100,7 +100,7 @@ def test_safe_path_refuses_traversal(tmp_path):
 
 
 def test_prompt_edits_change_loss_and_attention_is_exact(wb):
-    from workbench import heads
+    from workbench.measure import heads
 
     base = wb.run_prompt(TEXT, max_new_tokens=4)
     with wb.using() as m, wb_capture(m) as cap:
@@ -190,7 +190,7 @@ def test_retrieval_scan_progress_and_cancel(wb):
 
 @pytest.fixture(scope="module")
 def dash(wb):
-    from workbench.dashboard.app import build
+    from workbench.views.dashboard.app import build
 
     return build(wb).dashboard
 
@@ -337,7 +337,7 @@ def test_heads_page_taxonomy_with_the_retrieval_join(dash, wb):
     h.scan()
     h.wait()
     assert h.last_error == "" and h.result is not None and len(h.result.cases) == 2  # one text + the repeated sequence
-    direct = __import__("workbench.taxonomy", fromlist=["scan"]).scan(wb.model(), lengths=[64], n_texts=1, progress=False)
+    direct = __import__("workbench.measure.taxonomy", fromlist=["scan"]).scan(wb.model(), lengths=[64], n_texts=1, progress=False)
     torch.testing.assert_close(h.result.values, direct.values, equal_nan=True)
     assert "retrieval_score" not in h.result.grids()
     rt = dash.pages["Retrieval"]
@@ -404,7 +404,7 @@ def test_runs_compare_refuses_unlike_metrics(tmp_path, wb):
     """A loss run and a logit-difference run: side by side with a warning, no Δ."""
     from types import SimpleNamespace
 
-    from workbench.dashboard.runs_page import RunsPage
+    from workbench.views.dashboard.runs_page import RunsPage
 
     class Study(FakeStudy):
         class Run(FakeRun):
@@ -424,7 +424,7 @@ def test_runs_compare_refuses_unlike_metrics(tmp_path, wb):
 
 
 def test_runs_page_lists_opens_and_compares(tmp_path, wb):
-    from workbench.dashboard.runs_page import RunsPage
+    from workbench.views.dashboard.runs_page import RunsPage
 
     for name in ("run-a", "run-b"):
         (tmp_path / name).mkdir()
@@ -472,7 +472,7 @@ def test_runs_page_on_real_study_runs(tmp_path, wb):
     study = pytest.importorskip("workbench.study")
     if not hasattr(study, "run_study"):
         pytest.skip("workbench.study.run_study not there yet")
-    from workbench.dashboard.runs_page import RunsPage
+    from workbench.views.dashboard.runs_page import RunsPage
 
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY_STUDY)
@@ -539,8 +539,8 @@ def test_the_model_line_is_first_come_first_served_visible_and_cancellable():
     others get the model in the order they came (ModelPool, no browser)."""
     import threading
 
-    from workbench.dashboard.pool import ModelPool, Turn
-    from workbench.dashboard.state import Cancelled
+    from workbench.views.dashboard.pool import ModelPool, Turn
+    from workbench.views.dashboard.state import Cancelled
 
     pool = ModelPool("m", loader=lambda source: object())
     held, release = threading.Event(), threading.Event()
@@ -589,7 +589,7 @@ def test_the_model_line_is_first_come_first_served_visible_and_cancellable():
 def test_prompt_limits_are_checked_whole_and_named():
     """The size of the whole text and the limit are in the message; a text that filled its box (which may have
     cut it) says "at least"; the box takes several times the limit, so a paste over the limit arrives whole."""
-    from workbench.dashboard.validation import DashboardError, box_chars, check_text
+    from workbench.views.dashboard.validation import DashboardError, box_chars, check_text
 
     assert box_chars(60_000) > 100_000
     with pytest.raises(DashboardError, match=r"prompt has 100,000 characters; the limit is 60,000 characters.*nothing was cut"):

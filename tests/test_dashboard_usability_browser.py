@@ -33,8 +33,8 @@ APP = textwrap.dedent('''
     import panel as pn
 
     import workbench
-    from workbench.dashboard.app import build
-    from workbench.dashboard.state import Workbench
+    from workbench.views.dashboard.app import build
+    from workbench.views.dashboard.state import Workbench
 
     GATE = Path(os.environ["WB_TEST_GATE"])
 
@@ -154,8 +154,8 @@ def test_a_session_waiting_for_the_model_sees_the_line_and_can_cancel(browser, g
 
 
 def test_errors_are_escaped_once_and_cleared_when_fixed(browser, gated):
-    from workbench.dashboard.validation import DashboardError, parse_heads
-    from workbench.testing import tiny_model
+    from workbench.views.dashboard.validation import DashboardError, parse_heads
+    from workbench.models.testing import tiny_model
 
     spec = tiny_model("llama").spec
     url, _ = gated
@@ -273,8 +273,8 @@ def test_a_head_of_several_kinds_is_drawn_with_every_kind(browser, tmp_path):
     both colours, side by side; the legend counts each kind's heads as the summary does."""
     from test_figures import _planted_taxonomy
 
-    from workbench import report
-    from workbench.testing import tiny_model
+    from workbench.views import report
+    from workbench.models.testing import tiny_model
 
     r = _planted_taxonomy(lambda name: tiny_model(name))
     page_file = report.write_html(tmp_path / "kinds.html", "kinds", [("kinds", r.figure("kinds"))])

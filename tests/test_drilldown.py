@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.errors import ProbeError
-from workbench.widgets import Drilldown, PatternView, prompt_effect, token_labels
-from workbench.widgets.drilldown import DrilldownCache, qk_elements
+from workbench.base.errors import ProbeError
+from workbench.views.widgets import Drilldown, PatternView, prompt_effect, token_labels
+from workbench.views.widgets.drilldown import DrilldownCache, qk_elements
 
 TEXT = "Sinks soak up attention; retrieval heads copy. Sinks soak up attention; retrieval heads copy!"
 
@@ -143,7 +143,7 @@ def test_long_prompts_get_the_row_view(tiny):
 
 
 def test_thumbnails_of_long_prompts_keep_thin_lines(tiny):
-    from workbench.widgets.pattern_view import thumbnails
+    from workbench.views.widgets.pattern_view import thumbnails
 
     p = torch.zeros(1, 200, 200)
     p[0, torch.arange(1, 200), torch.arange(199)] = 1.0  # a previous-token head: one thin diagonal

@@ -7,7 +7,7 @@ import torch
 import workbench as wb
 from handbuilt import HD, USABLE, content_model
 from workbench import duo
-from workbench.testing import byte_tokenizer
+from workbench.models.testing import byte_tokenizer
 
 
 def wide_readers():

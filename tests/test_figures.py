@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.result import Result
+from workbench.measure.result import Result
 
 TEXTS = ("The lighthouse keeper climbed the stairs every evening to light the lamp for the ships at sea. " * 3,
          "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 3)  # fmt: skip
@@ -81,7 +81,7 @@ def test_every_figure_of_every_result_kind_draws_data(results):
 
 
 def test_a_grid_with_no_defined_value_says_why():
-    from workbench import plots
+    from workbench.base import plots
 
     fig = plots.head_grid(torch.full((2, 3), float("nan")), "retrieval score")
     assert drawn_points(fig) == 0 and [a.text for a in fig.layout.annotations if a.name == "empty"]
@@ -107,7 +107,7 @@ def test_a_layer_study_draws_its_metric_per_layer(tmp_path):
 
 def _planted_taxonomy(tiny):
     """3 layers × 4 heads with planted means: L0H1 sink and previous-token, L1H2 sink and induction, L2H3 induction."""
-    from workbench.taxonomy import _AXES, TaxonomyResult
+    from workbench.measure.taxonomy import _AXES, TaxonomyResult
 
     values = torch.zeros(1, len(_AXES), 3, 4)
     ax = {a: i for i, a in enumerate(_AXES)}

@@ -41,7 +41,7 @@ def test_the_version_is_our_distributions():
     from importlib import metadata
 
     import workbench as wb
-    from workbench.provenance import library_versions
+    from workbench.base.provenance import library_versions
 
     assert wb.__version__ == metadata.version("interp-workbench") == library_versions()["workbench"]
 

@@ -8,7 +8,7 @@ import torch
 
 import workbench as wb
 from workbench import names as N
-from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_hf_model, tiny_model
+from workbench.models.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_hf_model, tiny_model
 
 ARCHS = sorted(TINY_CONFIGS)
 IDS = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -502,7 +502,7 @@ def test_budget_error_states_the_budget_asked_for(tiny):
 
 
 def test_hook_edits_are_labelled_the_same_in_captures_and_results(tiny):
-    from workbench.capture import edit_labels
+    from workbench.core.capture import edit_labels
 
     m = tiny("llama")
 

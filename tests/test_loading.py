@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import embedded
-from workbench.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_config, tiny_hf_model
+from workbench.models import embedded
+from workbench.models.testing import TINY_CONFIGS, byte_tokenizer, tiny_bridge, tiny_config, tiny_hf_model
 
 
 def test_default_model_answers_in_english(smollm):
@@ -236,7 +236,7 @@ def test_cli_demo_runs_on_a_tiny_model(tmp_path):
 
 def test_embedded_config_snapshot_matches_the_converted_model(smollm):
     """load_config('embedded') answers shape questions without the 93 MB download; it must not drift."""
-    from workbench.loading import load_config
+    from workbench.models.loading import load_config
 
     snap, real = load_config("embedded").to_dict(), smollm.hf.config.to_dict()
     keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
@@ -313,7 +313,7 @@ def test_kill_9_mid_conversion_leaves_no_temp_folder(own_cache):
     import signal
     import time
 
-    code = "from workbench import embedded; embedded.convert()"
+    code = "from workbench.models import embedded; embedded.convert()"
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300

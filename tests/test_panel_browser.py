@@ -7,8 +7,8 @@ from browser import artifacts, free_port, served
 APP = """
 import torch
 import panel as pn
-from workbench.testing import tiny_model
-from workbench.widgets import HeadGrid, to_panel
+from workbench.models.testing import tiny_model
+from workbench.views.widgets import HeadGrid, to_panel
 
 m = tiny_model("llama")
 grid = HeadGrid({"score": torch.arange(8.0).reshape(2, 4)}, model=m, prompt="Sinks soak up attention.", max_new_tokens=2)

@@ -10,7 +10,7 @@ import workbench as wb
 from reference import assert_round_trip, eager_attentions
 from handbuilt import COPY_HEAD, SINK_HEAD, content_model
 from workbench import qrhead
-from workbench.testing import byte_tokenizer
+from workbench.models.testing import byte_tokenizer
 
 FIELDS = dict(lengths=[400], depths=[10, 50, 90])
 

@@ -10,7 +10,7 @@ import workbench as wb
 from reference import assert_round_trip
 from handbuilt import content_model
 from workbench import representation as R
-from workbench.testing import byte_tokenizer
+from workbench.models.testing import byte_tokenizer
 
 TEXT = "The residual stream of a transformer compresses in the middle layers. " * 3
 

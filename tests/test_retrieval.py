@@ -5,7 +5,7 @@ import torch
 import workbench as wb
 from handbuilt import COPY_HEAD, content_model
 from workbench import niah, retrieval
-from workbench.testing import byte_tokenizer
+from workbench.models.testing import byte_tokenizer
 
 NEEDLE_SPAN = (5, 8)
 PROMPT = [0, 5, 6, 7, 8, 1, 2, 3, 9, 10, 11, 4, 3]  # the needle is tokens 1, 2, 3; the prompt ends on 3

@@ -10,7 +10,7 @@ import torch
 import workbench as wb
 from workbench.routing import RoutingRows
 from workbench.routing import analyses as A
-from workbench.testing import tiny_model
+from workbench.models.testing import tiny_model
 
 from test_routing_capture import one_thread  # noqa: F401,E402  (autouse fixture)
 

@@ -8,7 +8,7 @@ import torch
 
 import workbench as wb
 from workbench.routing import RuleInputs, route, rule_inputs
-from workbench.testing import tiny_bridge, tiny_model
+from workbench.models.testing import tiny_bridge, tiny_model
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.testing import tiny_model
+from workbench.models.testing import tiny_model
 
 from test_routing_capture import MOE, one_thread, routing_model  # noqa: F401  (one_thread: autouse)
 
@@ -310,7 +310,7 @@ def test_dense_model_and_dense_layers_are_refused():
     with pytest.raises(wb.ProbeError, match="model has no MoE layers"):
         wb.routing.scmoe_generate(dense, "hi")
     assert runs.n == 0
-    from workbench.testing import tiny_config
+    from workbench.models.testing import tiny_config
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config("qwen2_moe")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import workbench as wb
-from workbench.testing import byte_tokenizer, tiny_config
+from workbench.models.testing import byte_tokenizer, tiny_config
 
 from test_routing_capture import one_thread  # noqa: F401,E402  (autouse fixture)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import zoo
+from workbench.models import zoo
 
 from test_routing_capture import one_thread  # noqa: F401  (autouse fixture)
 

@@ -8,7 +8,7 @@ import torch
 import workbench as wb
 from reference import assert_round_trip
 from workbench import duo, retrieval, routing, sinks
-from workbench.testing import tiny_model
+from workbench.models.testing import tiny_model
 
 TEXT = "Scans run case by case; a cancelled scan keeps what it finished. " * 3
 

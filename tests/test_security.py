@@ -151,7 +151,7 @@ def _provenance() -> dict:
 
 def test_dashboard_report_of_a_linked_report_writes_nothing_outside(tmp_path):
     pytest.importorskip("panel")
-    from workbench.dashboard.state import DashboardError, RunsStore
+    from workbench.views.dashboard.state import DashboardError, RunsStore
     from workbench.study import Run
 
     outside = _outside(tmp_path)
@@ -176,7 +176,7 @@ def _no_markup(text: str) -> None:
 
 def test_md_escape_shows_text_as_text():
     pytest.importorskip("panel")
-    from workbench.dashboard.common import html_text, md_escape
+    from workbench.views.dashboard.common import html_text, md_escape
 
     _no_markup(md_escape(XSS))
     out = md_escape("__bold__ [x](javascript:1) `c`")  # every Markdown special as a character reference: no markup
@@ -188,8 +188,8 @@ def test_runs_page_escapes_run_names_files_and_errors(tmp_path):
     pytest.importorskip("panel")
     import json
 
-    from workbench.dashboard.runs_page import RunsPage
-    from workbench.dashboard.state import RunsStore, Workbench
+    from workbench.views.dashboard.runs_page import RunsPage
+    from workbench.views.dashboard.state import RunsStore, Workbench
     from workbench.study import Run
 
     root = tmp_path / "runs"
@@ -248,7 +248,7 @@ def _count_item_checks(monkeypatch) -> list:
 
 def test_attention_view_caps_queries_from_the_page(tiny_llama, monkeypatch):
     pytest.importorskip("panel")
-    from workbench.widgets import AttentionView, to_panel
+    from workbench.views.widgets import AttentionView, to_panel
 
     view = AttentionView(tiny_llama, LONG_TEXT, max_queries=8)
     T = view.ids.shape[-1]
@@ -269,7 +269,7 @@ def test_attention_view_caps_queries_from_the_page(tiny_llama, monkeypatch):
 
 def test_page_may_set_only_a_widgets_inputs(tiny_llama):
     pytest.importorskip("panel")
-    from workbench.widgets import AttentionView, to_panel
+    from workbench.views.widgets import AttentionView, to_panel
 
     view = AttentionView(tiny_llama, "hello there friend")
     comp = to_panel(view)
@@ -286,7 +286,7 @@ def test_head_grid_and_routing_view_cap_their_lists(tiny_llama, tiny, monkeypatc
     pytest.importorskip("panel")
     import torch
 
-    from workbench.widgets import HeadGrid, RoutingView, to_panel
+    from workbench.views.widgets import HeadGrid, RoutingView, to_panel
 
     grid = HeadGrid({"x": torch.rand(2, 4)})
     comp = to_panel(grid)
@@ -307,7 +307,7 @@ def test_head_grid_and_routing_view_cap_their_lists(tiny_llama, tiny, monkeypatc
 
 def test_dashboard_params_cap_lists_and_strings(tiny_llama):
     pytest.importorskip("panel")
-    from workbench.dashboard.state import DashboardError, parse_experts, parse_heads
+    from workbench.views.dashboard.state import DashboardError, parse_experts, parse_heads
 
     spec = tiny_llama.spec
     with pytest.raises(DashboardError, match="at most 8 heads"):
@@ -321,8 +321,8 @@ def test_dashboard_params_cap_lists_and_strings(tiny_llama):
 
 def test_prompt_lab_sink_keys_are_capped(tiny_llama):
     pytest.importorskip("panel")
-    from workbench.dashboard.prompt_lab import PromptLab
-    from workbench.dashboard.state import Workbench
+    from workbench.views.dashboard.prompt_lab import PromptLab
+    from workbench.views.dashboard.state import Workbench
 
     lab = PromptLab(Workbench("tiny:llama", loader=lambda s: tiny_llama))
     lab.sink_keys = ",".join(["1"] * 100_000)
@@ -386,7 +386,7 @@ def test_run_does_not_read_unit_or_failure_files_linked_out(tmp_path):
 
 
 def test_html_report_replaces_a_link_instead_of_writing_through(tmp_path):
-    from workbench import report
+    from workbench.views import report
 
     outside = _outside(tmp_path)
     out = tmp_path / "results"
@@ -407,7 +407,7 @@ def test_host_rule_loopback_and_configured_names_and_with_auth_ip_addresses():
     pytest.importorskip("panel")
     from bokeh.server.auth_provider import NullAuth
 
-    from workbench.dashboard.serve import host_problem
+    from workbench.views.dashboard.serve import host_problem
 
     class App:
         websocket_origins = {"127.0.0.1:5006", "dash.example.org:443"}
@@ -431,7 +431,7 @@ def test_compiled_step_refuses_group_writable_code_dirs_and_links(monkeypatch, t
     import torch
 
     from workbench.attention import chunked as C
-    from workbench.files import untrusted_part
+    from workbench.base.files import untrusted_part
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
@@ -481,7 +481,7 @@ def test_serve_crash_log_redacts_secrets_and_is_private(tmp_path, monkeypatch):
     def crash(*a, basic_auth=None, **k):
         raise RuntimeError(f"could not read the users file {basic_auth}")  # an error that quotes the secret
 
-    monkeypatch.setattr("workbench.dashboard.serve.serve", crash)
+    monkeypatch.setattr("workbench.views.dashboard.serve.serve", crash)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -639,9 +639,9 @@ def test_resume_with_other_weights_is_refused_naming_the_field(tmp_path):
 def test_provenance_names_the_loaded_weights_and_tokenizer(tmp_path, monkeypatch):
     """A byte flip plus a rewritten verification stamp loaded other weights while provenance still named the GGUF;
     an unstamped ``added_tokens.json`` in the cache changed token ids silently."""
-    from workbench import embedded
-    from workbench.errors import ModelLoadError
-    from workbench.zoo.tiny import byte_tokenizer, tiny_hf_model
+    from workbench.models import embedded
+    from workbench.base.errors import ModelLoadError
+    from workbench.models.zoo.tiny import byte_tokenizer, tiny_hf_model
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cache" / embedded.SMOLLM2.name / "safetensors"  # a (tiny) verified conversion
@@ -736,7 +736,7 @@ def test_misuse_of_captures_hooks_studies_and_models_is_a_clear_error(tiny_llama
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.Evil"}}))
     (folder / "modeling_x.py").write_text("raise SystemExit('custom code ran')\n")
-    from workbench.loading import load_config
+    from workbench.models.loading import load_config
 
     for call in (lambda: wb.load(str(folder)), lambda: load_config(str(folder))):
         with pytest.raises(wb.WorkbenchError, match=r"ships its own Python code .*auto_map.*trust_remote_code=True.*workbench.load\(hf, tokenizer=tok\)"):
@@ -777,9 +777,9 @@ def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
     from tornado.ioloop import IOLoop
     from tornado.websocket import websocket_connect
 
-    from workbench.dashboard.app import build
-    from workbench.dashboard.state import Caps, Workbench
-    from workbench.widgets.drilldown import qk_elements
+    from workbench.views.dashboard.app import build
+    from workbench.views.dashboard.state import Caps, Workbench
+    from workbench.views.widgets.drilldown import qk_elements
 
     sys.path.insert(0, os.path.dirname(__file__))
     from browser import free_port

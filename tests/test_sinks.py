@@ -5,7 +5,7 @@ import torch
 import workbench as wb
 from handbuilt import SINK_HEAD, content_model
 from workbench import sinks
-from workbench.testing import byte_tokenizer
+from workbench.models.testing import byte_tokenizer
 
 TEXT = "Sinks are a quiet habit of attention. " * 4
 

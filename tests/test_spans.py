@@ -9,7 +9,7 @@ import workbench as wb
 from reference import assert_round_trip, eager_attentions
 from handbuilt import SINK_HEAD, content_model
 from workbench import spans
-from workbench.testing import byte_tokenizer, tiny_hf_model
+from workbench.models.testing import byte_tokenizer, tiny_hf_model
 
 TEXT = "Span profiles measure how far back each head looks. " * 8
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import plots, report
+from workbench.base import plots
+from workbench.views import report
 from workbench.store import ResultStore
 
 

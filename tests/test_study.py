@@ -74,7 +74,7 @@ def test_bad_study_files_are_rejected_before_any_model_loads(tmp_path, monkeypat
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the study file was validated")
 
-    monkeypatch.setattr("workbench.loading.load", no_load)
+    monkeypatch.setattr("workbench.models.loading.load", no_load)
     path = _write(tmp_path, LOSS_STUDY.replace(*edit))
     with pytest.raises(StudyError, match=message):
         run_study(path, tmp_path / "run", progress=False)
@@ -93,7 +93,7 @@ def test_empty_grid_and_bad_toml(tmp_path):
 
 
 def test_shipped_study_is_valid_for_the_embedded_model():
-    from workbench.loading import load_config
+    from workbench.models.loading import load_config
     from workbench.study.plan import check
 
     study = load_study(ROOT / "studies" / "retrieval_ablation.toml")
@@ -283,7 +283,7 @@ def test_kill_9_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_ray_executor_gives_the_local_results_and_survives_lost_workers(tmp_path):
     ray = pytest.importorskip("ray")
-    from workbench.loading import load_config
+    from workbench.models.loading import load_config
     from workbench.study.runner import RayExecutor
 
     path = _write(tmp_path, LOSS_STUDY)
@@ -331,7 +331,7 @@ def no_model(monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the study was validated")
 
-    monkeypatch.setattr("workbench.loading.load", no_load)
+    monkeypatch.setattr("workbench.models.loading.load", no_load)
 
 
 @pytest.mark.parametrize(
@@ -384,7 +384,7 @@ def test_resume_with_another_study_is_refused_naming_the_difference(tmp_path, mo
     path = _write(tmp_path, LOSS_STUDY)
     run_study(path, tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "study.toml").read_text()
-    monkeypatch.setattr("workbench.loading.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr("workbench.models.loading.load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     other = _write(tmp_path, LOSS_STUDY.replace("n_texts = 2", "n_texts = 3").replace("seeds = [0, 1]", "seeds = [0, 2]"), "other.toml")
     with pytest.raises(StudyError, match=r"cannot resume .*task.n_texts: 2 in the run, 3 in the file; grid\[1\].seeds: \[0, 1\] in the run, \[0, 2\] in the file"):
         run_study(other, tmp_path / "run", resume=True, progress=False)

@@ -9,7 +9,7 @@ import workbench as wb
 from handbuilt import INDUCTION_HEAD, PREV_HEAD, local_model, taxonomy_model
 from reference import eager_attentions
 from workbench.kernels.semantics import induction_keys
-from workbench.testing import TINY_CONFIGS, byte_tokenizer
+from workbench.models.testing import TINY_CONFIGS, byte_tokenizer
 
 ARCHS = sorted(TINY_CONFIGS)
 W = 4  # local window

@@ -100,7 +100,7 @@ def long_model(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workbench.testing import byte_tokenizer, tiny_config
+    from workbench.models.testing import byte_tokenizer, tiny_config
 
     path = tmp_path_factory.mktemp("long-llama")
     cfg = tiny_config("llama")
@@ -145,7 +145,7 @@ class LivenessPoller:
 
 
 def test_long_prompt_clicks_are_fast_and_the_server_never_blocks(browser, long_model, tmp_path):
-    from workbench.niah import haystack
+    from workbench.measure.niah import haystack
 
     text = haystack()[:4000]  # ~4K tokens with the byte tokenizer
     port, server = _serve(tmp_path, "--model", str(long_model), "--max-new-tokens", "16", name="views-long")

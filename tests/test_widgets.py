@@ -7,8 +7,8 @@ import torch
 
 import workbench as wb
 from reference import eager_attentions
-from workbench.errors import ProbeError, WorkbenchError
-from workbench.widgets import AttentionView, HeadGrid, NIAHGrid, RoutingView, head_scores, to_panel
+from workbench.base.errors import ProbeError, WorkbenchError
+from workbench.views.widgets import AttentionView, HeadGrid, NIAHGrid, RoutingView, head_scores, to_panel
 
 TEXT = "Sinks soak up attention; retrieval heads copy."
 
@@ -121,9 +121,9 @@ def test_attention_view_bad_input(tiny):
 
 
 def fake_results(L=3, H=4):
-    from workbench.duo import DuoResult
-    from workbench.retrieval import RetrievalResult
-    from workbench.sinks import SinkResult
+    from workbench.measure.duo import DuoResult
+    from workbench.measure.retrieval import RetrievalResult
+    from workbench.measure.sinks import SinkResult
 
     g = torch.Generator().manual_seed(0)
     tests = pd.DataFrame({"length": [100, 100, 200, 200], "depth": [0.1, 0.9, 0.1, 0.9], "counted": [True, False, True, True]})
@@ -154,7 +154,7 @@ def test_head_grid_values_equal_the_results():
 
 def test_head_grid_duo_gates_expand_to_query_heads(tiny):
     m = tiny("llama")  # 4 query heads, 2 KV heads
-    from workbench.duo import DuoResult
+    from workbench.measure.duo import DuoResult
 
     duo = DuoResult(gates=torch.tensor([[0.1, 0.9], [0.6, 0.2]]), losses=[], sink=4, recent=8, provenance=None)
     gate = head_scores(duo, m)["duo_gate"]

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
-from . import duo, effects, interop, names, niah, qrhead, representation, retrieval, sinks, spans, study, taxonomy
-from .activations import Activations
+from .measure import duo, effects, niah, qrhead, representation, retrieval, sinks, spans, taxonomy
+from .core import interop, names
+from . import study
+from .core.activations import Activations
 from .attention import AttentionStats, HeadAblation, SinkCalibration, SpanMask, StreamingHeads, Window, head_output_means
-from .capture import Capture, capture, intervene
-from .hooks import Edit, Hook, Probe
-from .errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
-from .loading import load
-from .model import Model
-from .provenance import DISTRIBUTION as _DISTRIBUTION, Provenance
-from .spec import ModelSpec
-from .store import ResultStore
+from .core.capture import Capture, capture, intervene
+from .core.hooks import Edit, Hook, Probe
+from .base.errors import ModelLoadError, ProbeError, UnsupportedModelError, WorkbenchError
+from .models.loading import load
+from .models.model import Model
+from .base.provenance import DISTRIBUTION as _DISTRIBUTION, Provenance
+from .models.spec import ModelSpec
+from .store.results import ResultStore
 
 try:
     __version__ = _metadata.version(_DISTRIBUTION)
@@ -51,5 +53,5 @@ def __getattr__(name: str):
     if name == "widgets":
         import importlib
 
-        return importlib.import_module(".widgets", __name__)  # `from . import` would call this again
+        return importlib.import_module(".views.widgets", __name__)  # `from . import` would call this again
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import WorkbenchError
+from .base.errors import WorkbenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability workbench: sinks, retrieval heads, MoE routing.")
 scan_app = typer.Typer(no_args_is_help=True, help="Scan a model for retrieval heads or attention sinks.")
@@ -77,7 +77,7 @@ def _crash_log(exc: BaseException, options: dict | None = None) -> Path:
     import tempfile
     import traceback
 
-    from .embedded import cache_dir
+    from .models.embedded import cache_dir
 
     argv, secrets = redacted_argv(list(sys.argv[1:]))
     for key, value in (options or {}).items():
@@ -152,7 +152,7 @@ def _load(model: str | None):
 def _positions(model: str | None) -> int | None:
     """The model's context (positions) from its config, read without weights; ``None`` when only a load
     can tell (a .gguf file). A source that does not exist fails here, before anything loads."""
-    from .loading import load_config
+    from .models.loading import load_config
 
     if model and str(model).endswith(".gguf"):
         if not Path(model).is_file():
@@ -165,7 +165,7 @@ def _positions(model: str | None) -> int | None:
 
 
 def _heads(model: str | None) -> int | None:
-    from .loading import load_config
+    from .models.loading import load_config
 
     if model and str(model).endswith(".gguf"):
         return None
@@ -201,8 +201,8 @@ def _check_lengths(lengths: list[int], max_new_tokens: int, positions: int | Non
 
 def _report(out: Path, title: str, items: list) -> None:
     """Results → Parquet in ``out`` (each with its provenance) and one HTML report; prints where."""
-    from . import report
-    from .store import ResultStore
+    from .views import report
+    from .store.results import ResultStore
 
     store = ResultStore(out)
     for it in items:
@@ -227,7 +227,7 @@ def demo(
     out: Path = typer.Option(Path("results/demo"), help="where the HTML report and Parquet results go"),
 ) -> None:
     """Load the model, print its ModelSpec, generate greedily, then a short sink + retrieval scan with an HTML report."""
-    from . import retrieval, sinks
+    from .measure import retrieval, sinks
 
     cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths)
     lens = list(cfg.lengths)
@@ -268,7 +268,7 @@ def scan_retrieval(
     out: Path = typer.Option(Path("results/retrieval"), help="results directory"),
 ) -> None:
     """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
-    from . import retrieval
+    from .measure import retrieval
 
     if variant not in retrieval.VARIANTS:
         raise WorkbenchError(f"--variant must be one of {', '.join(retrieval.VARIANTS)}, got {variant!r}")
@@ -301,7 +301,7 @@ def scan_sinks(
     out: Path = typer.Option(Path("results/sinks"), help="results directory"),
 ) -> None:
     """Gu et al. Sink_k^ε, ACT hidden sinks and massive activations on the shipped prose."""
-    from . import sinks
+    from .measure import sinks
 
     positions = _positions(model)
     if positions and T > positions:
@@ -330,7 +330,7 @@ def scan_duo(
     out: Path = typer.Option(Path("results/duo"), help="results directory"),
 ) -> None:
     """DuoAttention: train one gate per KV head, sweep the streaming fraction, compare with Wu's heads."""
-    from . import duo, retrieval
+    from .measure import duo, retrieval
 
     cfg = duo.DuoConfig(length=length, steps=steps, sink=sink, recent=recent, sweep=(0.0, 0.25, 0.5, 0.75, 1.0))
     positions = _positions(model)
@@ -396,9 +396,9 @@ def scan_heads(
     """Head types at any length: previous-token, self, local, induction heads and distance profiles next to
     sink α₀; the MoA span profile; the compression valley; with --retrieval-lengths Wu's retrieval score and
     query-focused retrieval heads (QRHead) and how the three agree."""
-    from . import qrhead, retrieval, taxonomy
-    from . import representation as rep
-    from . import spans as span_profile
+    from .measure import qrhead, retrieval, taxonomy
+    from .measure import representation as rep
+    from .measure import spans as span_profile
 
     lens = _ints(lengths, "lengths")
     cfg = taxonomy.TaxonomyConfig(lengths=lens, n_texts=texts, local_window=local_window)
@@ -504,8 +504,8 @@ def serve(
     show: bool = typer.Option(False, help="open a browser tab"),
 ) -> None:
     """Serve the Panel dashboard (prompt lab, retrieval, sinks, routing, runs) on 127.0.0.1; /liveness answers when up."""
-    from .dashboard.serve import check_address, serve as serve_dashboard
-    from .dashboard.state import Caps
+    from .views.dashboard.serve import check_address, serve as serve_dashboard
+    from .views.dashboard.state import Caps
 
     caps = Caps(max_prompt_tokens=max_prompt_tokens, max_scan_tests=max_scan_tests)
     check_address(address, port, auth=bool(basic_auth or oauth_provider))  # before the model loads
@@ -527,7 +527,7 @@ def doctor(
     """Check the embedded model's cache in full: the GGUF against its pinned SHA-256, every converted file
     against the SHA-256 recorded at conversion, stale temp folders swept. (Each load checks only the
     files' stat fingerprints — microseconds — and hashes a file whose fingerprint changed.)"""
-    from . import embedded
+    from .models import embedded
 
     r = embedded.verify(repair=repair)
     typer.echo(f"cache: {r['cache']}")

@@ -1,7 +1,7 @@
 """The reducing attention backend: per-head statistics and interventions without the N×N matrix."""
 from __future__ import annotations
 
-from ..model import ON_LOAD
+from ..models.model import ON_LOAD
 from .backend import NAME, install, register, workbench_attention
 from .chunked import chunked_attention
 from .edits import HeadAblation, SinkCalibration, SpanMask, StreamingHeads, head_output_means

@@ -14,22 +14,22 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..errors import ProbeError
+from ..base.errors import ProbeError
 from . import triton_path
 from .chunked import chunked_attention
 from .masks import LazyMask, lazy_mask, visibility_from_tensor
 from .request import LayerRequest
 
 if TYPE_CHECKING:
-    from ..hooks import HookManager
+    from ..core.hooks import HookManager
 
 NAME = "workbench"
 
 
 def install(model) -> "HookManager":
     """Send ``model``'s attention (a :class:`workbench.Model`) through the workbench backend, with one
-    :class:`~workbench.hooks.HookManager` per underlying module tree (idempotent)."""
-    from ..hooks import HookManager
+    :class:`~workbench.core.hooks.HookManager` per underlying module tree (idempotent)."""
+    from ..core.hooks import HookManager
 
     register()
     hf = model.hf

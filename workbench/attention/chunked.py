@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ..files import untrusted_part
+from ..base.files import untrusted_part
 from ..kernels import semantics
 from .masks import LazyMask
 from .request import LayerRequest
@@ -846,7 +846,7 @@ def _load_native():
     if cc is None:
         log.info("workbench: no C compiler found; the CPU attention path uses its torch tile step")
         return None
-    from ..embedded import cache_dir
+    from ..models.embedded import cache_dir
 
     arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64", "i686") else ["-mcpu=native"]
     key = hashlib.sha256("\0".join([_STEP_C, cc, *arch, *_CFLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]

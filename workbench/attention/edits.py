@@ -9,8 +9,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..errors import ProbeError
-from ..hooks import Bound, Edit
+from ..base.errors import ProbeError
+from ..core.hooks import Bound, Edit
 from .request import HeadEdit, LayerRequest
 
 Head = tuple[int, int]
@@ -28,7 +28,7 @@ def _query_heads(spec, heads, unit: str, what: str) -> list[Head]:
 def _positions(positions, what: str) -> torch.Tensor | None:
     if positions is None:
         return None
-    from ..spec import _index
+    from ..models.spec import _index
 
     t = torch.as_tensor([_index(p, f"{what}: position") for p in positions], dtype=torch.long)
     if (t < 0).any():
@@ -161,7 +161,7 @@ class StreamingHeads(Edit):
     label = "streaming"
 
     def bind(self, model) -> BoundHeadEdits:
-        from ..spec import _index
+        from ..models.spec import _index
 
         sink, recent = _index(self.sink, "StreamingHeads: sink"), _index(self.recent, "StreamingHeads: recent")
         if sink < 0 or recent < 1:
@@ -225,7 +225,7 @@ def head_output_means(model, texts, layers=None) -> dict[Head, torch.Tensor]:
     """Mean attention output of every head over the tokens of ``texts`` (``mode="mean"`` ablation); each
     item a text or a list of token ids.
     Cached per model and reference set: binding the same reference twice does not rerun it."""
-    from ..hooks import HookManager, attached
+    from ..core.hooks import HookManager, attached
 
     items = _reference_items(texts)
     layers = tuple(sorted(range(model.spec.n_layers) if layers is None else model.spec.layers(layers, what="head_output_means")))

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ProbeError
+from ..base.errors import ProbeError
 
 
 @dataclass

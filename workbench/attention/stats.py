@@ -16,11 +16,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .. import names as N
-from ..errors import ProbeError
-from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
+from ..core import names as N
+from ..base.errors import ProbeError
+from ..core.hooks import DEFAULT_PROBES, Bound, Call, Probe
 from ..kernels.semantics import BIG
-from ..spec import _index
+from ..models.spec import _index
 from .request import LayerRequest
 
 #: the head-type statistics (AttentionStats(taxonomy=True)), names under blocks.{l}.attn.
@@ -106,7 +106,7 @@ class AttentionStats(Probe):
 
 
 def _int(x, what: str) -> int:
-    """:func:`workbench.spec._index` (refuses floats, float tensors and bools) with this probe's name."""
+    """:func:`workbench.models.spec._index` (refuses floats, float tensors and bools) with this probe's name."""
     return _index(x, f"AttentionStats: {what}")
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ProbeError
+from ..base.errors import ProbeError
 from .probe import rows as _rows
 
 

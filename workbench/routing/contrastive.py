@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ProbeError
+from ..base.errors import ProbeError
 from .edits import TopK
 
 
@@ -39,7 +39,7 @@ def scmoe_generate(
 ) -> str:
     """Greedy SCMoE decoding; ``weak`` are the edits that make the weak routing (default ``[TopK(1)]``).
     Two KV caches (strong and weak) advance in step. Returns only the new text."""
-    from ..capture import intervene
+    from ..core.capture import intervene
     from .probe import require_moe
 
     require_moe(model, "SCMoE")

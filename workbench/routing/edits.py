@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from ..errors import ProbeError
-from ..hooks import Bound, Edit
+from ..base.errors import ProbeError
+from ..core.hooks import Bound, Edit
 from .hooks import combine
 from .probe import moe_router, require_moe
 
@@ -19,7 +19,7 @@ Expert = tuple[int, int]  # (layer, expert)
 def _experts(model, experts: Iterable[Expert], what: str) -> dict[int, list[int]]:
     """Validated ``{layer: [expert, ...]}`` from (layer, expert) pairs."""
     require_moe(model, what)
-    from ..spec import _index
+    from ..models.spec import _index
 
     if isinstance(experts, (str, bytes)) or not hasattr(experts, "__iter__"):
         raise ProbeError(f"{what}: experts must be a list of (layer, expert) pairs, got {experts!r}")
@@ -56,7 +56,7 @@ class BoundRoutingEdit(Bound):
 
     def begin(self, session) -> None:
         """Refuse, before the block runs, a combination with the other active edits that cannot route."""
-        from ..hooks import HookManager
+        from ..core.hooks import HookManager
 
         active = [it for s in HookManager.of(self.model).sessions() for it in s.edits] + session.edits
         for rs in self.model.spec.routers:

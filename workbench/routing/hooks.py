@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import names as N
-from ..hooks import SITE_INSTALLERS, _checked_replacement
-from ..errors import ProbeError
-from ..spec import RouterSpec
+from ..core import names as N
+from ..core.hooks import SITE_INSTALLERS, _checked_replacement
+from ..base.errors import ProbeError
+from ..models.spec import RouterSpec
 from .rules import RuleInputs, route, rule_inputs
 
 

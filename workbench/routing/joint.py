@@ -36,15 +36,15 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from .. import plots
-from ..activations import Activations
+from ..base import plots
+from ..core.activations import Activations
 from ..attention import AttentionStats
-from ..capture import capture, edit_labels, intervene
-from ..errors import ProbeError
-from ..hooks import Hook
-from ..result import Result
-from ..scan import config_of, float_value, int_value, run_cases
-from ..sinks import HIDDEN_SINK_THRESHOLD, MIN_QUERIES, massive_entries, alpha_all
+from ..core.capture import capture, edit_labels, intervene
+from ..base.errors import ProbeError
+from ..core.hooks import Hook
+from ..measure.result import Result
+from ..measure.scan import config_of, float_value, int_value, run_cases
+from ..measure.sinks import HIDDEN_SINK_THRESHOLD, MIN_QUERIES, massive_entries, alpha_all
 from .probe import Routing, require_moe, rows
 from .scan import default_texts, first_tokens
 

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import torch
 
-from .. import names as N
-from ..errors import ProbeError
-from ..hooks import DEFAULT_PROBES, Bound, Call, Probe
-from ..spec import RouterSpec
+from ..core import names as N
+from ..base.errors import ProbeError
+from ..core.hooks import DEFAULT_PROBES, Bound, Call, Probe
+from ..models.spec import RouterSpec
 from .hooks import RouterOutput, unconstrained
 
 _PARTS = ("logits", "experts", "weights", "scores", "margin", "ran", "agrees")
@@ -34,7 +34,7 @@ def require_moe(model, what: str) -> tuple[RouterSpec, ...]:
 def moe_router(model, layer: int, what: str) -> RouterSpec:
     """The RouterSpec of ``layer``, or a clear error naming the MoE layers."""
     routers = {rs.layer: rs for rs in require_moe(model, what)}
-    from ..spec import _index
+    from ..models.spec import _index
 
     layer = _index(layer, f"{what}: layer")
     if layer not in routers:
@@ -59,7 +59,7 @@ class Routing(Probe):
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise ProbeError(f"Routing: layers must be a list of MoE layer indices, got {self.layers!r}")
-            from ..spec import _index
+            from ..models.spec import _index
 
             wanted = [_index(x, "Routing: layer") for x in self.layers]
             if not wanted:
@@ -131,7 +131,7 @@ class BoundRouting(Bound):
             warnings.warn(
                 "routing recomputation disagrees with the model on "
                 + ", ".join(f"{N.name(l, 'mlp.router')}: {r} router / {e} experts rows" for l, (r, e) in bad.items())
-                + "; margins of those rows are NaN. Report the architecture: its rule in workbench/architectures.py may be wrong",
+                + "; margins of those rows are NaN. Report the architecture: its rule in workbench/models/architectures.py may be wrong",
                 stacklevel=4,
             )
 
@@ -211,7 +211,7 @@ def rows(cap) -> RoutingRows:
     """The routing a capture recorded as :class:`RoutingRows` (what every analysis takes)."""
     if isinstance(cap, RoutingRows):
         return cap
-    from ..capture import Capture
+    from ..core.capture import Capture
 
     if not isinstance(cap, Capture):
         raise ProbeError(f"routing analyses take a capture with Routing() or RoutingRows, got {type(cap).__name__}")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ProbeError
-from ..spec import RouterSpec
+from ..base.errors import ProbeError
+from ..models.spec import RouterSpec
 
 INF = float("inf")
 

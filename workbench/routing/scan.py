@@ -1,5 +1,5 @@
 """``routing.scan``: MoE routing over a set of labelled texts — expert load, specialisation by label,
-margins — with the scan shape every scan shares (:mod:`workbench.scan`)."""
+margins — with the scan shape every scan shares (:mod:`workbench.measure.scan`)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -9,11 +9,11 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from .. import plots
-from ..capture import capture, edit_labels, intervene
-from ..errors import ProbeError
-from ..result import Result
-from ..scan import config_of, int_value, run_cases
+from ..base import plots
+from ..core.capture import capture, edit_labels, intervene
+from ..base.errors import ProbeError
+from ..measure.result import Result
+from ..measure.scan import config_of, int_value, run_cases
 from .analyses import expert_load, flip_risk, load_entropy, specialisation
 from .probe import Routing, RoutingRows, require_moe, rows
 
@@ -23,7 +23,7 @@ _LAYER_FIELDS = ("logits", "experts", "weights", "scores", "margin", "ran", "agr
 
 def default_texts(per_domain: int = 2, chars: int = 1500) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Held-out slices of the four shipped domains (English essays, German, Python, arithmetic): texts and labels."""
-    from ..zoo import corpus
+    from ..models.zoo import corpus
 
     texts, labels = [], []
     for domain, text in corpus.load_corpus().items():

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import WorkbenchError
+from ..base.errors import WorkbenchError
 
 if sys.version_info >= (3, 11):
     import tomllib

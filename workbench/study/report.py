@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import plots, report
-from ..files import atomic_path
+from ..base import plots
+from ..views import report
+from ..base.files import atomic_path
 
 _METRIC = {"niah": "NIAH accuracy", "loss": "loss (nats)", "logit_diff": "logit difference", "generation_match": "generation match"}
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import WorkbenchError
-from ..files import OutsideRootError, confined, confined_dir, confined_file, inside, write_text
-from ..store import ResultStore
+from ..base.errors import WorkbenchError
+from ..base.files import OutsideRootError, confined, confined_dir, confined_file, inside, write_text
+from ..store.results import ResultStore
 from .config import Study, StudyError, load_study
 from .plan import Unit
 

@@ -155,7 +155,7 @@ def run_study(
     ``executor``: ``"local"`` (in-process) or ``"ray"`` (``address``: a cluster, e.g. ``"auto"``;
     ``workers``: actors). ``model``: an already-loaded model for the local executor (notebooks).
     Returns the :class:`Run`; check ``run.failures()`` (the CLI exits 1 when any unit failed)."""
-    from ..loading import load_config
+    from ..models.loading import load_config
 
     if executor not in EXECUTORS:
         raise StudyError(f"executor must be one of {EXECUTORS}, got {executor!r}")

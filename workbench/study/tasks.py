@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import niah, retrieval
+from ..measure import niah, retrieval
 from ..attention import HeadAblation, head_output_means
-from ..capture import intervene
+from ..core.capture import intervene
 from ..routing import ExpertMask
 from .config import Study, StudyError
 from .plan import Unit
@@ -40,7 +40,7 @@ class Evaluator:
     mean head outputs for ``mode = "mean"`` and unablated generations for ``generation_match``."""
 
     def __init__(self, study: Study, model=None):
-        from ..loading import load
+        from ..models.loading import load
 
         self.study = study
         self.model = model if model is not None else load(**model_kwargs(study))
@@ -73,7 +73,7 @@ class Evaluator:
     # --- rankings -----------------------------------------------------------------------------------
     def _rank(self, unit: Unit) -> pd.DataFrame:
         if self.study.ablation.target == "experts":
-            from ..capture import capture
+            from ..core.capture import capture
             from ..routing import Routing, expert_load
 
             with capture(self.model, Routing()) as cap:
@@ -148,7 +148,7 @@ class Evaluator:
 
 def texts(study: Study) -> list[str]:
     """The loss task's texts (also the reference set for mean ablation and expert ranking)."""
-    from ..sinks import default_texts
+    from ..measure.sinks import default_texts
 
     t = study.task
     if getattr(t, "texts", "essays") == "essays":
