@@ -98,7 +98,7 @@ import workbench as wb
 import workbench.kernels.attention_stats, workbench.kernels.reference
 here = pathlib.Path(wb.__file__).resolve().parent
 assert here.is_relative_to(pathlib.Path(sys.prefix).resolve()), here
-for rel in ["kernels/semantics.py", "widgets/static/head_grid.js", "data/needles.json", "zoo/tiny-moe/model.safetensors"]:
+for rel in ["kernels/semantics.py", "views/widgets/static/head_grid.js", "data/needles.json", "models/zoo/tiny-moe/model.safetensors"]:
     assert (here / rel).is_file(), rel
 m = wb.load()                                    # the embedded SmolLM2 (the shared model cache)
 with wb.capture(m, wb.AttentionStats(sink_keys=1)) as cap:
