@@ -104,3 +104,29 @@ def test_ablation_provenance_names_the_model_that_ran_it():
                                   cancel=lambda: True)  # fmt: skip
     assert "ablation" not in ab.provenance.extra and ab.provenance.extra["complete"] is False  # ... the check did not
     assert ab.provenance.weights_hash == m.provenance.weights_hash and ab.provenance.extra["ranked_by"].startswith("Wu2024")
+
+
+@pytest.mark.parametrize(
+    "lengths, max_new_tokens, match",
+    [
+        ([20], 32, r"context length 20 is too short for a needle-in-a-haystack test \(at least 64\)"),
+        ([64, 500], 24, r"context length 500 \+ 24 new tokens exceeds the model's 512 positions; use lengths ≤ 488"),
+    ],
+)
+def test_lengths_are_checked_against_the_spec_before_a_model_loads(lengths, max_new_tokens, match):
+    """One rule, read from the ModelSpec a config tells (no weights): the CLI, the dashboard and the study
+    planner call :meth:`RetrievalConfig.check`."""
+    from workbench.models.loading import load_config
+    from workbench.models.spec import config_spec
+
+    spec = config_spec(load_config("tiny:llama"))
+    assert spec.max_positions == 512
+    cfg = retrieval.RetrievalConfig(lengths=lengths, max_new_tokens=max_new_tokens)
+    with pytest.raises(wb.ProbeError, match=match):
+        cfg.check(spec)
+    retrieval.RetrievalConfig(lengths=[64, 488], max_new_tokens=24).check(spec)  # within the rule: nothing raised
+    if lengths == [20]:  # positions unknown (a .gguf file before it loads): the minimum still holds
+        with pytest.raises(wb.ProbeError, match="too short"):
+            cfg.check(None)
+    else:
+        cfg.check(None)

@@ -11,6 +11,8 @@ from pathlib import Path
 import typer
 
 from .base.errors import WorkbenchError
+from .models.loading import load_config
+from .models.spec import ModelSpec, config_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability workbench: sinks, retrieval heads, MoE routing.")
 scan_app = typer.Typer(no_args_is_help=True, help="Scan a model for retrieval heads or attention sinks.")
@@ -149,29 +151,14 @@ def _load(model: str | None):
 # --- checks made before any model loads -----------------------------------------------------------------------
 
 
-def _positions(model: str | None) -> int | None:
-    """The model's context (positions) from its config, read without weights; ``None`` when only a load
+def _spec(model: str | None) -> ModelSpec | None:
+    """The model's :class:`ModelSpec` as its config tells it, read without weights; ``None`` when only a load
     can tell (a .gguf file). A source that does not exist fails here, before anything loads."""
-    from .models.loading import load_config
-
     if model and str(model).endswith(".gguf"):
         if not Path(model).is_file():
             raise WorkbenchError(f"GGUF file not found: {model}")
         return None
-    cfg = load_config(model)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    n = getattr(text, "max_position_embeddings", None)
-    return int(n) if n else None
-
-
-def _heads(model: str | None) -> int | None:
-    from .models.loading import load_config
-
-    if model and str(model).endswith(".gguf"):
-        return None
-    cfg = load_config(model)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(text.num_hidden_layers) * int(text.num_attention_heads)
+    return config_spec(load_config(model))
 
 
 def _out_dir(out: Path) -> Path:
@@ -188,15 +175,6 @@ def _out_dir(out: Path) -> Path:
     except OSError as e:
         raise WorkbenchError(f"cannot write to --out {out} ({e.strerror or e}); choose another directory") from None
     return out
-
-
-def _check_lengths(lengths: list[int], max_new_tokens: int, positions: int | None) -> None:
-    for n in lengths:
-        if n < 64:
-            raise WorkbenchError(f"context length {n} is too short for a needle-in-a-haystack test (at least 64)")
-        if positions and n + max_new_tokens > positions:
-            raise WorkbenchError(f"context length {n} + {max_new_tokens} new tokens exceeds the model's {positions} positions; "
-                                 f"use lengths ≤ {positions - max_new_tokens}")  # fmt: skip
 
 
 def _report(out: Path, title: str, items: list) -> None:
@@ -236,7 +214,7 @@ def demo(
     except UnicodeEncodeError as e:
         raise WorkbenchError(f"--prompt is not valid text: a lone surrogate at position {e.start} (the shell passed bytes "
                              "that are not UTF-8); re-type the prompt or fix the terminal's encoding") from None  # fmt: skip
-    _check_lengths(lens, cfg.max_new_tokens, _positions(model))
+    cfg.check(_spec(model))
     _out_dir(out)
     m = _load(model)
     typer.echo("\n" + m.spec.summary() + "\n")
@@ -276,8 +254,9 @@ def scan_retrieval(
         raise WorkbenchError(f"--mode must be one of {', '.join(retrieval.CAUSAL_MODES)}, got {mode!r}")
     cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths, n_needles=needles, variant=variant,
                                     max_new_tokens=max_new_tokens)  # fmt: skip
-    _check_lengths(list(cfg.lengths), max_new_tokens, _positions(model))
-    if ablation_k and (heads := _heads(model)) and ablation_k >= heads:
+    spec = _spec(model)
+    cfg.check(spec)
+    if ablation_k and spec is not None and ablation_k >= (heads := spec.n_layers * spec.n_heads):
         raise WorkbenchError(f"--ablation-k {ablation_k} must be below the model's {heads} heads")
     _out_dir(out)
     m = _load(model)
@@ -303,7 +282,8 @@ def scan_sinks(
     """Gu et al. Sink_k^ε, ACT hidden sinks and massive activations on the shipped prose."""
     from .measure import sinks
 
-    positions = _positions(model)
+    spec = _spec(model)
+    positions = spec.max_positions if spec is not None else None
     if positions and T > positions:
         raise WorkbenchError(f"--T {T} exceeds the model's {positions} positions")
     cfg = sinks.SinkConfig(T=T, eps=eps, texts=sinks.texts_for(T))  # says so when the shipped prose is too short for T
@@ -333,12 +313,13 @@ def scan_duo(
     from .measure import duo, retrieval
 
     cfg = duo.DuoConfig(length=length, steps=steps, sink=sink, recent=recent, sweep=(0.0, 0.25, 0.5, 0.75, 1.0))
-    positions = _positions(model)
+    spec = _spec(model)
+    positions = spec.max_positions if spec is not None else None
     if positions and length > positions:
         raise WorkbenchError(f"--length {length} exceeds the model's {positions} positions")
     wu_length = min(1000, length * 2, positions - 32 if positions else 1000)  # the comparison with Wu's heads scans here
     wu_cfg = retrieval.RetrievalConfig(lengths=[wu_length], depths=3)
-    _check_lengths([wu_length], 32, positions)
+    wu_cfg.check(spec)
     _out_dir(out)
     m = _load(model)
     d = duo.scan(m, cfg)
@@ -407,11 +388,12 @@ def scan_heads(
     rep_cfg = rep.RepresentationConfig(T=max(lens)) if representation else None
     wu_cfg = retrieval.RetrievalConfig(lengths=_ints(retrieval_lengths, "retrieval lengths"), depths=3) if retrieval_lengths else None
     qr_cfg = qrhead.QRConfig(lengths=wu_cfg.lengths, depths=3) if wu_cfg is not None else None
-    positions = _positions(model)
+    spec = _spec(model)
+    positions = spec.max_positions if spec is not None else None
     if positions and max(lens) > positions:
         raise WorkbenchError(f"--lengths: {max(lens)} exceeds the model's {positions} positions")
     if wu_cfg is not None:
-        _check_lengths(list(wu_cfg.lengths), wu_cfg.max_new_tokens, positions)
+        wu_cfg.check(spec)
     _out_dir(out)
     m = _load(model)
     results = []
@@ -511,7 +493,7 @@ def serve(
     check_address(address, port, auth=bool(basic_auth or oauth_provider))  # before the model loads
     if runs.exists() and not runs.is_dir():
         raise WorkbenchError(f"--runs {runs} is a file; give the directory holding study runs")
-    _positions(model)  # a model source that does not exist fails now
+    _spec(model)  # a model source that does not exist fails now
     typer.echo(f"loading {model or 'the embedded model'} ...; dashboard: http://{address}:{port}/  (liveness: /liveness; Ctrl-C stops)")
     serve_dashboard(address, port, model=model, moe_models=moe or ["tiny-moe"], runs=runs, caps=caps, show=show,
                     allow_websocket_origin=allow_websocket_origin or None, basic_auth=basic_auth, cookie_secret=cookie_secret,

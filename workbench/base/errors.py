@@ -17,6 +17,13 @@ class ProbeError(WorkbenchError, ValueError):
     """A probe or intervention asks for something the model or input does not have."""
 
 
+class Cancelled(ProbeError):
+    """A long computation was stopped from outside (the page's Cancel, a set cancel event): the one
+    cancellation type of the dashboard, its model queue and the widgets' drill-downs."""
+
+    stopped = True
+
+
 class OutsideRootError(WorkbenchError):
     """A file or folder that resolves (through symlinks) outside the directory it must stay in, or a folder
     where a file is read (a folder's contents would be read as a dataset, links out included)."""

@@ -8,7 +8,7 @@ import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -83,17 +83,27 @@ def _sentence_ends(tokenizer, ids: list[int]) -> list[int]:
     return ends
 
 
+MIN_LENGTH = 64  # tokens: a needle, its question and haystack around them (checked before a model loads)
+
+
+def check_lengths(lengths: Sequence[int], max_new_tokens: int, max_positions: int | None, *,
+                  what: str = "context length", minimum: int | None = MIN_LENGTH) -> None:  # fmt: skip
+    """The rule for NIAH context lengths: each at least ``minimum`` tokens, and each plus the tokens generated
+    after it within the model's positions (lengths are never clipped). ``what`` names the field in messages."""
+    for n in lengths:
+        if minimum is not None and n < minimum:
+            raise ProbeError(f"{what} {n} is too short for a needle-in-a-haystack test (at least {minimum})")
+        if max_positions is not None and n + max_new_tokens > max_positions:
+            raise ProbeError(f"{what} {n} + {max_new_tokens} new tokens exceeds the model's {max_positions} positions; "
+                             f"use lengths ≤ {max_positions - max_new_tokens} (lengths are never clipped silently)")  # fmt: skip
+
+
 def build_case(model, needle: Needle, length: int, depth: float, *, max_new_tokens: int = 32) -> NIAHCase:
     """A prompt of exactly ``length`` tokens with ``needle`` inserted at the sentence boundary at or
     before ``depth`` percent of the haystack."""
     if not 0 <= depth <= 100:
         raise ProbeError(f"depth must lie in [0, 100] (percent of the document), got {depth}")
-    limit = model.spec.max_positions
-    if limit is not None and length + max_new_tokens > limit:
-        raise ProbeError(
-            f"context length {length} + {max_new_tokens} new tokens exceeds the model's {limit} positions; "
-            f"use lengths ≤ {limit - max_new_tokens} (lengths are never clipped silently)"
-        )
+    check_lengths([length], max_new_tokens, model.spec.max_positions, minimum=None)  # the library builds short tests too
     tok = model.tokenizer
     before, after = _prompt_parts(tok, needle.question, bool(model.spec.bos and model.spec.bos.adds_bos))
     needle_ids = _ids(tok, " " + needle.needle.strip() + " ")

@@ -64,6 +64,12 @@ class RetrievalConfig:
             raise ProbeError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         set_("max_new_tokens", int_value(self.max_new_tokens, "max_new_tokens", lo=2))
 
+    def check(self, spec=None, *, what: str = "context length") -> None:
+        """Refuse, before a model loads, lengths that could never run on the model of ``spec`` (a
+        :class:`~workbench.ModelSpec`; ``None``: positions unknown until it loads, a .gguf file): shorter than a
+        NIAH test needs, or past its positions. ``what``: the field the caller's messages name."""
+        niah.check_lengths(self.lengths, self.max_new_tokens, spec.max_positions if spec is not None else None, what=what)
+
     def cases(self, model) -> list[niah.NIAHCase]:
         """Every test, built (and checked against the model: lengths, positions) before anything runs."""
         grid = niah.depth_grid(list(self.depths) if isinstance(self.depths, tuple) else self.depths)

@@ -1,13 +1,15 @@
 """``ModelSpec``: what workbench needs to know about a model, discovered from its config and modules."""
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from .architectures import Architecture, architecture_for
-from ..base.errors import UnsupportedModelError
+from ..base.errors import ProbeError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -163,10 +165,6 @@ class ModelSpec:
 
 def _index(x, what: str) -> int:
     """An integer index, refusing floats (1.7 is not head 1) and bools."""
-    import operator
-
-    from ..base.errors import ProbeError
-
     if isinstance(x, bool) or (isinstance(x, torch.Tensor) and (x.dim() or x.dtype.is_floating_point)):
         raise ProbeError(f"{what} must be an integer, got {x!r}")
     try:
@@ -175,16 +173,33 @@ def _index(x, what: str) -> int:
         raise ProbeError(f"{what} must be an integer, got {x!r}") from None
 
 
+_UNIT_NAME = re.compile(r"\s*[Ll](\d+)\s*([HhEe])(\d+)\s*")
+
+
+def parse_unit_name(text: str, units: str = "HE") -> tuple[int, int] | None:
+    """``"L17H3"`` → ``(17, 3)`` (layer, head), ``"L1E3"`` → ``(1, 3)`` (layer, expert): the one parser of the
+    names users type (``spec.heads``, the dashboard, the widgets). ``units``: the letters allowed, ``"H"``,
+    ``"E"`` or both. ``None`` when ``text`` is not such a name (callers say what they expected)."""
+    m = _UNIT_NAME.fullmatch(text)
+    if m is None or m.group(2).upper() not in units:
+        return None
+    return int(m.group(1)), int(m.group(3))
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def expert_name(layer: int, expert: int) -> str:
+    return f"L{layer}E{expert}"
+
+
 def _head_pair(it, what: str) -> tuple[int, int]:
-    import re
-
-    from ..base.errors import ProbeError
-
     if isinstance(it, str):
-        m = re.fullmatch(r"\s*[Ll](\d+)\s*[Hh](\d+)\s*", it)
-        if not m:
+        pair = parse_unit_name(it, "H")
+        if pair is None:
             raise ProbeError(f"{what}: {it!r} is not a head; write (layer, head) or 'L17H3'")
-        return int(m.group(1)), int(m.group(2))
+        return pair
     try:
         layer, head = it
     except (TypeError, ValueError):
@@ -202,6 +217,28 @@ def _get(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get() if get else config
+
+
+def config_spec(config) -> ModelSpec:
+    """The ModelSpec a config alone tells (shape and context, no module paths or routers): what the checks made
+    before a model loads read (``RetrievalConfig.check``, the CLI, the study planner)."""
+    cfg = _text_config(config)
+    n_layers, n_heads = int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+    positions = getattr(cfg, "max_position_embeddings", None)
+    return ModelSpec(
+        model_type=cfg.model_type,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_positions=int(positions) if positions else None,
+        attention_paths=(),
+        sliding_windows=_sliding_windows(cfg, n_layers),
+        learned_sinks=False,
+        extras={"from_config": True},
+    )
 
 
 def discover_spec(model: torch.nn.Module, tokenizer=None) -> ModelSpec:

@@ -7,6 +7,9 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
+from ..base.errors import ProbeError
+from ..measure.retrieval import RetrievalConfig
+from ..models.spec import ModelSpec, config_spec
 from .config import Study, StudyError
 
 Target = tuple[int, int]  # (layer, head) or (layer, expert)
@@ -19,15 +22,15 @@ class Shape:
     n_layers: int
     n_heads: int
     n_experts: int
-    max_positions: int | None = None  # the model's context (max_position_embeddings), when known
+    max_positions: int | None = None  # the model's context, when known
+    spec: ModelSpec | None = field(default=None, compare=False)  # what the config tells (checks read it)
 
     @classmethod
     def of_config(cls, cfg) -> "Shape":
+        spec = config_spec(cfg)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         experts = next((getattr(text, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(text, a, None)), 0)
-        positions = getattr(text, "max_position_embeddings", None)
-        return cls(int(text.num_hidden_layers), int(text.num_attention_heads), int(experts or 0),
-                   int(positions) if positions else None)  # fmt: skip
+        return cls(spec.n_layers, spec.n_heads, int(experts or 0), spec.max_positions, spec)
 
     def per_layer(self, target: str) -> int:
         return self.n_heads if target == "heads" else self.n_experts
@@ -104,19 +107,29 @@ def _check_lengths(study: Study, shape: Shape) -> None:
         return
     t = study.task
     if t.kind == "niah":
-        for n in t.lengths:
-            if n + t.max_new_tokens > limit:
-                raise StudyError(f"task.lengths: {n} + {t.max_new_tokens} new tokens exceeds the model's {limit} positions; "
-                                 f"use lengths ≤ {limit - t.max_new_tokens}")  # fmt: skip
+        _check_retrieval(t.lengths, t.max_new_tokens, shape, "task.lengths:")
     if t.kind == "loss" and t.max_tokens > limit:
         raise StudyError(f"task.max_tokens: {t.max_tokens} exceeds the model's {limit} positions")
     if study.ablation.target == "heads":
         for i, g in enumerate(study.grid):
             if g.select == "top":
-                for n in g.rank.lengths:
-                    if n + g.rank.max_new_tokens > limit:
-                        raise StudyError(f"grid[{i}] ({g.label}).rank.lengths: {n} + {g.rank.max_new_tokens} new tokens exceeds "
-                                         f"the model's {limit} positions")  # fmt: skip
+                _check_retrieval(g.rank.lengths, g.rank.max_new_tokens, shape, f"grid[{i}] ({g.label}).rank.lengths:")
+
+
+def _check_retrieval(lengths: list[int], max_new_tokens: int, shape: Shape, what: str) -> None:
+    """NIAH lengths on the library's rule (:meth:`RetrievalConfig.check`), refused as a study error."""
+    spec = shape.spec or _Positions(shape.max_positions)
+    try:
+        RetrievalConfig(lengths=lengths, max_new_tokens=max_new_tokens).check(spec, what=what)
+    except ProbeError as e:
+        raise StudyError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class _Positions:
+    """A shape built by hand (tests, Ray workers) has no spec; the check reads only the positions."""
+
+    max_positions: int | None
 
 
 def rank_units(study: Study) -> list[Unit]:

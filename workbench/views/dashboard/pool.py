@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from ...base.errors import Cancelled
 from .validation import DashboardError
 
 
@@ -94,8 +95,6 @@ class _Slot:
             try:
                 while self.owner is not None or self.line[0] is not turn:
                     if cancel is not None and cancel.is_set():
-                        from .validation import Cancelled
-
                         raise Cancelled("stopped while waiting for the model")
                     if on_wait is not None:
                         w = self.waiting(turn)
@@ -176,7 +175,7 @@ class ModelPool:
     def using(self, name: str | None = None, *, timeout: float | None = None) -> Iterator[object]:
         """Exclusive use of a model: hold its lock while attaching probes/edits and running it. Waiters are
         served in order (:meth:`queue`); a waiter under :meth:`on_behalf` with ``cancel`` set stops waiting
-        (:class:`~.validation.Cancelled`). ``timeout`` (seconds): give up with a :class:`DashboardError`."""
+        (:class:`~workbench.base.errors.Cancelled`). ``timeout`` (seconds): give up with a :class:`DashboardError`."""
         slot = self._slot(name)
         model = self.model(name)
         b = self._behalf

@@ -6,25 +6,20 @@ Everything a page sends is data (text, numbers, head and expert names, names fro
 strings are refused by size in O(1) before anything looks at their items."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ...base.errors import ProbeError, WorkbenchError
+from ...base.errors import Cancelled, ProbeError, WorkbenchError
+from ...measure.niah import MIN_LENGTH
+from ...models.spec import expert_name, head_name, parse_unit_name
 
 Head = tuple[int, int]
 
 
 class DashboardError(WorkbenchError):
     """A request the dashboard refuses (over a cap, outside the runs directory, unknown name)."""
-
-
-class Cancelled(WorkbenchError):
-    """A long computation was stopped from the page."""
-
-    stopped = True
 
 
 def is_cancel(err: BaseException) -> bool:
@@ -64,14 +59,6 @@ class Caps:
 MAX_NAME_CHARS = 32  # a head or expert name from the page ("L12H3"); longer strings are refused unparsed
 
 
-def head_name(l: int, h: int) -> str:
-    return f"L{l}H{h}"
-
-
-def expert_name(l: int, e: int) -> str:
-    return f"L{l}E{e}"
-
-
 def _capped(items, limit: int, what: str) -> list:
     if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
         raise DashboardError(f"{what} must be a list, got {type(items).__name__}")
@@ -96,9 +83,6 @@ def parse_heads(items, spec) -> tuple[Head, ...]:
         raise DashboardError(str(e)) from None
 
 
-_EXPERT = re.compile(r"\s*[Ll](\d+)\s*[Ee](\d+)\s*")
-
-
 def parse_experts(items, model) -> tuple[tuple[int, int], ...]:
     """``["L1E3", (2, 0)]`` → ``((1, 3), (2, 0))``, validated by the routing edits themselves (``ExpertMask.bind``
     on ``model``; given only a ``ModelSpec``, against its routers)."""
@@ -111,10 +95,9 @@ def parse_experts(items, model) -> tuple[tuple[int, int], ...]:
     pairs: list[tuple[int, int]] = []
     for it in items:
         if isinstance(it, str):
-            m = _EXPERT.fullmatch(it)
-            if not m:
+            p = parse_unit_name(it, "E")
+            if p is None:
                 raise DashboardError(f"not an expert: {it!r} (write L1E3)")
-            p = (int(m.group(1)), int(m.group(2)))
         else:
             try:
                 a, b = it
@@ -201,8 +184,9 @@ def sink_keys(text: str, caps: Caps, n_positions: int) -> tuple[int, ...]:
 
 
 def retrieval_config(caps: Caps, lengths: Sequence[int], depths: int, n_needles: int = 1, max_new_tokens: int = 24,
-                     variant: str = "set"):  # fmt: skip
-    """A :class:`workbench.retrieval.RetrievalConfig` (the library validates the fields) within the caps."""
+                     variant: str = "set", spec=None):  # fmt: skip
+    """A :class:`workbench.retrieval.RetrievalConfig` within the caps; the library validates the fields and the
+    lengths (:meth:`RetrievalConfig.check` against ``spec``, the model's ``ModelSpec`` when given)."""
     from ...measure.retrieval import RetrievalConfig
 
     try:
@@ -211,8 +195,8 @@ def retrieval_config(caps: Caps, lengths: Sequence[int], depths: int, n_needles:
         raise DashboardError("context lengths must be whole numbers") from None
     if not lengths:
         raise DashboardError("choose at least one context length")
-    if min(lengths) < 64 or max(lengths) > caps.max_scan_length:
-        raise DashboardError(f"context lengths must lie in 64..{caps.max_scan_length}")
+    if max(lengths) > caps.max_scan_length:  # the browser's cap; the shortest length is the library's rule
+        raise DashboardError(f"context lengths must lie in {MIN_LENGTH}..{caps.max_scan_length}")
     if not 1 <= int(depths) <= caps.max_depths:
         raise DashboardError(f"depths must lie in 1..{caps.max_depths}")
     if not 1 <= int(n_needles) <= caps.max_needles:
@@ -223,8 +207,10 @@ def retrieval_config(caps: Caps, lengths: Sequence[int], depths: int, n_needles:
     if n > caps.max_scan_tests:
         raise DashboardError(f"{n} NIAH tests asked for; the limit is {caps.max_scan_tests} (fewer lengths or depths)")
     try:
-        return RetrievalConfig(lengths=lengths, depths=int(depths), n_needles=int(n_needles), variant=variant,
-                               max_new_tokens=int(max_new_tokens))  # fmt: skip
+        cfg = RetrievalConfig(lengths=lengths, depths=int(depths), n_needles=int(n_needles), variant=variant,
+                              max_new_tokens=int(max_new_tokens))  # fmt: skip
+        cfg.check(spec)
+        return cfg
     except ProbeError as e:
         raise DashboardError(str(e)) from None
 

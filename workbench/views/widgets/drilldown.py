@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ...base.errors import ProbeError
+from ...base.errors import Cancelled, ProbeError
 
 #: numbers one prompt's cache may hold by default (1 GiB of fp32: SmolLM2 at 8K tokens needs 189 M)
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -34,12 +34,6 @@ DEFAULT_MAX_ELEMENTS = 1 << 28
 
 class _Stop(Exception):
     """Raised after the last wanted layer ran: later layers cannot change its attention."""
-
-
-class Cancelled(ProbeError):
-    """The computation was stopped (a cancel event was set)."""
-
-    stopped = True
 
 
 def qk_elements(spec, T: int, n_layers: int = 1) -> int:

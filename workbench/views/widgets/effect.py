@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ...base.errors import ProbeError
+from ...models.spec import parse_unit_name
 
 
 def user_span(model, text: str, ids: torch.Tensor) -> tuple[int, int]:
@@ -98,11 +99,8 @@ def _pairs(items) -> list[tuple[int, int]]:
     out = []
     for it in items:
         if isinstance(it, str):
-            import re
-
-            m = re.fullmatch(r"\s*[Ll](\d+)\s*[HhEe](\d+)\s*", it)
-            if m:
-                out.append((int(m.group(1)), int(m.group(2))))
+            if (pair := parse_unit_name(it)) is not None:
+                out.append(pair)
         else:
             a, b = it
             out.append((int(a), int(b)))
