@@ -9,7 +9,7 @@ import torch
 import workbench as wb
 from workbench.base.errors import ProbeError
 from workbench.views.widgets import Drilldown, PatternView, prompt_effect, token_labels
-from workbench.views.widgets.drilldown import DrilldownCache, qk_elements
+from workbench.measure.drilldown import DrilldownCache, qk_elements
 
 TEXT = "Sinks soak up attention; retrieval heads copy. Sinks soak up attention; retrieval heads copy!"
 

@@ -779,7 +779,7 @@ def test_closed_sessions_are_freed_and_drilldowns_share_one_budget(tmp_path):
 
     from workbench.views.dashboard.app import build
     from workbench.views.dashboard.state import Caps, Workbench
-    from workbench.views.widgets.drilldown import qk_elements
+    from workbench.measure.drilldown import qk_elements
 
     sys.path.insert(0, os.path.dirname(__file__))
     from browser import free_port

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import names as N
-from ..base.errors import ProbeError
+from ..base.errors import Cancelled, ProbeError
 from .hooks import DEFAULT_PROBES, Bound, Edit, Hook, HookManager, Probe, attached, label_of
 
 #: full (unreduced) module tensors one capture may keep, in elements (≈ 1 GiB of float32)
@@ -340,4 +340,16 @@ def edit_labels(edits) -> list[str]:
     return [label_of(e) for e in edits]
 
 
-__all__ = ["Capture", "capture", "edit_labels", "intervene"]
+__all__ = ["Capture", "cancel_hook", "capture", "edit_labels", "intervene"]
+
+
+def cancel_hook(cancel) -> Hook:
+    """A :class:`workbench.Hook` (use it inside :func:`workbench.intervene`: nothing is kept) that stops a
+    forward pass at the next layer once ``cancel`` (an Event, or ``None``: never) is set, raising
+    :class:`~workbench.base.errors.Cancelled`."""
+
+    def check(value, name):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("stopped")
+
+    return Hook("blocks.*.hook_resid_pre", check)

@@ -29,7 +29,7 @@ from .analyses import (
 )
 from .contrastive import contrastive_logits, scmoe_generate
 from .edits import ExpertForce, ExpertMask, TopK
-from .probe import Routing, RoutingRows, rows
+from .probe import Routing, RoutingRows, routing_rows, rows
 from .scan import RoutingConfig, RoutingResult, scan
 from .rules import Decision, RuleInputs, route, rule_inputs
 
@@ -37,6 +37,6 @@ __all__ = [
     "Decision", "ExpertForce", "ExpertMask", "Routing", "RoutingConfig", "RoutingResult", "RoutingRows", "RuleInputs", "TopK",
     "activation_rate", "behaviour_experts", "coactivation", "contrastive_logits", "expert_load",
     "flip_risk", "load_entropy", "margin_histogram", "position_dependence", "risk_difference",
-    "risk_table", "route", "router_entropy", "rows", "rule_inputs", "scan", "scmoe_generate", "specialisation",
+    "risk_table", "route", "router_entropy", "routing_rows", "rows", "rule_inputs", "scan", "scmoe_generate", "specialisation",
     "token_specialisation", "transitions",
 ]  # fmt: skip

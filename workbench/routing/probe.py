@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,6 +11,7 @@ import torch
 
 from ..core import names as N
 from ..base.errors import ProbeError
+from ..core.capture import capture, intervene
 from ..core.hooks import DEFAULT_PROBES, Bound, Call, Probe
 from ..models.spec import RouterSpec
 from .hooks import RouterOutput, unconstrained
@@ -251,3 +253,12 @@ def rows(cap) -> RoutingRows:
 
 
 DEFAULT_PROBES["routing"] = lambda model, names: Routing(layers=sorted({N.split(n)[0] for n in names})).bind(model)
+
+
+def routing_rows(model, ids: torch.Tensor, edits: Sequence = ()) -> "RoutingRows":
+    """The :class:`RoutingRows` of one forward pass over ``ids`` (``[1, T]``), under ``edits`` (the routing view
+    and the dashboard's routing tab show them)."""
+    with intervene(model, *edits) if edits else nullcontext(), capture(model, Routing()) as cap, torch.no_grad():
+        model.hf(input_ids=ids, use_cache=False)
+    return rows(cap)
+

@@ -463,7 +463,7 @@ def words_html(words) -> str:
 
 
 def effect_html(pe, *, title: str = "With edits") -> str:
-    """What an edit did (a :class:`workbench.views.widgets.PromptEffect`): the edits named, the loss on the user's own
+    """What an edit did (a :class:`workbench.effects.PromptEffect`): the edits named, the loss on the user's own
     tokens before → after, the continuation as a word diff, Δloss per token."""
     n = pe.user[1] - pe.user[0]
     tmpl = f" ({pe.n_template} template tokens excluded)" if pe.n_template else ""

@@ -54,8 +54,8 @@ class PromptOutcome:
         return len(self.token_ids) - (self.user[1] - self.user[0])
 
     def effect_of(self, edited: "PromptOutcome"):
-        """This run (before) against ``edited`` (after), token by token (:class:`workbench.views.widgets.PromptEffect`)."""
-        from ..widgets.effect import PromptEffect
+        """This run (before) against ``edited`` (after), token by token (:class:`workbench.effects.PromptEffect`)."""
+        from ...measure.effects import PromptEffect
 
         return PromptEffect(edits=[edited.edits.describe()], tokens=self.tokens, notes=self.notes, user=self.user,
                             losses_before=self.losses, losses_after=edited.losses, text_before=self.output,
@@ -123,7 +123,7 @@ class Workbench:
 
     def __init__(self, model=None, *, moe_models: Sequence[str] = ("tiny-moe",), runs: str | Path = "runs",
                  caps: Caps | None = None, loader: Callable | None = None):  # fmt: skip
-        from ..widgets.drilldown import DrilldownCache
+        from ...measure.drilldown import DrilldownCache
 
         self.pool = ModelPool(model, [str(m) for m in moe_models], loader=loader)
         self.main_name = self.pool.main_name
@@ -162,9 +162,9 @@ class Workbench:
         from ...measure import heads
         from ...attention import AttentionStats
         from ...core.capture import capture, intervene
-        from ..widgets.drilldown import cancel_hook
-        from ..widgets.effect import mean_loss, token_losses, user_span
-        from ..widgets.tokens import token_labels
+        from ...core.capture import cancel_hook
+        from ...measure.effects import mean_loss, token_losses, user_span
+        from ...models.tokens import token_labels
 
         edits = edits or HeadEdits()
         n_new = new_tokens(max_new_tokens, self.caps)
@@ -285,8 +285,8 @@ class Workbench:
     def routing_of(self, name: str, text: str):
         """Routing record of ``text`` on MoE model ``name`` with expert load and token specialisation."""
         from ... import routing
-        from ..widgets.routing_view import routing_rows
-        from ..widgets.tokens import token_labels
+        from ...routing import routing_rows
+        from ...models.tokens import token_labels
 
         text = routing_text(self.caps, text)
         self.moe_model(name)
@@ -306,9 +306,9 @@ class Workbench:
     @torch.no_grad()
     def routing_effect(self, name: str, text: str, *, mask=(), force=(), max_new_tokens: int = 16, progress: Progress | None = None):
         """Outputs with and without deactivated (``mask``) / forced (``force``) experts, token by token
-        (:func:`workbench.views.widgets.prompt_effect`: loss on the text's tokens, per-token Δloss, word diff, experts named)."""
+        (:func:`workbench.effects.prompt_effect`: loss on the text's tokens, per-token Δloss, word diff, experts named)."""
         from ...routing import ExpertForce, ExpertMask
-        from ..widgets.effect import prompt_effect
+        from ...measure.effects import prompt_effect
 
         text = routing_text(self.caps, text)
         m = self.moe_model(name)

@@ -5,15 +5,15 @@
     wb.widgets.PatternView(m, text)                # every head's exact pattern (short prompts), rows beyond
 """
 from .attention_view import AttentionView
-from .drilldown import Drilldown
-from .effect import PromptEffect, prompt_effect
+from ...measure.drilldown import Drilldown
+from ...measure.effects import PromptEffect, prompt_effect
 from .head_grid import HeadGrid
 from .niah_grid import NIAHGrid
 from .pattern_view import PatternView
 from .routing_view import RoutingView
 from .rows import attention_rows
 from .scores import head_scores
-from .tokens import token_labels
+from ...models.tokens import token_labels
 
 
 def to_panel(widget):

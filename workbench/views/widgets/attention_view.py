@@ -8,15 +8,15 @@ import traitlets
 
 from ...base.errors import ProbeError
 from ._base import WorkbenchWidget, esm, optional_pair
-from .drilldown import Drilldown, top_of
-from .tokens import token_labels
+from ...measure.drilldown import Drilldown, top_of
+from ...models.tokens import token_labels
 
 
 class AttentionView(WorkbenchWidget):
     """Attention of query tokens over ``text`` for one head (``selected = [layer, head]``), one colour per token.
 
     The tokens travel to the browser once. The prompt runs once (the "first run"): its post-RoPE queries
-    and keys are kept per layer (:class:`~workbench.views.widgets.drilldown.Drilldown`), so choosing another
+    and keys are kept per layer (:class:`~workbench.measure.drilldown.Drilldown`), so choosing another
     query token, head or layer costs one layer's attention rows — no forward pass, milliseconds even at
     8K tokens — and stays exact (equal to HF eager attention). Click a token in the view to make it the
     query (shift-click adds it); ``queries`` defaults to the last token. Each row comes with its

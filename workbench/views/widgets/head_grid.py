@@ -27,7 +27,7 @@ class HeadGrid(WorkbenchWidget):
     prompts, the row view on long ones) linked to the same ``selected``, and the ablation control ablates the
     heads in ``ablate`` (or the selected head; ``HeadAblation``, ``mode`` zero / mean / uniform; ``mean`` uses
     the prompt's own tokens unless ``reference`` texts are given), re-runs the prompt and reports the effect
-    on the user's own tokens (:func:`workbench.views.widgets.effect.prompt_effect`: loss, per-token Δloss, logit
+    on the user's own tokens (:func:`workbench.effects.prompt_effect`: loss, per-token Δloss, logit
     change, the continuation as a word diff, the heads named)."""
 
     _esm = esm("head_grid")
@@ -143,7 +143,7 @@ class HeadGrid(WorkbenchWidget):
 
     def _measure(self, heads, mode):
         from ...attention import HeadAblation
-        from .effect import prompt_effect
+        from ...measure.effects import prompt_effect
 
         reference = list(self.reference) if self.reference else [self.prompt]
         edit = HeadAblation(heads, mode=mode, reference=reference if mode == "mean" else None)

@@ -9,7 +9,7 @@ import traitlets
 from ...base.errors import ProbeError
 from ._base import esm
 from .attention_view import AttentionView
-from .drilldown import Drilldown
+from ...measure.drilldown import Drilldown
 
 #: prompts up to this many tokens get every head's whole pattern; longer ones the row view
 MAX_PATTERN_TOKENS = 512

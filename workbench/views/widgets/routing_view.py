@@ -8,19 +8,8 @@ import torch
 import traitlets
 
 from ...base.errors import ProbeError
+from ...routing import routing_rows
 from ._base import WorkbenchWidget, esm, nested, optional_pair, unique_pairs
-
-
-def routing_rows(model, ids: torch.Tensor, edits: Sequence = ()):
-    """The :class:`~workbench.routing.RoutingRows` of one forward pass over ``ids``, under ``edits``."""
-    from contextlib import nullcontext
-
-    from ...core.capture import capture, intervene
-    from ...routing import Routing, rows
-
-    with intervene(model, *edits) if edits else nullcontext(), capture(model, Routing()) as cap, torch.no_grad():
-        model.hf(input_ids=ids, use_cache=False)
-    return rows(cap)
 
 
 class RoutingView(WorkbenchWidget):
@@ -50,7 +39,7 @@ class RoutingView(WorkbenchWidget):
     _inputs = ("selected", "masked", "forced", "run")  # what the view sets; the rest is output
 
     def __init__(self, model, text, *, max_new_tokens: int = 8, **kwargs):
-        from .tokens import token_labels
+        from ...models.tokens import token_labels
 
         if not model.spec.is_moe:
             raise ProbeError(f"RoutingView: {model.source} has no MoE layers (no router to show); load an MoE model")
@@ -105,7 +94,7 @@ class RoutingView(WorkbenchWidget):
         )
 
     def _measure(self, edits):
-        from .effect import prompt_effect
+        from ...measure.effects import prompt_effect
 
         if not edits:
             return None

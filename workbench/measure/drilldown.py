@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ...base.errors import Cancelled, ProbeError
+from ..base.errors import ProbeError
+from ..core.capture import cancel_hook
 
 #: numbers one prompt's cache may hold by default (1 GiB of fp32: SmolLM2 at 8K tokens needs 189 M)
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -59,7 +60,7 @@ def qk_probes(model, T: int, max_elements: int = DEFAULT_MAX_ELEMENTS, *, qk: bo
     that fits ``max_elements``); ``pattern=True`` adds the exact ``[T, T]`` tile of every layer (``attn.tile.0``;
     short prompts only: ``T × T × heads`` numbers per layer). Record them in a capture of their own (filtered
     to :data:`NAMES`), nested in the caller's: two AttentionStats in one block would both emit the row statistics."""
-    from ...attention import AttentionStats
+    from ..attention import AttentionStats
 
     out = []
     layers = layers_within(model.spec, T, max_elements) if qk else []
@@ -68,18 +69,6 @@ def qk_probes(model, T: int, max_elements: int = DEFAULT_MAX_ELEMENTS, *, qk: bo
     if pattern:
         out.append(AttentionStats(sink_keys=0, topk=1, tiles=[(0, T, 0, T)]))
     return out
-
-
-def cancel_hook(cancel) -> object:
-    """A :class:`workbench.Hook` (use it inside :func:`workbench.intervene`: nothing is kept) that stops a
-    forward pass at the next layer once ``cancel`` is set."""
-    from ...core.hooks import Hook
-
-    def check(value, name):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("stopped")
-
-    return Hook("blocks.*.hook_resid_pre", check)
 
 
 class Drilldown:
@@ -137,7 +126,7 @@ class Drilldown:
     def recording(self, *, pattern: bool = False, qk: bool | None = None):
         """A capture block to open (nested) around the caller's own run of this prompt; then :meth:`take` it.
         ``qk`` (default: when nothing is held yet) keeps queries and keys; ``pattern`` the whole-prompt tiles."""
-        from ...core.capture import capture
+        from ..core.capture import capture
 
         qk = not self._qk if qk is None else qk
         probes = qk_probes(self.model, self.T, self.max_elements, qk=qk, pattern=pattern)
@@ -184,9 +173,9 @@ class Drilldown:
         return self.layers
 
     def _fetch(self, layers: Sequence[int], *, cancel=None) -> None:
-        from ...attention import AttentionStats
-        from ...core.capture import capture, intervene
-        from ...core.hooks import Hook
+        from ..attention import AttentionStats
+        from ..core.capture import capture, intervene
+        from ..core.hooks import Hook
 
         # the model's lock first, then this prompt's: a thread that already holds the model (a run building
         # this prompt's view) must never wait for a fetch that is itself waiting for the model
@@ -230,7 +219,7 @@ class Drilldown:
              cancel=None) -> dict[int, torch.Tensor]:  # fmt: skip
         """``{query: probabilities [head, query + 1]}`` over keys ``0..query`` (0 where a key is not visible);
         ``heads``: only these query heads (in that order)."""
-        from ...kernels import semantics
+        from ..kernels import semantics
 
         qs = self._check_queries(queries)
         q_all, k_all = self._layer(layer, cancel)
@@ -273,7 +262,7 @@ class Drilldown:
 
     def pattern(self, layer: int, head: int, *, max_tokens: int = 2048) -> torch.Tensor:
         """The whole ``[T, T]`` attention pattern of one head (rows = queries; 0 above the diagonal)."""
-        from ...kernels import semantics
+        from ..kernels import semantics
 
         self.model.spec.check_head(layer, head, what="Drilldown")
         if self.T > max_tokens:
