@@ -93,11 +93,7 @@ def reference_attention(
     vis = semantics.edit_visibility(vis_s[:, None].expand(B, Hq, M, N), edits, q_pos, key_pos)
     s = (qd @ kd.transpose(-1, -2)) * scale
     s = s.masked_fill(~vis, float("-inf"))
-    full = torch.cat([s, sinks.double().to(dev).view(1, Hq, 1, 1).expand(B, Hq, M, 1)], -1) if sinks is not None else s
-    lse = torch.logsumexp(full, dim=-1)
-    seen = torch.isfinite(lse)
-    p_full = torch.exp(full - torch.where(seen, lse, 0.0)[..., None]).masked_fill(~seen[..., None], 0.0)
-    p, p_sink = p_full[..., :N], (p_full[..., N] if sinks is not None else None)
+    p, p_sink, lse = semantics.sink_softmax(s, sinks.double().to(dev).view(1, Hq, 1, 1) if sinks is not None else None)
     p, p_sink = semantics.edit_probabilities(p, vis, edits, q_pos, key_pos, p_sink)
     out = semantics.apply_output_edits(p @ vd, edits, q_pos)
     top_idx, top_prob = semantics.topk(p, vis, topk)

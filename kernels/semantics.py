@@ -123,6 +123,24 @@ def rows_in(q_pos: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor
     return torch.isin(q_pos, positions.to(q_pos.device))
 
 
+def streaming_visibility(q_pos: torch.Tensor, key_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """``[M, N]`` True where a streaming head may look: the first ``sink`` keys or the last ``recent`` (the
+    ``streaming`` edit, and DuoAttention's streaming half during gate training)."""
+    return (key_pos[None, :] < sink) | (key_pos[None, :] > q_pos[:, None] - recent)
+
+
+def sink_softmax(s: torch.Tensor, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Softmax over the keys of scores ``s`` ``[..., N]`` (invisible keys ``-inf``) with the learned-sink slot:
+    one more logit per row, ``sinks`` broadcast to ``s[..., :1]`` (``None``: no slot). Returns ``(p, p_sink,
+    lse)``: ``p`` ``[..., N]`` sums to ``1 - p_sink``, ``lse`` includes the slot; a row that sees nothing (and
+    has no slot) gets 0 everywhere and ``lse = -inf``."""
+    full = torch.cat([s, sinks.expand(*s.shape[:-1], 1)], -1) if sinks is not None else s
+    lse = torch.logsumexp(full, dim=-1)
+    seen = torch.isfinite(lse)
+    p_full = torch.exp(full - torch.where(seen, lse, 0.0)[..., None]).masked_fill(~seen[..., None], 0.0)
+    return p_full[..., : s.shape[-1]], (p_full[..., -1] if sinks is not None else None), lse
+
+
 def edit_visibility(vis: torch.Tensor, edits: Sequence, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """Apply the ``mask_keys`` / ``streaming`` edits to per-head visibility ``[..., Hq, M, N]`` (a new tensor;
     other kinds are ignored)."""
@@ -135,7 +153,7 @@ def edit_visibility(vis: torch.Tensor, edits: Sequence, q_pos: torch.Tensor, key
         if e.kind == "mask_keys":
             drop = torch.isin(kp, e.keys.to(kp.device))[None, :]
         else:
-            drop = ~((kp[None, :] < e.sink) | (kp[None, :] > q_pos[:, None] - e.recent))
+            drop = ~streaming_visibility(q_pos, kp, e.sink, e.recent)
         vis[..., e.head, :, :] &= ~(drop & rows)
     return vis
 

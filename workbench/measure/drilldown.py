@@ -273,10 +273,7 @@ class Drilldown:
         vis = semantics.visibility(pos, pos, causal=True, window=self.model.spec.sliding_windows[layer])
         s = s.masked_fill(~vis, float("-inf"))
         sinks = self._sinks[layer]
-        if sinks is not None:
-            p = torch.softmax(torch.cat([s, sinks[head].expand(self.T, 1)], -1), -1)[:, :-1]
-        else:
-            p = torch.softmax(s, -1)
+        p, _, _ = semantics.sink_softmax(s, None if sinks is None else sinks[head])
         return p.float()
 
     def top_keys(self, layer: int, head: int, query: int, k: int = 10) -> list[tuple[int, float]]:

@@ -25,16 +25,12 @@ from ..attention.request import LayerRequest
 from ..core.capture import edit_labels, intervene
 from ..base.errors import ProbeError
 from ..core.hooks import Bound, Edit
+from ..kernels import semantics
 from .result import Result, head_table
 from .scan import config_of, float_value, int_value, run_cases
 
 L1_WEIGHT = 0.05
 RETRIEVAL_GATE = 0.5
-
-
-def streaming_visibility(q_pos: torch.Tensor, key_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """``[M, N]`` True where a streaming head may look: the first ``sink`` keys or the last ``recent``."""
-    return (key_pos[None, :] < sink) | (key_pos[None, :] > q_pos[:, None] - recent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,7 +67,7 @@ class _BoundGates(Bound):
                 dense = (key_pos[None, :] <= q_pos[:, None])[None, None]
             dense = dense.bool() if dense.dtype == torch.bool else dense > torch.finfo(dense.dtype).min / 2
             full = F.scaled_dot_product_attention(q, k2, v2, attn_mask=dense, scale=scale)
-            stream_mask = dense & streaming_visibility(q_pos, key_pos, self.sink, self.recent)[None, None]
+            stream_mask = dense & semantics.streaming_visibility(q_pos, key_pos, self.sink, self.recent)[None, None]
             stream = F.scaled_dot_product_attention(q, k2, v2, attn_mask=stream_mask, scale=scale)
             g = a.to(q.dtype).view(1, -1, 1, 1)
             return g * full + (1 - g) * stream
