@@ -68,17 +68,19 @@ CALIBRATE_MIN_OTHER = 1e-12
 
 @dataclass
 class Edit:
-    """The fields the definitions read from an edit (``workbench.attention.request.HeadEdit`` has the same
-    ones; this copy keeps ``kernels/`` importable without the rest of the library, e.g. on a GPU box)."""
+    """One edit on one query head (``positions``: only those absolute query positions), the one type the
+    reference, the chunked paths and the Triton wrapper read; the backend names it
+    ``workbench.attention.request.HeadEdit``. Defined here so that ``kernels/`` imports without the rest of the
+    library (e.g. on a GPU box)."""
 
-    kind: str
+    kind: str  # zero | mean | uniform | calibrate | mask_keys | streaming
     head: int
     positions: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
+    keys: torch.Tensor | None = None  # calibrate: sink keys; mask_keys: removed keys
     beta: float = 1.0
-    sink: int = 0
-    recent: int = 0
-    mean: torch.Tensor | None = None
+    sink: int = 0  # streaming: first `sink` keys stay visible
+    recent: int = 0  # streaming: and the last `recent` keys
+    mean: torch.Tensor | None = None  # mean: replacement output [Dv]
 
 
 def key_positions(n_keys: int, kv_offset: int = 0, device=None) -> torch.Tensor:

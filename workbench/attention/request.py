@@ -6,20 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..base.errors import ProbeError
-
-
-@dataclass
-class HeadEdit:
-    """One edit on one query head; ``positions`` limits it to those absolute query positions."""
-
-    kind: str  # zero | mean | uniform | calibrate | mask_keys | streaming
-    head: int
-    positions: torch.Tensor | None = None
-    mean: torch.Tensor | None = None  # mean: replacement output [Dv]
-    keys: torch.Tensor | None = None  # calibrate: sink keys; mask_keys: removed keys
-    beta: float = 1.0
-    sink: int = 0  # streaming: first `sink` keys stay visible
-    recent: int = 0  # streaming: and the last `recent` keys
+from ..kernels.semantics import Edit as HeadEdit  # the one per-head edit type, defined beside its semantics
 
 
 @dataclass
