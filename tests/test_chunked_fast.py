@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from workbench.attention import chunked as C
+from workbench.attention import flash as F
+from workbench.attention import general as G
+from workbench.attention import native as NS
 from workbench.attention.masks import lazy_mask
 from workbench.attention.request import HeadEdit, LayerRequest
 from reference import untied
@@ -26,8 +29,8 @@ STEPS = ["native", "torch"]
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 32 keys and blocks of 8 rows: many tiles, partial ones, a remainder tile of n % 16 ≠ 0."""
-    monkeypatch.setattr(C, "FLASH_KEYS", 32)
-    monkeypatch.setattr(C, "FLASH_ROWS", 8)
+    monkeypatch.setattr(F, "FLASH_KEYS", 32)
+    monkeypatch.setattr(F, "FLASH_ROWS", 8)
 
 
 def _inputs(B, Hq, Hkv, M, N, padded, sinks, seed=0, dtype=torch.float64, spread=1.0):
@@ -45,7 +48,7 @@ def _inputs(B, Hq, Hkv, M, N, padded, sinks, seed=0, dtype=torch.float64, spread
 
 
 def _step(name):
-    if name == "native" and C.native_step(torch.float64) is None:
+    if name == "native" and NS.native_step(torch.float64) is None:
         pytest.skip("no C compiler here: only the torch tile step runs")
     return name == "native"
 
@@ -76,7 +79,7 @@ def test_flash_matches_reference(small_tiles, case, step, workers):
     cols = torch.tensor([0, 1, N - 1])
     ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, topk=1)
     request = LayerRequest(record=True, key_columns=cols, topk=1)
-    out, st = C.flash_attention(
+    out, st = F.flash_attention(
         q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request,
         workers=workers, native=_step(step),
     )  # fmt: skip
@@ -107,10 +110,10 @@ def test_probability_statistics_match_reference(small_tiles, case, path):
     )  # fmt: skip
     kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request)
     if path == "general":
-        out, st = C.general_attention(q, k, v, **kw)
+        out, st = G.general_attention(q, k, v, **kw)
     else:
         native = path == "flash-native" and _step("native")
-        out, st = C.flash_attention(q, k, v, **kw, native=native, workers=2 if path == "flash-2-workers" else 1)
+        out, st = F.flash_attention(q, k, v, **kw, native=native, workers=2 if path == "flash-2-workers" else 1)
     torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
     torch.testing.assert_close(st["entropy"].double(), ref["entropy"], atol=1e-5, rtol=0)
     torch.testing.assert_close(st["topk_prob"].double(), ref["topk_prob"], atol=1e-6, rtol=0)
@@ -149,7 +152,7 @@ def test_recentring_on_large_and_very_negative_scores(small_tiles, step, sign, s
     assert (scores.amax(-1).min() < -60) if sign < 0 else (scores.amax() > 60)
     ref = reference_attention(q, k, v, scale=0.25, visible=vis, q_pos=q_pos, sinks=s, key_columns=cols, topk=1)
     request = LayerRequest(record=True, key_columns=cols, topk=1)
-    out, st = C.flash_attention(
+    out, st = F.flash_attention(
         q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request, native=_step(step)
     )
     _check(st, out, ref, B, M, N, vis, cols)
@@ -164,7 +167,7 @@ def test_float32_flash_agrees_with_float64_reference(small_tiles, step):
     cols = torch.tensor([0, 3])
     ref = reference_attention(q.double(), k.double(), v.double(), scale=0.25, visible=vis, q_pos=q_pos, key_columns=cols, topk=1)
     request = LayerRequest(record=True, key_columns=cols, topk=1)
-    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, native=_step(step))
+    out, st = F.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, request=request, native=_step(step))
     assert out.dtype == torch.float32
     _check(st, out, ref, B, M, N, vis, cols, atol_out=1e-5, atol_stat=1e-5)
 
@@ -177,11 +180,11 @@ def test_lazy_mask_memo_matches_a_fresh_evaluation(small_tiles):
     pad[0, :7] = 0
     mask = lazy_mask(B, M, N, attention_mask=pad)
     request = LayerRequest(record=True, key_columns=torch.tensor([0, 8]), topk=1)
-    run = lambda rows: C.flash_attention(q, k, v, scale=0.25, rows_visible=rows, q_pos=torch.arange(N), request=request)
+    run = lambda rows: F.flash_attention(q, k, v, scale=0.25, rows_visible=rows, q_pos=torch.arange(N), request=request)
     a = run(mask.rows)
     b = run(mask.rows)  # from the memo
     c = run(lambda i0, i1: mask.rows(i0, i1))  # not memoised
-    assert C._BLOCK_MEMO.get(mask)
+    assert F._BLOCK_MEMO.get(mask)
     for x in (b, c):
         torch.testing.assert_close(x[0], a[0], atol=0, rtol=0)
         for key in a[1]:
@@ -190,7 +193,7 @@ def test_lazy_mask_memo_matches_a_fresh_evaluation(small_tiles):
 
 def test_dispatch_flash_or_general():
     """chunked_attention takes the flash path exactly for the requests it covers; both give the same answers."""
-    cov = C.flash_covers
+    cov = F.flash_covers
     assert cov(LayerRequest(record=True, key_columns=torch.tensor([0]), topk=1))
     assert cov(LayerRequest(edits=[HeadEdit("zero", 0)], record_outputs=True))
     assert cov(LayerRequest(record=True, topk=2, key_mass=True, spans=torch.tensor([[0, 2, 2**30]]), tiles=((0, 2, 0, 2),)))
@@ -204,7 +207,7 @@ def test_dispatch_flash_or_general():
     request = LayerRequest(record=True, key_columns=torch.tensor([0, 2]), topk=1, edits=[HeadEdit("zero", 1, positions=torch.tensor([3]))])
     kw = dict(scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=q_pos, sinks=s, request=request)
     fo, fs = C.chunked_attention(q, k, v, **kw)
-    go, gs = C.general_attention(q, k, v, **kw)
+    go, gs = G.general_attention(q, k, v, **kw)
     torch.testing.assert_close(fo, go, atol=1e-12, rtol=0)
     assert fo[:, 1, 3].abs().sum() == 0
     for key in ("lse", "entropy", "topk_prob", "col_prob"):
@@ -228,7 +231,7 @@ def test_workers_under_inference_mode():
     q, k, v, _, _ = _inputs(B, Hq, Hkv, M, N, False, False, seed=8)
     vis = standard_visibility(torch.arange(N), N)
     request = LayerRequest(record=True, topk=1)
-    run = functools.partial(C.flash_attention, q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=request, block_rows=4)
+    run = functools.partial(F.flash_attention, q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=request, block_rows=4)
     with torch.inference_mode():
         a = run(workers=2)
     b = run(workers=1)
@@ -238,18 +241,18 @@ def test_workers_under_inference_mode():
 
 def test_without_a_compiler_the_torch_step_is_used(monkeypatch, tmp_path):
     """No C compiler (or a failing one): native_step says so, and the flash path still answers exactly."""
-    monkeypatch.setattr(C, "_native", {})
+    monkeypatch.setattr(NS, "_native", {})
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
-    assert C.native_step(torch.float32) is None
-    monkeypatch.setattr(C, "_native", {})
-    monkeypatch.setattr(C.shutil, "which", lambda name: "/bin/false")  # a "compiler" that always fails
-    assert C.native_step(torch.float32) is None
+    monkeypatch.setattr(NS.shutil, "which", lambda name: None)
+    assert NS.native_step(torch.float32) is None
+    monkeypatch.setattr(NS, "_native", {})
+    monkeypatch.setattr(NS.shutil, "which", lambda name: "/bin/false")  # a "compiler" that always fails
+    assert NS.native_step(torch.float32) is None
     B, Hq, Hkv, M, N = 1, 2, 1, 10, 10
     q, k, v, _, _ = _inputs(B, Hq, Hkv, M, N, False, False, seed=9)
     vis = standard_visibility(torch.arange(N), N)
     ref = reference_attention(q, k, v, scale=0.25, visible=vis)
-    out, st = C.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=LayerRequest(record=True))
+    out, st = F.flash_attention(q, k, v, scale=0.25, rows_visible=lambda a, b: vis[:, None, a:b], q_pos=torch.arange(N), request=LayerRequest(record=True))
     torch.testing.assert_close(out, ref["out"], atol=1e-10, rtol=0)
     torch.testing.assert_close(st["entropy"].double(), ref["entropy"], atol=1e-5, rtol=0)
 
@@ -257,13 +260,13 @@ def test_without_a_compiler_the_torch_step_is_used(monkeypatch, tmp_path):
 def test_a_cached_step_others_can_write_is_not_loaded(monkeypatch, tmp_path):
     """The compiled tile step runs in-process: a cached build that other users can write is refused."""
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_native", {})
-    if C.native_step(torch.float32) is None:
+    monkeypatch.setattr(NS, "_native", {})
+    if NS.native_step(torch.float32) is None:
         pytest.skip("no C compiler here")
     (built,) = (tmp_path / "native").glob("flash_step-*.so")
     built.chmod(0o777)
-    monkeypatch.setattr(C, "_native", {})
-    assert C.native_step(torch.float32) is None
+    monkeypatch.setattr(NS, "_native", {})
+    assert NS.native_step(torch.float32) is None
     built.chmod(0o755)
-    monkeypatch.setattr(C, "_native", {})
-    assert C.native_step(torch.float32) is not None
+    monkeypatch.setattr(NS, "_native", {})
+    assert NS.native_step(torch.float32) is not None

@@ -430,19 +430,19 @@ def test_compiled_step_refuses_group_writable_code_dirs_and_links(monkeypatch, t
     into a world-writable folder is not loaded (its constructor would run in this process)."""
     import torch
 
-    from workbench.attention import chunked as C
+    from workbench.attention import native as NS
     from workbench.base.files import untrusted_part
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("WORKBENCH_CACHE", str(cache))
-    monkeypatch.setattr(C, "_native", {})
-    if C.native_step(torch.float32) is None:
+    monkeypatch.setattr(NS, "_native", {})
+    if NS.native_step(torch.float32) is None:
         pytest.skip("no C compiler here")
     (built,) = (cache / "native").glob("flash_step-*.so")
 
     def loads() -> bool:
-        monkeypatch.setattr(C, "_native", {})
-        return C.native_step(torch.float32) is not None
+        monkeypatch.setattr(NS, "_native", {})
+        return NS.native_step(torch.float32) is not None
 
     assert untrusted_part(built) is None and loads()
     built.chmod(0o775)  # group-writable file: the old check (world bit only) loaded it
