@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import html
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -65,6 +66,18 @@ class EditEffect:
         return f"<table class='workbench-edit-effect'>{body}</table>"
 
 
+def _before_after(model, ids: torch.Tensor, edits: Sequence, max_new_tokens: int, both: Sequence = ()):
+    """Logits ``[T, V]`` (float) and greedy continuations (``None`` when ``max_new_tokens`` is 0) of ``ids``
+    without and with ``edits``; ``both``: hooks active in both runs (a cancel hook)."""
+    with intervene(model, *both) if both else nullcontext():
+        before = model.hf(input_ids=ids).logits[0].float()
+        gen_before = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
+    with intervene(model, *edits, *both):
+        after = model.hf(input_ids=ids).logits[0].float()
+        gen_after = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
+    return before, after, gen_before, gen_after
+
+
 @torch.no_grad()
 def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = False) -> EditEffect:
     """Run ``text`` with and without ``edits`` (as in :func:`workbench.intervene`) and report the change.
@@ -74,11 +87,7 @@ def edit_effect(model, text, *edits, max_new_tokens: int = 16, chat: bool = Fals
     ids = model.encode(text, chat=chat)
     if ids.shape[-1] < 2:
         raise ProbeError("edit_effect needs at least two tokens to measure a next-token loss")
-    before = model.hf(input_ids=ids).logits[0].float()
-    gen_before = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
-    with intervene(model, *edits):
-        after = model.hf(input_ids=ids).logits[0].float()
-        gen_after = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
+    before, after, gen_before, gen_after = _before_after(model, ids, edits, max_new_tokens)
     target = ids[0, 1:]
     loss = lambda lg: float(torch.nn.functional.cross_entropy(lg[:-1], target))  # noqa: E731
     lp_b, lp_a = torch.log_softmax(before, -1), torch.log_softmax(after, -1)
@@ -269,13 +278,7 @@ def prompt_effect(model, text, edits: Sequence, *, chat: bool = False, max_new_t
     if ids.shape[-1] < 2:
         raise ProbeError("the prompt needs at least two tokens to measure a next-token loss")
     span = user_span(model, text, ids)
-    stop = cancel_hook(cancel)
-    with intervene(model, stop):
-        before = model.hf(input_ids=ids).logits[0].float()
-        gen_before = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
-    with intervene(model, *edits, stop):
-        after = model.hf(input_ids=ids).logits[0].float()
-        gen_after = model.generate(ids, max_new_tokens=max_new_tokens) if max_new_tokens > 0 else None
+    before, after, gen_before, gen_after = _before_after(model, ids, edits, max_new_tokens, both=(cancel_hook(cancel),))
     ts = targets(span)
     pos = slice(ts.start - 1, ts.stop - 1)  # the logits that predict the user's tokens
     lp_b, lp_a = torch.log_softmax(before[pos], -1), torch.log_softmax(after[pos], -1)
