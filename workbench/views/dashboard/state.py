@@ -22,10 +22,18 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
+from ... import routing
+from ...attention import AttentionStats
 from ...base.errors import ProbeError
+from ...core.capture import cancel_hook, capture, intervene
+from ...measure import heads, retrieval, sinks, taxonomy
+from ...measure.drilldown import DrilldownCache
+from ...measure.effects import PromptEffect, mean_loss, prompt_effect, token_losses, user_span
+from ...models.tokens import token_labels
+from ...routing import ExpertForce, ExpertMask, routing_rows
 from .pool import ModelPool
 from .runs import Comparison, RunsStore, compare_frames, run_metric, safe_path
-from .validation import (Cancelled, Caps, DashboardError, HeadEdits, check_prompt, expert_name, head_name, is_cancel,
+from .validation import (Cancelled, Caps, DashboardError, HeadEdits, check_prompt, expert_name, head_name, is_cancel, sink_keys,
                          new_tokens, parse_experts, parse_heads, retrieval_config, routing_text, sink_config, taxonomy_config)  # fmt: skip
 
 
@@ -55,8 +63,6 @@ class PromptOutcome:
 
     def effect_of(self, edited: "PromptOutcome"):
         """This run (before) against ``edited`` (after), token by token (:class:`workbench.effects.PromptEffect`)."""
-        from ...measure.effects import PromptEffect
-
         return PromptEffect(edits=[edited.edits.describe()], tokens=self.tokens, notes=self.notes, user=self.user,
                             losses_before=self.losses, losses_after=edited.losses, text_before=self.output,
                             text_after=edited.output, max_logit_change=None, mean_kl=None)  # fmt: skip
@@ -123,8 +129,6 @@ class Workbench:
 
     def __init__(self, model=None, *, moe_models: Sequence[str] = ("tiny-moe",), runs: str | Path = "runs",
                  caps: Caps | None = None, loader: Callable | None = None):  # fmt: skip
-        from ...measure.drilldown import DrilldownCache
-
         self.pool = ModelPool(model, [str(m) for m in moe_models], loader=loader)
         self.main_name = self.pool.main_name
         self.moe_names = [str(m) for m in moe_models]
@@ -159,13 +163,6 @@ class Workbench:
         """Forward the prompt with per-head statistics from the kernel, its loss on the user's tokens and the
         greedy continuation; ``edits`` applied to both when given. A baseline run also keeps the prompt's
         queries and keys (the drill-down) and, for short prompts, every head's pattern, in the same pass."""
-        from ...measure import heads
-        from ...attention import AttentionStats
-        from ...core.capture import capture, intervene
-        from ...core.capture import cancel_hook
-        from ...measure.effects import mean_loss, token_losses, user_span
-        from ...models.tokens import token_labels
-
         edits = edits or HeadEdits()
         n_new = new_tokens(max_new_tokens, self.caps)
         t0 = time.perf_counter()
@@ -196,8 +193,6 @@ class Workbench:
 
     def head_edits(self, ablate=(), mode: str = "zero", calibrate=(), sink_keys_text: str = "0", beta: float = 0.4) -> HeadEdits:
         """A validated :class:`HeadEdits` from what the page holds (heads as names or pairs)."""
-        from .validation import sink_keys
-
         spec = self.model().spec
         keys = sink_keys(sink_keys_text, self.caps, self.caps.prompt_tokens(self.model()))
         return HeadEdits(ablate=parse_heads(ablate, spec), mode=mode, calibrate=parse_heads(calibrate, spec), sink_keys=keys,
@@ -210,8 +205,6 @@ class Workbench:
     def retrieval_scan(self, lengths: Sequence[int], depths: int, *, n_needles: int = 1, max_new_tokens: int = 24,
                        variant: str = "set", progress: Progress | None = None):  # fmt: skip
         """Wu et al.'s scan (:func:`workbench.retrieval.scan`), progress per test; Cancel keeps the finished tests."""
-        from ...measure import retrieval
-
         cfg = retrieval_config(self.caps, lengths, depths, n_needles, max_new_tokens, variant)
         progress = progress or Progress()
         progress.update(done=0, total=len(cfg.lengths) * int(cfg.depths) * cfg.n_needles, message="NIAH scan")
@@ -230,8 +223,6 @@ class Workbench:
     def retrieval_ablation(self, result, k: int = 10, *, mode: str = "uniform", seeds: int = 2, progress: Progress | None = None):
         """Wu's causal test on the scan's own grid (:func:`workbench.retrieval.ablation_check`): top-``k`` heads
         ablated vs ``k`` random heads, one run per seed; Cancel keeps the finished tests."""
-        from ...measure import retrieval
-
         m = self.model()
         spec = m.spec
         top = min(self.caps.max_ablation_k, spec.n_layers * spec.n_heads - 1)
@@ -247,8 +238,6 @@ class Workbench:
 
     # --- sinks -------------------------------------------------------------------------------------------
     def sinks_scan(self, *, T: int = 64, eps: float = 0.3, texts: Sequence[str] | None = None, progress: Progress | None = None):
-        from ...measure import sinks
-
         cfg = sink_config(self.caps, T, eps, texts)
         with self.using() as m:
             return sinks.scan(m, cfg, progress=False, cancel=progress)
@@ -258,8 +247,6 @@ class Workbench:
                       retrieval=None, progress: Progress | None = None):  # fmt: skip
         """The head taxonomy (:func:`workbench.taxonomy.scan`), progress per case; ``retrieval``: a retrieval
         scan of this model to join (Wu's axis). Takes the model's lock per case; Cancel keeps finished cases."""
-        from ...measure import taxonomy
-
         cfg = taxonomy_config(self.caps, lengths, n_texts, local_window, repeated)
         progress = progress or Progress()
         m = self.model()
@@ -284,10 +271,6 @@ class Workbench:
     @torch.no_grad()
     def routing_of(self, name: str, text: str):
         """Routing record of ``text`` on MoE model ``name`` with expert load and token specialisation."""
-        from ... import routing
-        from ...routing import routing_rows
-        from ...models.tokens import token_labels
-
         text = routing_text(self.caps, text)
         self.moe_model(name)
         with self.using(name) as m:
@@ -307,9 +290,6 @@ class Workbench:
     def routing_effect(self, name: str, text: str, *, mask=(), force=(), max_new_tokens: int = 16, progress: Progress | None = None):
         """Outputs with and without deactivated (``mask``) / forced (``force``) experts, token by token
         (:func:`workbench.effects.prompt_effect`: loss on the text's tokens, per-token Δloss, word diff, experts named)."""
-        from ...routing import ExpertForce, ExpertMask
-        from ...measure.effects import prompt_effect
-
         text = routing_text(self.caps, text)
         m = self.moe_model(name)
         mask, force = parse_experts(mask, m), parse_experts(force, m)
