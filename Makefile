@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/workbench demo
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # the edit-test loop: tiny models only; no SmolLM2, browser, notebook, subprocess or Ray test (tests/conftest.py)
 test-fast: $(STAMP)

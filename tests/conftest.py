@@ -28,7 +28,8 @@ SLOW_CODE = {  # the source of the test, its fixtures and the module-level helpe
     "subprocess": re.compile(r"\bsubprocess\.|\bPopen\(|\bserved\(|\bsys\.executable\b"),
     "ray": re.compile(r"\bimport ray\b|\bray\.init\(|executor\s*=\s*[\"']ray|--executor[\"' ,]+ray"),
 }
-TIERS = ("smollm", "browser", "notebook", "subprocess", "ray")
+TIERS = ("smollm", "browser", "notebook", "subprocess", "ray")  # each a marker; any of them means `slow`
+TESTS = os.path.dirname(os.path.abspath(__file__))  # only helpers defined under tests/ are read
 
 
 def _sources(obj, module, seen: set) -> list[str]:
@@ -57,8 +58,6 @@ def _sources(obj, module, seen: set) -> list[str]:
     return out
 
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
 
 def slow_reasons(item) -> set[str]:
     """Why ``item`` belongs to the slow tier (empty: the fast tier)."""
@@ -66,12 +65,12 @@ def slow_reasons(item) -> set[str]:
     module = getattr(item, "module", None)
     if module is not None and module.__name__ in SLOW_MODULES:
         reasons.add(SLOW_MODULES[module.__name__])
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(v in SLOW_FIXTURES for v in callspec.params.values() if isinstance(v, str)):
-        reasons |= {SLOW_FIXTURES[v] for v in callspec.params.values() if v in SLOW_FIXTURES}
+    params = getattr(getattr(item, "callspec", None), "params", {})  # a parameter naming a slow fixture
+    reasons |= {SLOW_FIXTURES[v] for v in params.values() if isinstance(v, str) and v in SLOW_FIXTURES}
     seen: set = set()
     code = _sources(getattr(item, "function", None), module, seen)
-    for defs in getattr(item, "_fixtureinfo", None).name2fixturedefs.values() if hasattr(item, "_fixtureinfo") else ():
+    fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for defs in fixtures.values():
         for d in defs:
             if (getattr(inspect.getmodule(d.func), "__file__", "") or "").startswith(TESTS):
                 code += _sources(d.func, module, seen)

@@ -1,7 +1,7 @@
 """The two tiers: tests/conftest.py marks a test `slow` from what it uses (never by hand), and `make test-fast`
 (`-m "not slow"`) runs the rest. Checked on tests whose needs are known."""
 import pytest
-from conftest import ALL_ITEMS
+from conftest import ALL_ITEMS, TIERS
 
 EXPECTED = {  # test (node id suffix) -> the reasons it is slow (empty: fast)
     "test_loading.py::test_cached_conversion_reloads_fast_and_identically": {"smollm"},
@@ -23,6 +23,6 @@ def test_known_tests_land_in_their_tier(request):
         pytest.skip("run with the whole suite collected (a single-file run does not see the other tests)")
     for node, want in EXPECTED.items():
         assert node in items, f"{node} is not collected: update EXPECTED"
-        got = {m.name for m in items[node].iter_markers()} & {"smollm", "browser", "notebook", "subprocess", "ray"}
+        got = {m.name for m in items[node].iter_markers()} & set(TIERS)
         assert want <= got, (node, got)
         assert (items[node].get_closest_marker("slow") is not None) == bool(want), node
